@@ -1,0 +1,185 @@
+"""Exercise checkers: run a participant's function on fixed cases, say PASSED / FAILED / NOT DONE, and hand
+back the function the rest of the lab should use (theirs if it passed, the reference otherwise).
+
+    compute_qparams = checks.check_qparams(my_qparams)    # prints the verdict, returns a working function
+    checks.summary()                                      # table of every exercise checked so far
+
+Each case is chosen to catch one plausible mistake, and its label says which (tests/test_checks.py holds the
+wrong implementations each checker must reject). Checkers live here, never in the notebooks.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import quant
+
+STATUS: dict[str, str] = {}  # exercise name -> "passed" | "failed" | "not done"
+
+
+@dataclass
+class Case:
+    label: str  # what this case tests, shown when it fails
+    args: tuple
+
+
+def _clone(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    return tuple(_clone(v) for v in x) if isinstance(x, tuple) else x
+
+
+def _compare(got, expected, atol: float) -> str | None:
+    """None if got matches expected, else a one-line reason (shape, dtype kind, NaN, or largest error)."""
+    if isinstance(expected, tuple):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            return f"expected a tuple of {len(expected)} tensors, got {type(got).__name__}"
+        for i, (g, e) in enumerate(zip(got, expected)):
+            reason = _compare(g, e, atol)
+            if reason:
+                return f"output[{i}]: {reason}"
+        return None
+    if not isinstance(got, torch.Tensor):
+        return f"expected a torch.Tensor, got {type(got).__name__}"
+    if tuple(got.shape) != tuple(expected.shape):
+        return f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+    if expected.dtype == torch.uint8 and got.dtype != torch.uint8:
+        return f"dtype {got.dtype}, expected torch.uint8"
+    got, expected = got.double(), expected.double()
+    if not torch.isfinite(got).all():
+        return "output contains NaN or inf"
+    err = (got - expected).abs().max().item() if got.numel() else 0.0
+    return None if err <= atol else f"largest |error| = {err:.3g} (tolerance {atol:g})"
+
+
+def run_check(name: str, fn: Callable, reference: Callable, cases: list[Case], hint: str,
+              atol: float = 1e-5) -> Callable:
+    """Check fn against reference on every case; print the verdict; return fn if it passed, else reference."""
+    ref_name = f"{reference.__module__}.{reference.__name__}"
+    try:
+        for case in cases:
+            expected = reference(*_clone(case.args))
+            reason = _compare(fn(*_clone(case.args)), expected, atol)
+            if reason:
+                return _fail(name, ref_name, f'case "{case.label}": {reason}', hint, reference)
+    except NotImplementedError:
+        STATUS[name] = "not done"
+        print(f"⏳ {name}: NOT DONE yet. Using the reference ({ref_name}) so the lab continues; "
+              "come back, fill in the function, and re-run its cell and this one.")
+        return reference
+    except Exception as err:  # a crash in the participant's code is a failure, not a dead end
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        return _fail(name, ref_name, f"raised {type(err).__name__}: {err} (line {where.lineno}: {where.line})",
+                     hint, reference)
+    STATUS[name] = "passed"
+    print(f"✅ {name}: PASSED all {len(cases)} cases. The lab uses your function from here on.")
+    return fn
+
+
+def _fail(name: str, ref_name: str, reason: str, hint: str, reference: Callable) -> Callable:
+    STATUS[name] = "failed"
+    bar = "!" * 78
+    print(f"{bar}\n❌ {name}: FAILED\n   {reason}\n   hint: {hint}\n"
+          f"   -> using the reference ({ref_name}) instead, so the rest of the lab still runs.\n{bar}")
+    return reference
+
+
+def summary() -> dict[str, str]:
+    """Print and return the status of every exercise checked in this kernel."""
+    marks = {"passed": "✅", "failed": "❌", "not done": "⏳"}
+    for name, status in STATUS.items():
+        print(f"{marks[status]} {status:9s} {name}")
+    done = sum(s == "passed" for s in STATUS.values())
+    print(f"{done}/{len(STATUS)} exercises passed")
+    return dict(STATUS)
+
+
+# ----------------------------------------------------------------------------- lab 01 cases
+
+
+def _weights(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g) * 0.05  # (rows, cols), LLM-weight-like scale
+
+
+def _lab01_tensors() -> dict[str, torch.Tensor]:
+    w = _weights(6, 64, 1)
+    return {
+        "mixed-sign groups": w,
+        "all-positive groups (the range must include 0)": w.abs() + 0.01,
+        "all-negative groups (the range must include 0)": -w.abs() - 0.01,
+        "a constant all-zero group (the scale must not be 0)": torch.cat([w[:3], torch.zeros(1, 64)]),
+        "a wide, non-square matrix (reduce over the last dim)": _weights(3, 128, 2),
+        "an outlier of 2.0 in one group": torch.cat([w[:2], torch.tensor([[2.0] + [0.01] * 63])]),
+    }
+
+
+def check_qparams(fn: Callable) -> Callable:
+    """Exercise: fn(x, bits) -> (scale, zero), asymmetric, one pair per row of x (n_groups, group_len)."""
+    cases = [Case(f"{label}, {bits}-bit", (x, bits)) for label, x in _lab01_tensors().items() for bits in (8, 4, 3)]
+    return run_check("Exercise 1 · compute_qparams", fn, _qparams_asym, cases,
+                     hint="scale = (xmax - xmin) / (2**bits - 1) with xmin = min(x.min, 0), xmax = max(x.max, 0) "
+                          "per row (dim=-1, keepdim=True); zero = round(-xmin / scale); clamp the scale to >= 1e-8.")
+
+
+def _qparams_asym(x, bits):
+    return quant.compute_qparams(x, bits, sym=False)
+
+
+def _quant_dequant(x, scale, zero, bits):
+    return quant.dequantize(quant.quantize(x, scale, zero, bits, sym=False), scale, zero)
+
+
+def check_quant_dequant(fn: Callable) -> Callable:
+    """Exercise: fn(x, scale, zero, bits) -> x_hat, asymmetric round-to-nearest with clamping to [0, 2^b-1]."""
+    cases = []
+    for label, x in _lab01_tensors().items():
+        for bits in (8, 4, 2):
+            scale, zero = _qparams_asym(x, bits)
+            cases.append(Case(f"{label}, {bits}-bit", (x, scale, zero, bits)))
+    # qparams from a narrower range than x: values outside must saturate at the ends of the code range
+    x = _weights(4, 64, 3)
+    scale, zero = _qparams_asym(x * 0.5, 4)
+    cases.append(Case("x outside the calibrated range (codes must be clamped to [0, 2**bits - 1])",
+                      (x, scale, zero, 4)))
+    return run_check("Exercise 2 · quantize_dequantize", fn, _quant_dequant, cases,
+                     hint="q = clamp(round(x / scale) + zero, 0, 2**bits - 1); x_hat = (q - zero) * scale.")
+
+
+def _fake_quant_groups(w, bits, group_size):
+    return quant.fake_quantize(w, bits, group_size, sym=False)
+
+
+def check_fake_quantize_groups(fn: Callable) -> Callable:
+    """Exercise: fn(w, bits, group_size) -> w_hat, same shape as w (out, in), groups along in_features."""
+    w = _weights(8, 256, 4)
+    w[3, 17] = 1.5  # one outlier: it should only hurt its own group
+    cases = [Case(f"(8, 256) weight, {bits}-bit, group {gs}", (w, bits, gs)) for bits in (4, 3) for gs in (32, 64, 128)]
+    cases.append(Case("(4, 576) weight like SmolLM2's, group 64", (_weights(4, 576, 5), 4, 64)))
+    cases.append(Case("group_size == in_features (per-channel)", (_weights(5, 64, 6), 4, 64)))
+    return run_check("Exercise 3 · fake_quantize_groups", fn, _fake_quant_groups, cases,
+                     hint="reshape w (out, in) to (-1, group_size) so each row is one group of consecutive input "
+                          "columns, quantize-dequantize the rows, then reshape back to w.shape.", atol=1e-5)
+
+
+def check_pack_int4(fn: Callable) -> Callable:
+    """Exercise: fn(q) -> packed uint8, q (..., n) codes in [0, 15]; element 2k low nibble, 2k+1 high nibble."""
+    g = torch.Generator().manual_seed(7)
+    cases = [
+        Case("codes 0..15 in order", (torch.arange(16, dtype=torch.uint8).reshape(1, 16),)),
+        Case("random (4, 32) codes", (torch.randint(0, 16, (4, 32), generator=g, dtype=torch.uint8),)),
+        Case("all 15s (no overflow past 255)", (torch.full((2, 8), 15, dtype=torch.uint8),)),
+        Case("a 1-D vector", (torch.randint(0, 16, (10,), generator=g, dtype=torch.uint8),)),
+        Case("int64 input codes (cast to uint8)", (torch.randint(0, 16, (3, 6), generator=g),)),
+    ]
+    return run_check("Exercise 4 · pack_int4", fn, quant.pack_int4, cases, atol=0,
+                     hint="view the last dim as pairs (..., n/2, 2); byte = low | (high << 4), "
+                          "with low = element 2k and high = element 2k+1; return uint8.")
+
+
+__all__ = ["run_check", "summary", "check_qparams", "check_quant_dequant",
+                      "check_fake_quantize_groups", "check_pack_int4", "STATUS", "Case"]

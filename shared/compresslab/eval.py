@@ -1,0 +1,154 @@
+"""Measuring what compression costs and buys: perplexity, arithmetic and GSM8K accuracy, memory, speed.
+
+    ppl = perplexity(model, tok, n_windows=16, seq_len=512)     # WikiText-2 test, deterministic
+    acc = arithmetic_probe(model, tok, n=100)                   # few-shot 2-digit addition, exact match
+    weight_bytes(model), peak_memory_bytes(), tokens_per_second(model, tok)
+
+Used by every lab; the numbers feed compresslab.results.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import psutil
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import extract_number, gsm8k, test_windows
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, n_windows: int = 16, seq_len: int = 512, batch_size: int = 2,
+               progress: bool = True) -> float:
+    """exp(mean next-token NLL) over the first n_windows non-overlapping windows of WikiText-2 test."""
+    windows = test_windows(tokenizer, n_windows, seq_len)  # (n_windows, seq_len)
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, n_windows, batch_size), desc="perplexity", disable=not progress, leave=False):
+        ids = windows[i : i + batch_size].to(_device(model))  # (b, seq_len)
+        logits = model(ids).logits.float()  # (b, seq_len, vocab)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        nll, count = nll + loss.item(), count + ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+# ----------------------------------------------------------------------------- generation helpers
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
+                   desc: str = "generate", progress: bool = True) -> list[str]:
+    """Greedy completions of prompts (left-padded batches), decoded without the prompt."""
+    outputs = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(_device(model))
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)  # (b, prompt + new)
+        outputs += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return outputs
+
+
+# ----------------------------------------------------------------------------- the arithmetic probe
+
+
+def arithmetic_prompts(n: int, digits: int = 2, shots: int = 3, seed: int = 0) -> list[tuple[str, str]]:
+    """n seeded few-shot addition prompts -> [(prompt, answer)]. Each prompt shows `shots` solved examples."""
+    rng = random.Random(seed)
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
+
+    def pair():
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        return f"Q: What is {a} + {b}?\nA:", str(a + b)
+
+    items = []
+    for _ in range(n):
+        examples = [pair() for _ in range(shots)]
+        question, answer = pair()
+        prompt = "".join(f"{q} {a}\n\n" for q, a in examples) + question
+        items.append((prompt, answer))
+    return items
+
+
+def arithmetic_probe(model, tokenizer, n: int = 100, digits: int = 2, shots: int = 3, seed: int = 0,
+                     batch_size: int = 16, progress: bool = True, return_details: bool = False):
+    """Exact-match accuracy on few-shot `digits`-digit addition: a cheap numerical-fragility test.
+
+    Quantization that leaves perplexity almost unchanged can still break exact arithmetic; this probe
+    runs in seconds on a CPU and a 135M model scores well above zero.
+    """
+    items = arithmetic_prompts(n, digits, shots, seed)
+    completions = generate_batch(model, tokenizer, [p for p, _ in items], max_new_tokens=digits + 2,
+                                 batch_size=batch_size, desc="arithmetic probe", progress=progress)
+    preds = [extract_number(c.strip().split("\n")[0]) for c in completions]
+    correct = [p == a for p, (_, a) in zip(preds, items)]
+    acc = sum(correct) / max(len(items), 1)
+    if return_details:
+        return acc, [{"prompt": p, "answer": a, "completion": c, "correct": ok}
+                     for (p, a), c, ok in zip(items, completions, correct)]
+    return acc
+
+
+# ----------------------------------------------------------------------------- GSM8K (GPU, >= 0.5B instruct)
+
+
+def gsm8k_accuracy(model, tokenizer, n: int = 100, max_new_tokens: int = 256, batch_size: int = 8,
+                   progress: bool = True) -> float:
+    """Zero-shot chat GSM8K exact match on the first n test problems (the last number in the answer)."""
+    problems = gsm8k("test")[:n]
+    prompts = [tokenizer.apply_chat_template(
+        [{"role": "user", "content": p["question"] + "\nThink step by step, then end with 'The answer is N.'"}],
+        tokenize=False, add_generation_prompt=True) for p in problems]
+    completions = generate_batch(model, tokenizer, prompts, max_new_tokens, batch_size, "gsm8k", progress)
+    correct = [extract_number(c) == p["final"] for c, p in zip(completions, problems)]
+    return sum(correct) / max(len(problems), 1)
+
+
+# ----------------------------------------------------------------------------- memory and speed
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer, tied tensors counted once (what the weights really occupy)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def peak_memory_bytes(device: str | None = None) -> int:
+    """Peak GPU memory allocated (CUDA) or this process's resident memory (CPU)."""
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return psutil.Process().memory_info().rss
+
+
+@torch.no_grad()
+def tokens_per_second(model, tokenizer, prompt: str = "The history of data compression", new_tokens: int = 32,
+                      batch_size: int = 1, repeats: int = 2) -> float:
+    """Decode throughput of greedy generation (new tokens x batch / seconds), best of `repeats` after a warm-up."""
+    enc = tokenizer([prompt] * batch_size, return_tensors="pt", padding=True).to(_device(model))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id)
+    model.generate(**enc, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(**enc, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return new_tokens * batch_size / best

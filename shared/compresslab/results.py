@@ -1,0 +1,69 @@
+"""The shared results table: one row per compressed variant, appended by every lab, plotted by the capstone.
+
+    results.record(lab="01", method="RTN", model="smollm2-135m", bits=4, group_size=64,
+                   weight_mb=..., ppl=48.8, probe_acc=0.31)
+    results.table()          # pandas DataFrame of every row so far
+    results.plot()           # perplexity vs weight size, one point per variant
+
+Rows live in a JSON-lines file (COMPRESSLAB_RESULTS, default <cache>/results.jsonl). Recording the same
+(lab, model, method, bits, group_size, quick) again replaces the old row, so re-running a lab does not duplicate it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .paths import cache_dir
+
+KEY = ("lab", "model", "method", "bits", "group_size", "quick")
+COLUMNS = KEY + ("weight_mb", "ppl", "probe_acc", "tokens_per_s")
+
+
+def results_path() -> Path:
+    return Path(os.environ.get("COMPRESSLAB_RESULTS") or cache_dir() / "results.jsonl")
+
+
+def _rows() -> list[dict]:
+    path = results_path()
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record(lab: str, method: str, model: str, bits=None, group_size=None, weight_mb=None, ppl=None,
+           probe_acc=None, tokens_per_s=None, quick: bool = False, **extra) -> dict:
+    """Add (or replace) one variant's row and return it."""
+    row = dict(lab=lab, model=model, method=method, bits=bits, group_size=group_size, quick=bool(quick),
+               weight_mb=weight_mb, ppl=ppl, probe_acc=probe_acc, tokens_per_s=tokens_per_s, **extra)
+    rows = [r for r in _rows() if tuple(r.get(k) for k in KEY) != tuple(row[k] for k in KEY)] + [row]
+    path = results_path()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return row
+
+
+def table(**filters):
+    """All rows (optionally only those matching filters, e.g. lab='01') as a pandas DataFrame."""
+    import pandas as pd
+
+    rows = [r for r in _rows() if all(r.get(k) == v for k, v in filters.items())]
+    return pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + tuple(k for r in rows for k in r))))
+
+
+def plot(ax=None, **filters):
+    """Perplexity (log scale) against weight size: the quality-vs-size picture every lab adds points to."""
+    import matplotlib.pyplot as plt
+
+    df = table(**filters).dropna(subset=["weight_mb", "ppl"])
+    ax = ax or plt.subplots()[1]
+    for method, part in df.groupby("method"):
+        ax.scatter(part["weight_mb"], part["ppl"], label=method, s=30)
+        for _, r in part.iterrows():
+            label = f"{r['bits']}b" + (f"/g{r['group_size']}" if r["group_size"] not in (None, "") else "")
+            ax.annotate(label, (r["weight_mb"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="weight memory (MB)", ylabel="WikiText-2 perplexity", yscale="log", title="Quality vs size")
+    ax.legend(fontsize=8)
+    return ax

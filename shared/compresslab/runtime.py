@@ -1,0 +1,147 @@
+"""One setup call at the top of every lab: seeds, device, quick mode, plot style, Triton on CPU.
+
+    import compresslab as cl
+    env = cl.setup(quick=QUICK)          # -> Env(device='cpu', tier='cpu', quick=True, ...)
+    env.sizes.ppl_windows                # how much work each heavy cell does on this machine
+
+Device-aware defaults live here so that every lab sizes its loops the same way (used by every lab).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import logging
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- sizes per tier
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work the heavy cells do. Quick mode is for CI and laptops; full mode for GPUs."""
+
+    ppl_windows: int  # WikiText-2 test windows for perplexity
+    seq_len: int  # tokens per window
+    probe_n: int  # arithmetic-probe questions
+    calib_samples: int  # calibration sequences (GPTQ, Wanda, ...)
+    gsm8k_n: int  # GSM8K questions (GPU only)
+
+
+# Quick mode is the same everywhere (so CI numbers are reproducible); full mode grows with the device.
+QUICK_SIZES = Sizes(ppl_windows=4, seq_len=256, probe_n=40, calib_samples=16, gsm8k_n=0)
+FULL_SIZES = {
+    "cpu": Sizes(ppl_windows=16, seq_len=512, probe_n=100, calib_samples=64, gsm8k_n=0),
+    "t4": Sizes(ppl_windows=32, seq_len=1024, probe_n=200, calib_samples=128, gsm8k_n=100),
+    "a100+": Sizes(ppl_windows=64, seq_len=2048, probe_n=500, calib_samples=128, gsm8k_n=250),
+}
+
+
+@dataclass
+class Env:
+    device: str  # "cuda" or "cpu"
+    tier: str  # "cpu", "t4" (any pre-Ampere GPU) or "a100+" (sm80 and newer)
+    quick: bool
+    seed: int
+    sizes: Sizes
+    gpu_name: str | None = None
+    capability: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        hw = f"{self.gpu_name} (sm{self.capability[0]}{self.capability[1]})" if self.gpu_name else platform.processor() or "CPU"
+        mode = "QUICK" if self.quick else "FULL"
+        lines = [f"compresslab: device={self.device} [{hw}], tier={self.tier}, mode={mode}, seed={self.seed}",
+                 f"  sizes: {self.sizes}"]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def device_tier() -> tuple[str, str, str | None, tuple[int, int] | None]:
+    """-> (device, tier, gpu_name, capability). Tier 'a100+' means compute capability >= 8.0."""
+    if not torch.cuda.is_available():
+        return "cpu", "cpu", None, None
+    cap = torch.cuda.get_device_capability()
+    name = torch.cuda.get_device_name()
+    return "cuda", ("a100+" if cap >= (8, 0) else "t4"), name, cap
+
+
+def require_cuda(what: str, min_capability: tuple[int, int] = (7, 0)) -> None:
+    """Raise a clear error when `what` needs a GPU this machine does not have."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{what} needs an NVIDIA GPU, and none is visible (torch.cuda.is_available() is False). "
+            "Run this cell on a GPU node or on Colab (Runtime > Change runtime type > T4 GPU), "
+            "or use device='cpu'."
+        )
+    cap = torch.cuda.get_device_capability()
+    if cap < min_capability:
+        raise RuntimeError(
+            f"{what} needs compute capability >= {min_capability[0]}.{min_capability[1]}, "
+            f"this GPU ({torch.cuda.get_device_name()}) is {cap[0]}.{cap[1]}. Use an A100/H100 (sm80+)."
+        )
+
+
+def resolve_device(device: str | None) -> str:
+    """'auto'/None -> cuda if present else cpu; 'cuda' without a GPU -> clear error."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda"):
+        require_cuda(f"device={device!r}")
+    elif device != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    return str(device)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def setup(quick: bool | None = None, seed: int = 0, threads: int | None = None) -> Env:
+    """Seed everything, pick the device, size the work, style the plots. Call once per notebook.
+
+    quick=None reads the environment variable COMPRESSLAB_QUICK (tests set it); default False.
+    """
+    if quick is None:
+        quick = os.environ.get("COMPRESSLAB_QUICK", "0").lower() in ("1", "true", "yes")
+    seed_everything(seed)
+    # bitsandbytes' int8 path logs on every matmul that it casts fp32 inputs to fp16 (lab 01 says so once)
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    device, tier, gpu_name, cap = device_tier()
+    notes = []
+    if device == "cpu":
+        # Triton kernels run on CPU through the interpreter (slow, but exact): tests and labs use it.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        if threads:
+            torch.set_num_threads(threads)
+        notes.append("no GPU: quantization kernels run in PyTorch / the Triton interpreter; "
+                     "bitsandbytes runs its CPU backend")
+    elif tier == "t4":
+        notes.append("pre-Ampere GPU: TensorRT-LLM and 2:4 sparse kernels are unavailable (need sm80+)")
+    sizes = QUICK_SIZES if quick else FULL_SIZES[tier]
+    _style_plots()
+    return Env(device=device, tier=tier, quick=bool(quick), seed=seed, sizes=sizes,
+               gpu_name=gpu_name, capability=cap, notes=notes)
+
+
+def _style_plots() -> None:
+    import matplotlib as mpl
+
+    mpl.rcParams.update({
+        "figure.figsize": (7, 3.6), "figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3,
+        "axes.spines.top": False, "axes.spines.right": False, "font.size": 10,
+    })

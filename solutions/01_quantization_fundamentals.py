@@ -1,0 +1,571 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown] tags=["slide"]
+# # Lab 01 · Quantization fundamentals
+#
+# **The Art of Compressing LLMs** — hands-on lab 1 of 7.
+#
+# You will take a real language model (SmolLM2-135M-Instruct, 30 layers, 135 M parameters) and squeeze its weights
+# from 32 bits down to 8, 4, 3 and 2 bits, measuring what each step costs in quality and buys in memory.
+#
+# **Learning objectives.** By the end you can
+# 1. explain why LLM inference is memory-bound, and what that means for compression;
+# 2. read the number formats used in practice (FP32, BF16, FP16, FP8 e4m3/e5m2, INT8/INT4, NF4, FP4 E2M1) off their grids;
+# 3. compute a scale and zero point, and quantize / dequantize per tensor, per channel and per group;
+# 4. explain why outliers hurt, and why a float-shaped 4-bit grid suits bell-shaped weights;
+# 5. quantize a whole model with round-to-nearest (RTN) and read its perplexity / arithmetic-accuracy curve;
+# 6. pack 4-bit codes into bytes, and check the memory really went down.
+#
+# **Time:** about 75 minutes (45 min of exercises). **Hardware:** any laptop CPU; a GPU just makes it faster.
+#
+# Four exercises are checked as you go. A failed or skipped exercise never blocks you: the checker says so loudly and
+# the lab continues with the reference implementation.
+
+# %% [markdown] tags=["instructor"]
+# **Instructor notes — lab 01.** Slot: 75 min (10 min talk on "why compress" with the roofline numbers, 45 min
+# exercises, 10 min results discussion, 10 min buffer). Measured runtimes are in the README's lab table.
+#
+# * Common mistakes the checkers catch: dividing by `2**bits` instead of `2**bits - 1`; forgetting that the range
+#   must include 0 (all-positive groups); reducing over `dim=0`; a zero scale on an all-zero group (NaN);
+#   `floor` instead of `round`; forgetting the clamp (exercise 2's out-of-range case); grouping along the output
+#   dimension instead of along `in_features` (exercise 3); swapping the nibble order (exercise 4).
+# * Discussion prompts: "perplexity moved 33 % at 4 bits — is that a lot?" (compare with the arithmetic probe); "why does
+#   the 4-bit model run *slower* on the CPU?" (no 4-bit kernel: we dequantize in PyTorch; lab 06 and the Triton
+#   kernel fix this); "would you pick INT4 or NF4 for weights? for activations?".
+# * If the room is slow: skip the outlier section (it is not needed later) and run the whole-model sweep in QUICK mode.
+
+# %% tags=["parameters"]
+MODEL = "smollm2-135m"  # offline default; on a GPU with hub access try "qwen2.5-0.5b" or "llama-3.2-1b"
+DTYPE = "float32"
+QUICK = False  # True: small evaluation sizes (CI, a laptop in a hurry). Tests run the lab with QUICK = True.
+SEED = 0
+BITS_SWEEP = [8, 4, 3, 2]
+GROUP_SWEEP = [32, 64, 192, "channel"]  # each must divide every in_features (576 and 1536 on SmolLM2-135M)
+GROUP_SIZE = 64  # the default group: 576 = 9 x 64, and 128 does not divide 576
+
+# %% [markdown]
+# ## 0 · Setup
+# One call seeds everything, picks the device, sizes the heavy cells for this machine (`env.sizes`), and styles the
+# plots. It prints what it found: check the device line before you start.
+
+# %%
+import math
+
+import matplotlib.pyplot as plt
+import torch
+
+import compresslab as cl
+
+env = cl.setup(quick=QUICK, seed=SEED)
+print(env)
+print(f"expected runtime of this notebook: {'~3 min' if env.quick else '~6 min on a laptop CPU, ~1 min on a GPU'}")
+
+# %% [markdown] tags=["slide"]
+# ## 1 · Why compress? Memory and bandwidth, measured
+#
+# Generating text one token at a time (the *decode* phase) reads **every weight once per token**, and does only two
+# floating-point operations per weight read. A GPU can do hundreds of operations in the time it takes to read one byte
+# from memory, so decode is limited by **memory bandwidth**, not compute:
+#
+# $$\text{tokens/s} \;\le\; \frac{\text{memory bandwidth (bytes/s)}}{\text{bytes read per token} \approx \text{weight bytes}}$$
+#
+# Halve the bytes per weight and you (up to) double the decode speed — *if* a kernel reads the compressed bytes
+# directly. Let's load the model and measure.
+
+# %%
+model, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)
+n_params = sum(p.numel() for p in model.parameters())
+fp_bytes = cl.eval.weight_bytes(model)
+print(f"{MODEL}: {n_params / 1e6:.1f} M parameters, {fp_bytes / 1e6:.0f} MB of weights in {DTYPE}")
+print(model.model.layers[0])
+
+# %%
+tps = cl.eval.tokens_per_second(model, tok, new_tokens=16 if env.quick else 64)
+print(f"measured decode speed on {env.device}: {tps:.1f} tokens/s "
+      f"-> {tps * fp_bytes / 1e9:.1f} GB/s of weights read (an upper bound of bandwidth actually used)")
+
+# %% [markdown]
+# What does the same arithmetic say for bigger models and real GPUs? Weight bytes at each precision, and the decode
+# upper bound *bandwidth ÷ weight bytes* (batch 1, ignoring the KV cache, which lab 05 adds back):
+
+# %% tags=["slide"]
+BANDWIDTH = {"T4": 320e9, "A100-80GB": 2.0e12, "H100 SXM": 3.35e12}  # peak bytes/s (datasheets)
+SIZES = {"SmolLM2-135M": 0.135e9, "Qwen2.5-1.5B": 1.5e9, "Llama-3.1-8B": 8e9, "Llama-3.1-70B": 70e9}
+PRECISIONS = {"fp32": 32, "bf16": 16, "int8": 8, "int4 (g64)": 4 + 24 / 64}  # bits per weight incl. scales
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+for i, (prec, bits) in enumerate(PRECISIONS.items()):
+    gb = [n * bits / 8 / 1e9 for n in SIZES.values()]
+    axes[0].bar([x + 0.2 * i for x in range(len(SIZES))], gb, width=0.2, label=prec)
+    axes[1].bar([x + 0.2 * i for x in range(len(SIZES))],
+                [BANDWIDTH["H100 SXM"] / (g * 1e9) for g in gb], width=0.2, label=prec)
+for ax, title in zip(axes, ["weight memory (GB)", "decode upper bound on one H100 (tokens/s)"]):
+    ax.set_xticks([x + 0.3 for x in range(len(SIZES))], list(SIZES), fontsize=8)
+    ax.set(yscale="log", title=title)
+axes[0].axhline(80, color="k", ls="--", lw=1)
+axes[0].text(0, 95, "one 80 GB GPU", fontsize=8)
+axes[1].legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 2 · Number formats: what can each one represent?
+#
+# A format is a fixed set of representable values — a *grid*. Floating-point grids are dense near zero and sparse
+# far out (exponent + mantissa); integer grids are uniform and need a **scale** to cover a tensor's range.
+#
+# | format | bits | layout | range / levels | where it is used |
+# |---|---|---|---|---|
+# | FP32 | 32 | 1 + 8 + 23 | ±3.4e38 | training master weights |
+# | BF16 | 16 | 1 + 8 + 7 | ±3.4e38, 3 digits | training and inference default |
+# | FP16 | 16 | 1 + 5 + 10 | ±65504 | inference (overflows more easily than BF16) |
+# | FP8 e4m3 | 8 | 1 + 4 + 3 | ±448 | Hopper/Ada inference weights and activations |
+# | FP8 e5m2 | 8 | 1 + 5 + 2 | ±57344 | gradients |
+# | INT8 / INT4 | 8 / 4 | integer | 256 / 16 uniform levels | weights (W8A8, W4A16) |
+# | NF4 | 4 | codebook | 16 normal quantiles | QLoRA weights (bitsandbytes) |
+# | FP4 E2M1 | 4 | 1 + 2 + 1 | ±{0, 0.5, 1, 1.5, 2, 3, 4, 6} | Blackwell NVFP4 / MXFP4 elements |
+#
+# Below, every value of each 8- and 4-bit grid is drawn (the FP8 grids are enumerated from PyTorch's own
+# `float8` dtypes, not typed in).
+
+# %% tags=["slide"]
+fig, axes = plt.subplots(2, 1, figsize=(10, 4.2))
+for y, name in enumerate(["int8", "fp8_e5m2", "fp8_e4m3"]):
+    g = cl.formats.grid(name)
+    g = g[g > 0]
+    axes[0].plot(g, [y] * len(g), "|", ms=12, label=f"{name}: {len(g)} positive values, max {g.max():g}")
+axes[0].set(xscale="log", yticks=[], title="positive values of the 8-bit formats (log scale)")
+axes[0].legend(fontsize=8, loc="lower right")
+for y, name in enumerate(["int4", "nf4", "fp4_e2m1"]):
+    g = cl.formats.grid(name)
+    g = g / g.abs().max()  # all scaled to [-1, 1], as absmax scaling does
+    axes[1].plot(g, [y] * len(g), "o", ms=5, label=f"{name} ({len(g)} levels)")
+axes[1].set(yticks=[], title="the 4-bit grids after absmax scaling to [-1, 1]")
+axes[1].legend(fontsize=8, loc="lower right", ncol=3)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Casting is the simplest quantizer. How much error does each 16- and 8-bit format add to a real weight matrix?
+# (FP8 and INT8 need a scale: we map the largest |weight| to the largest representable value.)
+
+# %%
+W = model.model.layers[0].self_attn.q_proj.weight.detach().float()  # (576, 576)
+
+
+def rel_error(w_hat: torch.Tensor, w: torch.Tensor = W) -> float:
+    """Relative Frobenius error ||w_hat - w|| / ||w||."""
+    return ((w_hat - w).norm() / w.norm()).item()
+
+
+casts = {
+    "bf16": W.to(torch.bfloat16).float(),
+    "fp16": W.to(torch.float16).float(),
+    "fp8 e4m3 (per-tensor scale)": (W / (W.abs().max() / 448)).to(torch.float8_e4m3fn).float() * (W.abs().max() / 448),
+    "fp8 e5m2 (per-tensor scale)": (W / (W.abs().max() / 57344)).to(torch.float8_e5m2).float() * (W.abs().max() / 57344),
+    "int8 (per-tensor, symmetric)": cl.quant.fake_quantize(W, 8, "tensor", sym=True),
+}
+for name, w_hat in casts.items():
+    print(f"{name:30s} relative error {rel_error(w_hat):.2e}")
+
+# %% [markdown] tags=["slide"]
+# ## 3 · Scale and zero point
+#
+# An integer grid has codes $0 \dots 2^b-1$. **Asymmetric** (affine) quantization maps the range
+# $[x_{min}, x_{max}]$ of a group onto those codes:
+#
+# $$s = \frac{x_{max} - x_{min}}{2^b - 1}, \qquad z = \operatorname{round}\!\left(\frac{-x_{min}}{s}\right), \qquad
+# q = \operatorname{clamp}\!\left(\operatorname{round}\!\left(\frac{x}{s}\right) + z,\; 0,\; 2^b - 1\right), \qquad
+# \hat x = (q - z)\,s$$
+#
+# Two details matter in practice (they are GPTQ's conventions, used in every later lab):
+# * the range is widened to **include 0** ($x_{min} \le 0 \le x_{max}$), so that 0 is represented exactly
+#   (zero-padding and ReLU/SiLU outputs stay exact) and $z$ is a valid code;
+# * the scale is clamped away from 0, so an all-zero group does not divide by zero.
+#
+# **Symmetric** quantization fixes $z = 0$ and $s = \max|x| / (2^{b-1} - 1)$, with signed codes: one multiply
+# less in the kernel, but half the grid is wasted when the data is one-signed.
+
+# %% [markdown]
+# ### Exercise 1 — compute the scale and zero point
+# Complete `compute_qparams(x, bits)`: `x` has shape `(n_groups, group_len)`; return `scale` and `zero`, each of
+# shape `(n_groups, 1)` (reduce over the last dimension with `keepdim=True`), float32. Clamp the scale to `>= 1e-8`.
+
+# %%
+def compute_qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric scale and zero point per row of x (n_groups, group_len) -> ((n_groups, 1), (n_groups, 1))."""
+    ### BEGIN SOLUTION
+    x_lo = x.amin(dim=-1, keepdim=True).clamp(max=0)  # widen the range so that it contains 0
+    x_hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    step = ((x_hi - x_lo) / (2**bits - 1)).clamp(min=1e-8)  # 2^b codes -> 2^b - 1 steps
+    return step, torch.round(-x_lo / step)
+    ### END SOLUTION
+
+
+# %%
+compute_qparams = cl.checks.check_qparams(compute_qparams)
+
+# %% [markdown]
+# ### Exercise 2 — quantize, then dequantize
+# Complete `quantize_dequantize(x, scale, zero, bits)`: round to the nearest code, **clamp** to $[0, 2^b-1]$, and map
+# back. The scale and zero broadcast over each row.
+
+# %%
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """x (n_groups, group_len), scale/zero (n_groups, 1) -> x_hat, same shape as x."""
+    ### BEGIN SOLUTION
+    codes = torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)  # integers in [0, 2^b - 1]
+    return (codes - zero) * scale
+    ### END SOLUTION
+
+
+# %%
+quantize_dequantize = cl.checks.check_quant_dequant(quantize_dequantize)
+
+# %% [markdown]
+# Symmetric vs asymmetric on two real tensors: a weight row (roughly symmetric around 0) and the output of the
+# SiLU-gated MLP's `gate_proj` after SiLU (mostly positive). Same 4 bits, very different errors:
+
+# %% tags=["slide"]
+with torch.no_grad():
+    ids = cl.data.calibration_batches(tok, n_samples=1, seq_len=128, seed=SEED).to(env.device)  # (1, 128)
+    hidden = model.model.embed_tokens(ids)  # (1, 128, 576)
+    silu_out = torch.nn.functional.silu(model.model.layers[0].mlp.gate_proj(hidden))[0].float()  # (128, 1536)
+
+for name, x in {"weight rows (q_proj)": W, "SiLU activations": silu_out}.items():
+    sym = cl.quant.fake_quantize(x, 4, "channel", sym=True)
+    asym = cl.quant.fake_quantize(x, 4, "channel", sym=False)
+    print(f"{name:22s} min {x.min():+.3f} max {x.max():+.3f} | 4-bit relative error: "
+          f"symmetric {rel_error(sym, x):.3f}, asymmetric {rel_error(asym, x):.3f}")
+
+# %% [markdown] tags=["slide"]
+# ## 4 · Granularity: per tensor, per channel, per group
+#
+# One scale for a whole tensor is cheap but lets the largest value set the step for everyone. One scale per output
+# channel (row) is the classic INT8 choice. One scale per **group** of `g` consecutive input columns is what
+# 4-bit weight quantization uses (GPTQ, AWQ, llama.cpp's Q4 blocks): a fp16 scale and a zero point per 64 weights cost
+# $24/64 = 0.375$ extra bits per weight.
+#
+# Groups run along `in_features` (the reduction dimension of the matmul), so **the group size must divide
+# in_features** — 576 on this model: 128 does not divide it, 64 does.
+
+# %% [markdown]
+# ### Exercise 3 — group-wise fake quantization
+# Complete `fake_quantize_groups(w, bits, group_size)` for a weight `w` of shape `(out_features, in_features)`:
+# split each row into groups of `group_size` consecutive columns, quantize-dequantize each group with *your*
+# `compute_qparams` and `quantize_dequantize`, and return a tensor of `w`'s shape.
+
+# %%
+def fake_quantize_groups(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """w (out, in) -> w_hat (out, in), asymmetric RTN in groups of group_size along in_features."""
+    ### BEGIN SOLUTION
+    rows = w.reshape(-1, group_size)  # (out * in / group_size, group_size): one group per row
+    s, z = compute_qparams(rows, bits)  # (n_groups, 1) each
+    return quantize_dequantize(rows, s, z, bits).reshape(w.shape)
+    ### END SOLUTION
+
+
+# %%
+fake_quantize_groups = cl.checks.check_fake_quantize_groups(fake_quantize_groups)
+
+# %% [markdown]
+# The package's `cl.quant.fake_quantize` does the same with per-tensor / per-channel options and input checks. A
+# group size that does not divide `in_features` is refused with an error that names the fix:
+
+# %%
+try:
+    cl.quant.fake_quantize(W, bits=4, group_size=128)
+except ValueError as err:
+    print("ValueError:", err)
+
+# %% [markdown]
+# Error against group size, on the real `q_proj` weight. Smaller groups track the local range better; each group
+# costs 24 bits of metadata (fp16 scale + 8-bit zero), so the x-axis is the *effective* bits per weight.
+
+# %% tags=["slide"]
+fig, ax = plt.subplots()
+for bits in (4, 3, 2):
+    points = []
+    for g in [16, 32, 64, 192, 576]:
+        points.append((bits + 24 / g, rel_error(fake_quantize_groups(W, bits, g))))
+    ax.plot(*zip(*points), "o-", label=f"{bits}-bit")
+    for (x, y), g in zip(points, [16, 32, 64, 192, 576]):
+        ax.annotate(f"g{g}", (x, y), fontsize=7, xytext=(2, 3), textcoords="offset points")
+ax.set(xlabel="effective bits per weight (codes + scales + zeros)", ylabel="relative error of q_proj",
+       yscale="log", title="smaller groups: less error, more metadata")
+ax.legend()
+plt.show()
+
+# %% [markdown] tags=["slide"]
+# ## 5 · Outliers: why a few large values hurt
+#
+# Weights are well behaved; **activations** of LLMs are not. A handful of hidden-state channels carry values 10-100×
+# larger than the rest, in every token. LLM.int8() (Dettmers et al. 2022) calls any feature with a magnitude above
+# **6.0** an outlier, keeps those columns in fp16, and quantizes the rest to int8. Let's find them in our model: the
+# inputs of every layer's `q_proj` (after RMSNorm) on 128 real tokens.
+
+# %%
+captured = []
+hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, inp, out: captured.append(inp[0][0].float()))
+         for layer in model.model.layers]
+with torch.no_grad():
+    model(ids)
+for h in hooks:
+    h.remove()
+acts = torch.stack(captured)  # (layers, tokens, hidden)
+outlier_cols = (acts.abs() > 6.0).any(dim=1)  # (layers, hidden): channels with any |x| > 6
+print(f"max |activation| per layer: {[round(v, 1) for v in acts.abs().amax(dim=(1, 2)).tolist()]}")
+print(f"outlier channels (|x| > 6) per layer: {outlier_cols.sum(dim=1).tolist()} of {acts.shape[-1]}")
+
+# %%
+layer_idx = int(acts.abs().amax(dim=(1, 2)).argmax())  # the layer with the largest activation
+X, cols = acts[layer_idx], outlier_cols[layer_idx]  # (tokens, hidden), (hidden,)
+per_tensor = cl.quant.fake_quantize(X, 8, "tensor", sym=True)
+mixed = per_tensor.clone()
+mixed[:, ~cols] = cl.quant.fake_quantize(X[:, ~cols].contiguous(), 8, "tensor", sym=True)
+mixed[:, cols] = X[:, cols]  # LLM.int8(): outlier columns stay in high precision
+print(f"layer {layer_idx}: {int(cols.sum())} outlier channels")
+print(f"int8 per-tensor error, all channels together:    {rel_error(per_tensor, X):.4f}")
+print(f"int8 per-tensor error, outliers kept in float:   {rel_error(mixed, X):.4f}")
+
+# %% [markdown] tags=["slide"]
+# ## 6 · INT4 or FP4 for bell-shaped weights?
+#
+# Weights are roughly bell-shaped: most values near 0, few in the tails. A uniform INT4 grid spends as many levels on
+# the sparse tails as near zero; NF4 (levels at normal quantiles) and FP4 E2M1 (log-spaced) put more levels where the
+# weights are. This is the argument of QLoRA's NF4 and of LLM-FP4. All four quantizers below use blocks of 64 and
+# the same absmax scaling, except "int4 asym", our min/max quantizer from exercise 3.
+
+# %% tags=["slide"]
+mlp_weights = [model.model.layers[i].mlp.up_proj.weight.detach().float() for i in (0, 10, 20)]  # (1536, 576) each
+quantizers = {
+    "int4 sym (absmax)": lambda w: cl.formats.codebook_quantize(w, cl.formats.int_levels(4), 64),
+    "int4 asym (min/max)": lambda w: fake_quantize_groups(w, 4, 64),
+    "fp4 e2m1": lambda w: cl.formats.codebook_quantize(w, cl.formats.grid("fp4_e2m1"), 64),
+    "nf4": lambda w: cl.formats.codebook_quantize(w, cl.formats.grid("nf4"), 64),
+}
+errors = {name: sum(rel_error(q(w), w) for w in mlp_weights) / len(mlp_weights) for name, q in quantizers.items()}
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.4))
+w0 = mlp_weights[0].flatten()
+ax0.hist((w0 / w0.abs().max()).numpy(), bins=200, color="grey")
+ax0.set(yscale="log", title="up_proj weights / absmax: a bell with long tails", xlabel="value")
+ax1.barh(list(errors), list(errors.values()), color=["tab:blue", "tab:cyan", "tab:orange", "tab:green"])
+ax1.set(xlabel="relative error (mean of 3 layers)", title="4-bit grids, blocks of 64")
+for i, v in enumerate(errors.values()):
+    ax1.text(v, i, f" {v:.4f}", va="center", fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown] tags=["slide"]
+# ## 7 · Round-to-nearest on the whole model
+#
+# Now the real test: fake-quantize every Linear layer of the model (embeddings and `lm_head` stay in full precision)
+# and measure
+# * **perplexity** on WikiText-2 test (non-overlapping windows, the standard GPTQ/Wanda protocol), and
+# * an **arithmetic probe**: few-shot two-digit additions, exact match. Perplexity averages over all tokens;
+#   exact arithmetic needs *every* digit right, so it can break first.
+
+# %%
+sz = env.sizes
+print(f"evaluating on {sz.ppl_windows} windows x {sz.seq_len} tokens, {sz.probe_n} arithmetic questions")
+GROUP_SWEEP = [g for g in GROUP_SWEEP if cl.quant.group_size_fits(model, g)]
+mb = fp_bytes / 1e6
+
+
+def evaluate(m, method: str, bits, group_size, weight_mb: float) -> dict:
+    """Perplexity + probe for one variant, recorded in the shared results table."""
+    ppl = cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
+    acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
+    row = cl.results.record(lab="01", method=method, model=MODEL, bits=bits, group_size=group_size,
+                            weight_mb=round(weight_mb, 1), ppl=round(ppl, 3), probe_acc=acc, quick=env.quick)
+    print(f"{method:14s} bits={bits!s:4s} group={group_size!s:8s} ppl={ppl:9.2f}  probe={acc:.0%}")
+    return row
+
+
+def packed_mb(bits: int, group_size) -> float:
+    """Weight MB if every quantized Linear stored `bits`-bit codes + an fp16 scale and 8-bit zero per group."""
+    total_bits = fp_bytes * 8
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m is not model.lm_head:
+            g = m.in_features if group_size == "channel" else group_size
+            total_bits += m.weight.numel() * (bits + 24 / g - 8 * m.weight.element_size())
+    return total_bits / 8 / 1e6
+
+
+baseline = evaluate(model, "fp32", 32, None, mb)
+
+# %%
+bit_rows = []
+for bits in BITS_SWEEP:
+    q_model = cl.quant.fake_quantize_model(model, bits=bits, group_size=GROUP_SIZE)
+    bit_rows.append(evaluate(q_model, "RTN", bits, GROUP_SIZE, packed_mb(bits, GROUP_SIZE)))
+    del q_model
+
+# %%
+group_rows = []
+for bits in (4, 3):
+    for g in GROUP_SWEEP:
+        if g == GROUP_SIZE:
+            continue  # measured above
+        q_model = cl.quant.fake_quantize_model(model, bits=bits, group_size=g)
+        group_rows.append(evaluate(q_model, "RTN", bits, g, packed_mb(bits, g)))
+        del q_model
+
+# %% tags=["slide"]
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.6))
+bits_axis = [r["bits"] for r in bit_rows]
+ax0.plot(bits_axis, [r["ppl"] for r in bit_rows], "o-", label=f"RTN g{GROUP_SIZE}")
+ax0.axhline(baseline["ppl"], color="k", ls="--", lw=1, label=f"fp32 ({baseline['ppl']:.2f})")
+ax0.set(xlabel="bits", ylabel="perplexity (log)", yscale="log", title="WikiText-2 perplexity")
+ax1.plot(bits_axis, [r["probe_acc"] for r in bit_rows], "o-", color="tab:red", label=f"RTN g{GROUP_SIZE}")
+ax1.axhline(baseline["probe_acc"], color="k", ls="--", lw=1, label="fp32")
+ax1.set(xlabel="bits", ylabel="exact-match accuracy", title="two-digit addition (few-shot)", ylim=(0, 1))
+for ax in (ax0, ax1):
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+cl.results.table(lab="01", model=MODEL, quick=env.quick)
+
+# %% [markdown]
+# Reference figures for SmolLM2-135M-Instruct, RTN asymmetric, group 64, **full mode** (16 windows × 512 tokens),
+# measured on a CPU: fp32 36.63, 8-bit 36.60, 4-bit 48.82, 3-bit 116.6. In quick mode the windows differ, so the
+# numbers do too; the shape of the curve does not. The arithmetic probe scores ~32 % for fp32 on 100 full-mode questions.
+
+# %% [markdown] tags=["slide"]
+# ## 8 · Packing: making the memory saving real
+#
+# Fake quantization keeps float32 weights that merely *lie on a grid*: nothing was saved yet. To save memory, store
+# the integer codes: two 4-bit codes per byte.
+
+# %% [markdown]
+# ### Exercise 4 — pack two 4-bit codes per byte
+# Complete `pack_int4(q)`: `q` has shape `(..., n)` with codes in $[0, 15]$ (n even). Return uint8 of shape
+# `(..., n/2)` where byte k holds element 2k in its **low** nibble and element 2k+1 in its **high** nibble — the
+# layout `cl.quant.QuantLinear` (and the GPU kernel of the kernels lab) reads.
+
+# %%
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(..., n) codes in [0, 15] -> (..., n // 2) uint8, low nibble first."""
+    ### BEGIN SOLUTION
+    pairs = q.to(torch.uint8).reshape(*q.shape[:-1], -1, 2)  # (..., n/2, 2): neighbours side by side
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+    ### END SOLUTION
+
+
+# %%
+pack_int4 = cl.checks.check_pack_int4(pack_int4)
+
+# %% [markdown]
+# `cl.quant.quantize_model` swaps every Linear for a `QuantLinear` whose buffers *are* the storage format: packed codes,
+# fp16 scales and uint8 zeros. Your `pack_int4` must produce exactly its bytes. Then: the memory, and the speed.
+
+# %%
+q4 = cl.quant.quantize_model(model, bits=4, group_size=GROUP_SIZE)
+ql = q4.model.layers[0].self_attn.q_proj
+print(ql)
+codes = cl.quant.unpack_int4(ql.qweight)  # (576, 576) codes in [0, 15]
+print("your pack_int4 reproduces QuantLinear's bytes:", torch.equal(pack_int4(codes), ql.qweight))
+
+q4_bytes = cl.eval.weight_bytes(q4)
+q4_ppl = cl.eval.perplexity(q4, tok, sz.ppl_windows, sz.seq_len)
+q4_tps = cl.eval.tokens_per_second(q4, tok, new_tokens=16 if env.quick else 64)
+print(f"weights: {fp_bytes / 1e6:.0f} MB fp32 -> {q4_bytes / 1e6:.0f} MB packed 4-bit "
+      f"({fp_bytes / q4_bytes:.1f}x smaller; embeddings stay fp32)")
+print(f"perplexity: packed {q4_ppl:.2f} vs fake-quantized {bit_rows[BITS_SWEEP.index(4)]['ppl']:.2f}"
+      if 4 in BITS_SWEEP else f"perplexity: packed {q4_ppl:.2f}")
+print(f"decode speed: {q4_tps:.1f} tokens/s packed vs {tps:.1f} fp32")
+
+# %% [markdown]
+# The packed model is much smaller, and *slower* on this machine: each forward unpacks and dequantizes every weight in
+# PyTorch before an fp32 matmul. **A 4-bit model without a 4-bit kernel is not faster.** The speed comes from a
+# kernel that reads the packed bytes and dequantizes in registers (the kernels lab writes one in Triton; lab 06
+# deploys one with TensorRT-LLM).
+
+# %% [markdown] tags=["slide"]
+# ## 9 · The library counterpart: bitsandbytes through transformers
+#
+# `BitsAndBytesConfig` quantizes on load: `load_in_8bit` (LLM.int8 with the 6.0 outlier threshold) and
+# `load_in_4bit` with NF4 or bitsandbytes' own "fp4" (not the OCP E2M1 grid), in blocks of 64. bitsandbytes ≥ 0.48
+# has a CPU backend, so this runs anywhere (the int8 path casts activations to fp16).
+
+# %%
+from transformers import BitsAndBytesConfig
+
+bnb_configs = {
+    "bnb int8": (8, BitsAndBytesConfig(load_in_8bit=True)),
+    "bnb nf4": (4, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)),
+    "bnb fp4": (4, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32)),
+}
+for name, (bits, config) in bnb_configs.items():
+    bnb_model, _ = cl.load_model(MODEL, dtype=DTYPE, device=env.device, quantization_config=config)
+    evaluate(bnb_model, name, bits, 64 if bits == 4 else "channel", cl.eval.weight_bytes(bnb_model) / 1e6)
+    del bnb_model
+
+# %% [markdown]
+# ## 10 · Explore
+# Pick bits and a group size and watch the error distribution of a real weight change (drag the sliders; in a static
+# view you see the default setting).
+
+# %%
+cl.widgets.quantization_explorer(model.model.layers[0].mlp.down_proj.weight)
+
+# %% [markdown] tags=["slide"]
+# ## 11 · Results
+# Every variant of this lab is a row in the shared results table (later labs add GPTQ, pruning, distillation and
+# KV-cache rows to the same table and plot).
+
+# %% tags=["slide"]
+cl.results.plot(lab="01", model=MODEL, quick=env.quick)
+plt.show()
+cl.results.table(lab="01", model=MODEL, quick=env.quick)
+
+# %% [markdown]
+# ## Reflection
+# **Question 1.** Going from 8 to 4 bits (group 64), perplexity rose by about a third, and the arithmetic probe moved
+# differently. Which metric would you trust to decide whether a 4-bit model is good enough for a math tutoring bot, and why?
+
+# %% [markdown] tags=["solution"]
+# Perplexity is an average over every token of ordinary text, where most tokens are easy and a small per-token
+# degradation averages out. Exact-match arithmetic fails if *any* digit is wrong, so it compounds small errors along
+# the generated answer — and numbers are rare, high-information tokens where quantization noise matters most. For a math
+# bot, measure the task itself (the probe, or GSM8K on a larger model): perplexity can look fine while exact
+# reasoning degrades. Also note the probe's sampling error (with n questions, about ±1/√n): small differences are noise.
+
+# %% [markdown]
+# **Question 2.** The packed 4-bit model was ~3-4× smaller but not faster on this machine. Name two reasons, and what
+# would make it faster.
+
+# %% [markdown] tags=["solution"]
+# (1) There is no 4-bit kernel here: `QuantLinear.forward` unpacks and dequantizes the whole weight to fp32 in
+# PyTorch on every call, which reads *more* memory than the fp32 matmul and adds work. (2) On a CPU at batch 1 the
+# model is small enough to sit largely in cache, and Python / framework overhead per layer is a large share of the
+# time. A fused dequantize-matmul kernel that reads the packed bytes and dequantizes in registers (Marlin, the
+# Triton W4A16 kernel of the kernels lab, TensorRT-LLM's W4A16) turns the 4× fewer bytes into up to ~3-4× faster
+# memory-bound decode on a GPU; at large batch, compute dominates and the gain shrinks.
+
+# %% [markdown] tags=["instructor"]
+# **Answers to expect and follow-ups.** Q1: push people to quantify the probe's noise (40 or 100 questions → ±5-8
+# points); ask what the 3-bit row says. Q2: connect to the roofline of section 1 and the Marlin/torchao numbers in
+# `REFERENCES.md` (int4 ≈ 1.9× bf16 tokens/s on an H100 for Llama-3.1-8B).
+
+# %% [markdown]
+# ## Summary
+# * Decode is memory-bound: fewer bytes per weight → faster tokens, *given a kernel that reads them*.
+# * Scale + zero point map a group's range onto integer codes; include 0 and clamp.
+# * Smaller groups cost metadata but cut error; the group must divide `in_features`.
+# * Outliers set the scale for everyone: isolate them (LLM.int8) or use finer granularity.
+# * 8-bit RTN is free; 4-bit RTN costs noticeable quality; 3-bit and below breaks — lab 02 (GPTQ) fixes much of that.
+
+# %%
+cl.checks.summary()
