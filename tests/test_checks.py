@@ -378,8 +378,7 @@ def test_the_lab_solution_code_passes_every_checker(capsys):
         module = ast.Module(body=[lab[fn_name]], type_ignores=[])
         exec(compile(module, str(LAB), "exec"), namespace)
         fn = namespace[fn_name]
-        assert checker(fn) is fn
-        namespace[fn_name] = fn
+        assert checker(fn) is fn  # the lab rebinds the name to what the checker returns: the same function
         assert checks.STATUS[name] == "passed"
     assert "FAILED" not in capsys.readouterr().out
 

@@ -33,39 +33,43 @@ def _clone(x):
     return tuple(_clone(v) for v in x) if isinstance(x, tuple) else x
 
 
-def _compare(got, expected, atol: float) -> str | None:
-    """None if got matches expected, else a one-line reason (shape, dtype kind, NaN, or largest error)."""
+def _compare(got, expected, atol: float) -> tuple[str | None, float]:
+    """(None, largest error) if got matches expected, else (a one-line reason, error)."""
     if isinstance(expected, tuple):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
-            return f"expected a tuple of {len(expected)} tensors, got {type(got).__name__}"
+            return f"expected a tuple of {len(expected)} tensors, got {type(got).__name__}", float("inf")
+        worst = 0.0
         for i, (g, e) in enumerate(zip(got, expected)):
-            reason = _compare(g, e, atol)
+            reason, err = _compare(g, e, atol)
             if reason:
-                return f"output[{i}]: {reason}"
-        return None
+                return f"output[{i}]: {reason}", err
+            worst = max(worst, err)
+        return None, worst
     if not isinstance(got, torch.Tensor):
-        return f"expected a torch.Tensor, got {type(got).__name__}"
+        return f"expected a torch.Tensor, got {type(got).__name__}", float("inf")
     if tuple(got.shape) != tuple(expected.shape):
-        return f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+        return f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}", float("inf")
     if expected.dtype == torch.uint8 and got.dtype != torch.uint8:
-        return f"dtype {got.dtype}, expected torch.uint8"
+        return f"dtype {got.dtype}, expected torch.uint8", float("inf")
     got, expected = got.double(), expected.double()
     if not torch.isfinite(got).all():
-        return "output contains NaN or inf"
+        return "output contains NaN or inf", float("inf")
     err = (got - expected).abs().max().item() if got.numel() else 0.0
-    return None if err <= atol else f"largest |error| = {err:.3g} (tolerance {atol:g})"
+    return (None if err <= atol else f"largest |error| = {err:.3g} (tolerance {atol:g})"), err
 
 
 def run_check(name: str, fn: Callable, reference: Callable, cases: list[Case], hint: str,
               atol: float = 1e-5) -> Callable:
     """Check fn against reference on every case; print the verdict; return fn if it passed, else reference."""
     ref_name = f"{reference.__module__}.{reference.__name__}"
+    worst = 0.0
     try:
         for case in cases:
             expected = reference(*_clone(case.args))
-            reason = _compare(fn(*_clone(case.args)), expected, atol)
+            reason, err = _compare(fn(*_clone(case.args)), expected, atol)
             if reason:
                 return _fail(name, ref_name, f'case "{case.label}": {reason}', hint, reference)
+            worst = max(worst, err)
     except NotImplementedError:
         STATUS[name] = "not done"
         print(f"⏳ {name}: NOT DONE yet. Using the reference ({ref_name}) so the lab continues; "
@@ -76,7 +80,8 @@ def run_check(name: str, fn: Callable, reference: Callable, cases: list[Case], h
         return _fail(name, ref_name, f"raised {type(err).__name__}: {err} (line {where.lineno}: {where.line})",
                      hint, reference)
     STATUS[name] = "passed"
-    print(f"✅ {name}: PASSED all {len(cases)} cases. The lab uses your function from here on.")
+    print(f"✅ {name}: PASSED all {len(cases)} cases (largest |error| {worst:.1e}). "
+          "The lab uses your function from here on.")
     return fn
 
 

@@ -147,6 +147,8 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of pack_bits: (..., m) uint8 -> (..., m * 8 / bits) uint8 codes."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"unpack_bits unpacks 2-, 4- or 8-bit codes; got bits={bits}")
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be uint8, got {packed.dtype}")
     per_byte, mask = 8 // bits, 2**bits - 1
@@ -177,6 +179,9 @@ class QuantLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, sym: bool, bias: bool):
         super().__init__()
+        if group_size == "tensor":
+            raise ValueError("QuantLinear stores one scale per group of each row: use an int group_size or "
+                             "'channel'. group_size='tensor' is for fake_quantize only.")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.sym = bits, sym
         self.group_size = in_features if group_size in ("channel", -1) else group_size
@@ -203,7 +208,7 @@ class QuantLinear(nn.Module):
         m.scales.copy_(scale.reshape(w.shape[0], -1).half())
         m.zeros.copy_(zero.reshape(w.shape[0], -1).to(torch.uint8))
         if linear.bias is not None:
-            m.bias.data.copy_(linear.bias.detach())
+            m.bias = nn.Parameter(linear.bias.detach().clone())  # keeps the layer's dtype
         return m
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
@@ -213,7 +218,8 @@ class QuantLinear(nn.Module):
         return w.reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, sym={self.sym}"
