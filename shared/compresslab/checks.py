@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from . import quant
+from . import gptq, quant
 
 STATUS: dict[str, str] = {}  # exercise name -> "passed" | "failed" | "not done"
 
@@ -33,40 +33,50 @@ def _clone(x):
     return tuple(_clone(v) for v in x) if isinstance(x, tuple) else x
 
 
-def _compare(got, expected, atol: float) -> tuple[str | None, float]:
+def _compare(got, expected, atol: float, rtol: float = 0.0) -> tuple[str | None, float]:
     """(None, largest error) if got matches expected, else (a one-line reason, error)."""
     if isinstance(expected, tuple):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             return f"expected a tuple of {len(expected)} tensors, got {type(got).__name__}", float("inf")
         worst = 0.0
         for i, (g, e) in enumerate(zip(got, expected)):
-            reason, err = _compare(g, e, atol)
+            reason, err = _compare(g, e, atol, rtol)
             if reason:
                 return f"output[{i}]: {reason}", err
             worst = max(worst, err)
         return None, worst
+    if isinstance(expected, (int, float)):
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if not isinstance(got, (int, float)):
+            return f"expected a number, got {type(got).__name__}", float("inf")
+        err = abs(got - expected)
+        return (None if err <= atol + rtol * abs(expected) else f"{got!r}, expected {expected!r}"), err
     if not isinstance(got, torch.Tensor):
         return f"expected a torch.Tensor, got {type(got).__name__}", float("inf")
     if tuple(got.shape) != tuple(expected.shape):
         return f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}", float("inf")
     if expected.dtype == torch.uint8 and got.dtype != torch.uint8:
         return f"dtype {got.dtype}, expected torch.uint8", float("inf")
+    if not expected.is_floating_point() and got.is_floating_point():
+        return f"dtype {got.dtype}, expected integers ({expected.dtype})", float("inf")
     got, expected = got.double(), expected.double()
     if not torch.isfinite(got).all():
         return "output contains NaN or inf", float("inf")
     err = (got - expected).abs().max().item() if got.numel() else 0.0
-    return (None if err <= atol else f"largest |error| = {err:.3g} (tolerance {atol:g})"), err
+    tol = atol + rtol * (expected.abs().max().item() if expected.numel() else 0.0)
+    return (None if err <= tol else f"largest |error| = {err:.3g} (tolerance {tol:.2g})"), err
 
 
 def run_check(name: str, fn: Callable, reference: Callable, cases: list[Case], hint: str,
-              atol: float = 1e-5) -> Callable:
+              atol: float = 1e-5, rtol: float = 0.0) -> Callable:
     """Check fn against reference on every case; print the verdict; return fn if it passed, else reference."""
     ref_name = f"{reference.__module__}.{reference.__name__}"
     worst = 0.0
     try:
         for case in cases:
             expected = reference(*_clone(case.args))
-            reason, err = _compare(fn(*_clone(case.args)), expected, atol)
+            reason, err = _compare(fn(*_clone(case.args)), expected, atol, rtol)
             if reason:
                 return _fail(name, ref_name, f'case "{case.label}": {reason}', hint, reference)
             worst = max(worst, err)
@@ -186,5 +196,92 @@ def check_pack_int4(fn: Callable) -> Callable:
                           "with low = element 2k and high = element 2k+1; return uint8.")
 
 
+# ----------------------------------------------------------------------------- lab 02 cases (GPTQ)
+
+
+def _spd(n: int, seed: int, dead: int | None = None) -> torch.Tensor:
+    """A Hessian-like symmetric positive definite (n, n) matrix: 2/N X^T X of random inputs with uneven scales."""
+    g = torch.Generator().manual_seed(seed)
+    col_scale = torch.linspace(0.2, 3.0, n)[torch.randperm(n, generator=g)]  # distinct, in no particular order
+    x = torch.randn(4 * n, n, generator=g) * col_scale  # (tokens, n)
+    if dead is not None:
+        x[:, dead] = 0
+    return 2 / x.shape[0] * x.t() @ x
+
+
+def _hessian_step(H, n, x):
+    h = gptq.Hessian(H.shape[0])
+    h.H, h.n = H.clone(), n
+    h.add_batch(x)
+    return h.H, h.n
+
+
+def check_accumulate_hessian(fn: Callable) -> Callable:
+    """Exercise: fn(H, n, x) -> (H_new, n_new): running average of 2 x x^T over tokens; x (..., in)."""
+    g = torch.Generator().manual_seed(11)
+    cases = [
+        Case("first batch (2, 16, 32) from H = 0, n = 0", (torch.zeros(32, 32), 0, torch.randn(2, 16, 32, generator=g))),
+        Case("a later batch: the old average must be re-weighted by n / (n + b)",
+             (_spd(32, 1), 64, torch.randn(1, 8, 32, generator=g))),
+        Case("2-D input (tokens, in) with 10 tokens", (_spd(24, 2), 30, torch.randn(10, 24, generator=g))),
+    ]
+    return run_check("Exercise 1 · accumulate_hessian", fn, _hessian_step, cases, rtol=1e-5,
+                     hint="x = x.reshape(-1, in); b = rows; H *= n / (n + b); n += b; "
+                          "x = sqrt(2 / n) * x; H += x.T @ x; return H, n.")
+
+
+def _column_step(W1, Hinv1, i, scale, zero, maxq):
+    W1 = W1.clone()
+    _, q, err = gptq.column_step(W1, Hinv1, i, scale, zero, maxq)
+    return W1, q, err
+
+
+def _hinv_upper(n: int, seed: int) -> torch.Tensor:
+    H = _spd(n, seed) + 0.01 * torch.eye(n)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def check_column_step(fn: Callable) -> Callable:
+    """Exercise: fn(W1, Hinv1, i, scale, zero, maxq) -> (W1 updated, q, err) for one GPTQ column."""
+    g = torch.Generator().manual_seed(12)
+    cases = []
+    for i, bits in ((0, 4), (5, 4), (15, 3), (9, 2)):
+        W1 = torch.randn(8, 16, generator=g) * 0.1
+        scale, zero = gptq.gptq_qparams(W1[:, :16], bits, sym=False)  # (8, 1) each
+        cases.append(Case(f"column {i} of a (8, 16) block, {bits}-bit",
+                          (W1, _hinv_upper(16, i), i, scale[:, 0], zero[:, 0], 2**bits - 1)))
+    # qparams from a narrower range: after error feedback, weights can leave their group's grid and must clamp
+    W1 = torch.randn(8, 16, generator=g) * 0.1
+    scale, zero = gptq.gptq_qparams(W1 * 0.5, 3, sym=False)
+    cases.append(Case("weights outside the grid (codes must be clamped to [0, maxq])",
+                      (W1, _hinv_upper(16, 7), 3, scale[:, 0], zero[:, 0], 7)))
+    return run_check("Exercise 2 · gptq_column_step", fn, _column_step, cases, atol=1e-5,
+                     hint="w = W1[:, i]; d = Hinv1[i, i]; q = (clamp(round(w / scale) + zero, 0, maxq) - zero) * scale; "
+                          "err = (w - q) / d; W1[:, i:] -= outer(err, Hinv1[i, i:]) (only columns i and later).")
+
+
+def check_act_order(fn: Callable) -> Callable:
+    """Exercise: fn(H, group_size) -> (perm, g_idx) for act-order with dynamic groups."""
+    cases = [Case(f"({n}, {n}) Hessian, group {gs}", (_spd(n, seed), gs))
+             for n, gs, seed in ((16, 4, 3), (32, 8, 4), (24, 24, 5), (64, 16, 6))]
+    return run_check("Exercise 4 · act_order", fn, gptq.act_order_permutation, cases, atol=0,
+                     hint="perm = argsort(diag(H), descending=True); column perm[j] is quantized j-th, so "
+                          "g_idx[perm[j]] = j // group_size (equivalently g_idx = argsort(perm) // group_size).")
+
+
+def check_reconstruction_error(fn: Callable) -> Callable:
+    """Exercise: fn(W, W_hat, X) -> scalar ||X W^T - X W_hat^T||_F^2; W (out, in), X (tokens, in)."""
+    g = torch.Generator().manual_seed(13)
+    cases = []
+    for out_f, in_f, tokens in ((6, 16, 20), (16, 8, 5), (12, 12, 30)):
+        W = torch.randn(out_f, in_f, generator=g)
+        X = torch.randn(tokens, in_f, generator=g) * torch.linspace(0.1, 4.0, in_f)  # uneven input scales
+        cases.append(Case(f"W ({out_f}, {in_f}), X ({tokens}, {in_f})", (W, quant.fake_quantize(W, 3, in_f), X)))
+    return run_check("Exercise 3 · reconstruction_error", fn, gptq.reconstruction_error, cases, rtol=1e-5,
+                     hint="the error lives in the layer's OUTPUTS: ((X @ W.T - X @ W_hat.T) ** 2).sum(), "
+                          "a scalar; not the weight difference alone.")
+
+
 __all__ = ["run_check", "summary", "check_qparams", "check_quant_dequant",
-                      "check_fake_quantize_groups", "check_pack_int4", "STATUS", "Case"]
+                      "check_fake_quantize_groups", "check_pack_int4", "check_accumulate_hessian", "check_column_step",
+           "check_act_order", "check_reconstruction_error", "STATUS", "Case"]

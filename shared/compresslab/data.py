@@ -58,10 +58,16 @@ def wikitext2(split: str = "test") -> str:
     return "\n\n".join(rows)
 
 
+def gsm8k_text(split: str = "train") -> str:
+    """GSM8K problems with their worked solutions as one text: math-flavoured calibration data (lab 02)."""
+    return "\n\n".join(f"Question: {p['question']}\nAnswer: {p['answer']}" for p in gsm8k(split))
+
+
 @lru_cache(maxsize=8)
 def _token_ids(tokenizer, split: str) -> torch.Tensor:
-    """(n_tokens,) ids of a whole split; cached per tokenizer because tokenizing 1 MB takes seconds."""
-    return tokenizer(wikitext2(split), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    """(n_tokens,) ids of a whole split ('test', 'valid' or 'gsm8k'); cached per tokenizer (tokenizing takes seconds)."""
+    text = gsm8k_text("train") if split == "gsm8k" else wikitext2(split)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 
 def test_windows(tokenizer, n_windows: int, seq_len: int) -> torch.Tensor:
@@ -73,9 +79,12 @@ def test_windows(tokenizer, n_windows: int, seq_len: int) -> torch.Tensor:
     return ids[: n_windows * seq_len].view(n_windows, seq_len)
 
 
-def calibration_batches(tokenizer, n_samples: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
-    """(n_samples, seq_len) random windows of WikiText-2 valid, drawn with a seeded generator."""
-    ids = _token_ids(tokenizer, "valid")
+def calibration_batches(tokenizer, n_samples: int = 128, seq_len: int = 512, seed: int = 0,
+                        source: str = "wikitext") -> torch.Tensor:
+    """(n_samples, seq_len) random windows of WikiText-2 valid (or GSM8K train: source='gsm8k'), seeded."""
+    if source not in ("wikitext", "gsm8k"):
+        raise ValueError(f"source must be 'wikitext' or 'gsm8k', got {source!r}")
+    ids = _token_ids(tokenizer, "valid" if source == "wikitext" else "gsm8k")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

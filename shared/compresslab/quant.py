@@ -97,6 +97,30 @@ def compute_qparams(x: torch.Tensor, bits: int = 4, sym: bool = False) -> tuple[
     return scale, zero
 
 
+def search_clip_qparams(x: torch.Tensor, bits: int = 4, grid: int = 100, maxshrink: float = 0.8,
+                        norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric qparams per row with the range shrunk to minimise sum |x_hat - x|^norm (GPTQ's `mse` option).
+
+    Tries ranges p * [xmin, xmax] for p = 1, 0.99, ..., 1 - maxshrink: clipping a few large values buys a finer
+    step for all the others. Returns ((n_groups, 1), (n_groups, 1)) like compute_qparams.
+    """
+    check_float(x, "x")
+    x = x.float()
+    maxq = 2**bits - 1
+    xmin = x.amin(dim=-1, keepdim=True).clamp(max=0)  # (n_groups, 1)
+    xmax = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    best = torch.full_like(xmin, float("inf"))
+    scale, zero = compute_qparams(x, bits, sym=False)
+    for i in range(int(maxshrink * grid)):
+        p = 1 - i / grid
+        s = ((p * xmax - p * xmin) / maxq).clamp(min=EPS)
+        z = torch.round(-p * xmin / s)
+        err = ((torch.clamp(torch.round(x / s) + z, 0, maxq) - z) * s - x).abs().pow(norm).sum(dim=-1, keepdim=True)
+        better = err < best
+        best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
 # ----------------------------------------------------------------------------- quantize / dequantize
 
 
@@ -112,12 +136,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (q.float() - zero) * scale
 
 
-def fake_quantize(w: torch.Tensor, bits: int = 4, group_size=64, sym: bool = False) -> torch.Tensor:
-    """Quantize and dequantize w group by group along its last dim; returns w's shape and dtype."""
+def fake_quantize(w: torch.Tensor, bits: int = 4, group_size=64, sym: bool = False, clip: bool = False) -> torch.Tensor:
+    """Quantize and dequantize w group by group along its last dim; returns w's shape and dtype.
+
+    clip=True searches each group's range for the lowest error (asymmetric only; see search_clip_qparams).
+    """
     check_bits(bits)
     check_float(w, "w")
+    if clip and sym:
+        raise ValueError("clip=True searches an asymmetric range; use sym=False with it")
     groups = group_view(w, group_size)  # (n_groups, group_len)
-    scale, zero = compute_qparams(groups, bits, sym)  # (n_groups, 1) each
+    scale, zero = search_clip_qparams(groups, bits) if clip else compute_qparams(groups, bits, sym)
     w_hat = dequantize(quantize(groups, scale, zero, bits, sym), scale, zero)
     return w_hat.reshape(w.shape).to(w.dtype)
 
@@ -237,7 +266,7 @@ def _decoder_linears(model: nn.Module, skip: tuple[str, ...]):
                 yield module, attr, full, child
 
 
-def fake_quantize_model(model: nn.Module, bits: int = 4, group_size=64, sym: bool = False,
+def fake_quantize_model(model: nn.Module, bits: int = 4, group_size=64, sym: bool = False, clip: bool = False,
                         skip: tuple[str, ...] = ("lm_head",), inplace: bool = False) -> nn.Module:
     """Round-to-nearest fake quantization of every Linear weight (embeddings and lm_head stay full precision).
 
@@ -247,7 +276,7 @@ def fake_quantize_model(model: nn.Module, bits: int = 4, group_size=64, sym: boo
     model = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for _, _, _, linear in _decoder_linears(model, skip):
-            linear.weight.copy_(fake_quantize(linear.weight, bits, group_size, sym))
+            linear.weight.copy_(fake_quantize(linear.weight, bits, group_size, sym, clip))
     return model
 
 

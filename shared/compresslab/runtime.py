@@ -29,15 +29,17 @@ class Sizes:
     seq_len: int  # tokens per window
     probe_n: int  # arithmetic-probe questions
     calib_samples: int  # calibration sequences (GPTQ, Wanda, ...)
+    calib_len: int  # tokens per calibration sequence
     gsm8k_n: int  # GSM8K questions (GPU only)
 
 
 # Quick mode is the same everywhere (so CI numbers are reproducible); full mode grows with the device.
-QUICK_SIZES = Sizes(ppl_windows=4, seq_len=256, probe_n=40, calib_samples=16, gsm8k_n=0)
+# Full-mode perplexity is the same 16 x 512 windows everywhere, so every machine compares with the labs' figures.
+QUICK_SIZES = Sizes(ppl_windows=4, seq_len=256, probe_n=40, calib_samples=8, calib_len=256, gsm8k_n=0)
 FULL_SIZES = {
-    "cpu": Sizes(ppl_windows=16, seq_len=512, probe_n=100, calib_samples=64, gsm8k_n=0),
-    "t4": Sizes(ppl_windows=32, seq_len=1024, probe_n=200, calib_samples=128, gsm8k_n=100),
-    "a100+": Sizes(ppl_windows=64, seq_len=2048, probe_n=500, calib_samples=128, gsm8k_n=250),
+    "cpu": Sizes(ppl_windows=16, seq_len=512, probe_n=100, calib_samples=32, calib_len=512, gsm8k_n=0),
+    "t4": Sizes(ppl_windows=16, seq_len=512, probe_n=200, calib_samples=128, calib_len=512, gsm8k_n=100),
+    "a100+": Sizes(ppl_windows=16, seq_len=512, probe_n=500, calib_samples=128, calib_len=512, gsm8k_n=250),
 }
 
 
