@@ -38,9 +38,12 @@ def _run(source: Path, kind: str, tmp_path_factory, monkeypatch) -> dict:
         folder = {"solution": "solutions", "lab": "labs"}[kind]
         out_dir = tmp_path_factory.mktemp(f"{source.stem}-{kind}")
         monkeypatch.setenv("COMPRESSLAB_RESULTS", str(out_dir / "results.jsonl"))
-        nb = pm.execute_notebook(str(ROOT / folder / f"{source.stem}.ipynb"), str(out_dir / "executed.ipynb"),
-                                 parameters={"QUICK": True}, cwd=str(ROOT / folder), progress_bar=False,
-                                 kernel_name="python3")
+        path = ROOT / folder / f"{source.stem}.ipynb"
+        # every *_DIR parameter (where a lab writes artifacts) points into the temporary folder, not the repo
+        params = {"QUICK": True} | {p: str(out_dir / p.lower()) for p in pm.inspect_notebook(str(path))
+                                     if p.endswith("_DIR")}
+        nb = pm.execute_notebook(str(path), str(out_dir / "executed.ipynb"), parameters=params,
+                                 cwd=str(ROOT / folder), progress_bar=False, kernel_name="python3")
         rows = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
         RUNS[key] = {"text": _outputs_text(nbformat.from_dict(nb)), "rows": rows}
     return RUNS[key]
