@@ -8,6 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the checker tests' shared helpers (tests/checker_testing.py): detailed assertion messages, as in test modules
+pytest.register_assert_rewrite("checker_testing")
+
 
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,3 +43,26 @@ def tiny_llama(smollm):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, pad_token_id=tok.pad_token_id)
     return LlamaForCausalLM(config).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and it avoids thread oversubscription on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_status():
+    """The test starts and ends with an empty exercise table (checks.STATUS is a module-level dict)."""
+    from compresslab import checks
+
+    saved = dict(checks.STATUS)
+    checks.STATUS.clear()
+    yield
+    checks.STATUS.clear()
+    checks.STATUS.update(saved)

@@ -5,11 +5,13 @@ Every wrong implementation below is a mistake a participant can make; each is ve
 No model is loaded: the checkers only run small fixed tensors.
 """
 
-import ast
 from pathlib import Path
 
 import pytest
 import torch
+from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_mutating_answer_passes,
+                             assert_not_done, assert_other_exception_fails, assert_passed, lab_function, lab_solutions,
+                             summary_lines)
 
 from compresslab import checks, quant
 
@@ -21,15 +23,7 @@ QUANT_DEQUANT = "Exercise 2 · quantize_dequantize"
 GROUPS = "Exercise 3 · fake_quantize_groups"
 PACK = "Exercise 4 · pack_int4"
 
-
-@pytest.fixture(autouse=True)
-def _fresh_status():
-    """Every test starts and ends with an empty exercise table (checks.STATUS is a module-level dict)."""
-    saved = dict(checks.STATUS)
-    checks.STATUS.clear()
-    yield
-    checks.STATUS.clear()
-    checks.STATUS.update(saved)
+pytestmark = pytest.mark.usefixtures("fresh_status")  # every test starts and ends with an empty exercise table
 
 
 # ----------------------------------------------------------------------------- the lab's solutions (copied)
@@ -70,6 +64,7 @@ GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_fake_quantize_groups: (GROUPS, good_fake_quantize_groups, "fake_quantize_groups"),
     checks.check_pack_int4: (PACK, good_pack_int4, "pack_int4"),
 }
+LAB_FUNCTIONS = [fn_name for _, _, fn_name in GOOD.values()]
 CHECKER_IDS = lambda c: c.__name__  # noqa: E731
 
 
@@ -343,41 +338,17 @@ CORRECT_ALTERNATIVES = [
 # ----------------------------------------------------------------------------- the lab's own solutions
 
 
-def _lab_solutions() -> dict[str, ast.FunctionDef]:
-    tree = ast.parse(LAB.read_text())
-    names = {name for _, _, name in GOOD.values()}
-    return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names}
-
-
-def _body_dump(fn_node: ast.FunctionDef, rename: dict[str, str]) -> str:
-    class Rename(ast.NodeTransformer):
-        def visit_Name(self, node):
-            node.id = rename.get(node.id, node.id)
-            return node
-
-    body = [Rename().visit(stmt) for stmt in fn_node.body]
-    return ast.dump(ast.Module(body=body, type_ignores=[]))
-
-
 def test_good_copies_match_the_lab_solutions():
     """The good_* copies above are the lab's solution code (up to the good_ prefix of the helpers they call)."""
-    lab = _lab_solutions()
-    ours = {n.name: n for n in ast.parse(Path(__file__).read_text()).body if isinstance(n, ast.FunctionDef)}
-    rename = {f"good_{name}": name for _, _, name in GOOD.values()}
-    assert set(lab) == set(rename.values()), f"solution functions in the lab: {sorted(lab)}"
-    for good, name in rename.items():
-        assert _body_dump(ours[good], rename) == _body_dump(lab[name], {}), (
-            f"{good} differs from the lab's {name}: copy the new solution into tests/test_checks.py")
+    assert_good_copies_match(__file__, LAB, LAB_FUNCTIONS)
 
 
 def test_the_lab_solution_code_passes_every_checker(capsys):
     """Compiled straight from the lab source, in the order the lab defines and checks them."""
     namespace = {"torch": torch}
-    lab = _lab_solutions()
+    lab = lab_solutions(LAB, LAB_FUNCTIONS)
     for checker, (name, _, fn_name) in GOOD.items():
-        module = ast.Module(body=[lab[fn_name]], type_ignores=[])
-        exec(compile(module, str(LAB), "exec"), namespace)
-        fn = namespace[fn_name]
+        fn = lab_function(LAB, lab[fn_name], namespace)
         assert checker(fn) is fn  # the lab rebinds the name to what the checker returns: the same function
         assert checks.STATUS[name] == "passed"
     assert "FAILED" not in capsys.readouterr().out
@@ -389,16 +360,12 @@ def test_the_lab_solution_code_passes_every_checker(capsys):
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
 def test_solution_passes(checker, capsys):
     name, good, _ = GOOD[checker]
-    assert checker(good) is good
-    assert checks.STATUS == {name: "passed"}
-    out = capsys.readouterr().out
-    assert "PASSED" in out and "FAILED" not in out
+    assert_passed(checker, name, good, capsys)
 
 
 @pytest.mark.parametrize("checker, name, fn", CORRECT_ALTERNATIVES, ids=lambda v: getattr(v, "__name__", ""))
 def test_correct_alternatives_pass(checker, name, fn, capsys):
-    assert checker(fn) is fn, capsys.readouterr().out
-    assert checks.STATUS[name] == "passed"
+    assert_accepted(checker, name, fn, capsys)
 
 
 # ----------------------------------------------------------------------------- not done
@@ -419,16 +386,7 @@ def _reference_outputs():
 
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
 def test_not_implemented_is_not_done(checker, capsys):
-    name = GOOD[checker][0]
-
-    def todo(*args):
-        raise NotImplementedError("fill me in")
-
-    got = checker(todo)
-    assert got is not todo
-    assert checks.STATUS == {name: "not done"}
-    out = capsys.readouterr().out
-    assert "NOT DONE" in out and "FAILED" not in out
+    got = assert_not_done(checker, GOOD[checker][0], capsys)
     args, expected = _reference_outputs()[checker]
     result = got(*args)
     for r, e in zip(result if isinstance(result, tuple) else (result,), expected if isinstance(expected, tuple) else (expected,)):
@@ -438,21 +396,9 @@ def test_not_implemented_is_not_done(checker, capsys):
 # ----------------------------------------------------------------------------- failed
 
 
-def _assert_failed(checker, name, fn, capsys, message=None):
-    got = checker(fn)
-    out = capsys.readouterr().out
-    assert got is not fn, f"{fn.__name__} was accepted:\n{out}"
-    assert checks.STATUS == {name: "failed"}
-    assert "FAILED" in out and "hint" in out, out
-    assert "PASSED" not in out and "NOT DONE" not in out
-    if message:
-        assert message in out, out
-    return out
-
-
 @pytest.mark.parametrize("checker, name, fn, message", WRONG, ids=[w[2].__name__ for w in WRONG])
 def test_wrong_answer_is_rejected(checker, name, fn, message, capsys):
-    _assert_failed(checker, name, fn, capsys, message)
+    assert_failed(checker, name, fn, capsys, message)
 
 
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
@@ -462,14 +408,7 @@ def test_at_least_four_wrong_answers_per_checker(checker):
 
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
 def test_other_exceptions_are_failures_not_crashes(checker, capsys):
-    name = GOOD[checker][0]
-
-    def typo(x, *args):
-        return x.amin(axis=-1, keep_dim=True)  # numpy spelling: TypeError from torch
-
-    out = _assert_failed(checker, name, typo, capsys, "TypeError")
-    assert "raised TypeError" in out
-    assert "x.amin(axis=-1, keep_dim=True)" in out  # the offending line is shown
+    assert_other_exception_fails(checker, GOOD[checker][0], capsys)
 
 
 def test_exception_in_a_later_case_is_a_failure(capsys):
@@ -481,7 +420,7 @@ def test_exception_in_a_later_case_is_a_failure(capsys):
             raise ZeroDivisionError("boom")
         return good_compute_qparams(x, bits)
 
-    out = _assert_failed(checks.check_qparams, QPARAMS, breaks_on_third_case, capsys, "ZeroDivisionError: boom")
+    out = assert_failed(checks.check_qparams, QPARAMS, breaks_on_third_case, capsys, "ZeroDivisionError: boom")
     assert len(calls) == 3
 
 
@@ -498,9 +437,7 @@ def test_summary_one_line_per_exercise_and_a_count(capsys):
 
     checks.check_pack_int4(todo)
     checks.check_quant_dequant(qd_floor)  # re-checking replaces the line, it does not add one
-    capsys.readouterr()
-    result = checks.summary()
-    lines = capsys.readouterr().out.strip().splitlines()
+    result, lines = summary_lines(capsys)
     assert result == {QPARAMS: "passed", QUANT_DEQUANT: "failed", GROUPS: "passed", PACK: "not done"}
     assert len(lines) == 5
     for line, (name, status) in zip(lines, result.items()):
@@ -511,9 +448,8 @@ def test_summary_one_line_per_exercise_and_a_count(capsys):
 def test_summary_after_a_fix(capsys):
     checks.check_pack_int4(pk_high_nibble_first)
     checks.check_pack_int4(good_pack_int4)
-    capsys.readouterr()
-    assert checks.summary() == {PACK: "passed"}
-    lines = capsys.readouterr().out.strip().splitlines()
+    result, lines = summary_lines(capsys)
+    assert result == {PACK: "passed"}
     assert len(lines) == 2 and lines[-1] == "1/1 exercises passed"
 
 
@@ -556,15 +492,11 @@ MUTATING = [(checks.check_qparams, QPARAMS, mut_qparams), (checks.check_quant_de
 @pytest.mark.parametrize("checker, name, fn", MUTATING, ids=lambda v: getattr(v, "__name__", ""))
 def test_correct_answer_that_mutates_its_inputs_afterwards_passes(checker, name, fn, capsys):
     """Each call gets clones of the case tensors: zeroing them after computing cannot corrupt later cases."""
-    assert checker(fn) is fn, capsys.readouterr().out
-    assert checks.STATUS[name] == "passed"
-    assert checker(fn) is fn  # and again: the checker's own case tensors were not touched
-    good = GOOD[checker][1]
-    assert checker(good) is good
+    assert_mutating_answer_passes(checker, name, fn, GOOD[checker][1], capsys)
 
 
 def test_mutating_before_computing_is_still_caught(capsys):
     def abs_in_place(x, bits):  # x.abs_() changes the data it then measures
         return good_compute_qparams(x.abs_(), bits)
 
-    _assert_failed(checks.check_qparams, QPARAMS, abs_in_place, capsys)
+    assert_failed(checks.check_qparams, QPARAMS, abs_in_place, capsys)

@@ -5,11 +5,13 @@ is really wrong there (the checker must reject it); every correct alternative is
 No model is loaded: the checkers only run small fixed tensors.
 """
 
-import ast
 from pathlib import Path
 
 import pytest
 import torch
+from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_mutating_answer_passes,
+                             assert_not_done, assert_other_exception_fails, assert_passed, lab_function, lab_solutions,
+                             summary_lines)
 
 from compresslab import checks, gptq, quant
 
@@ -21,24 +23,8 @@ COLUMN = "Exercise 2 · gptq_column_step"
 ACT_ORDER = "Exercise 4 · act_order"
 RECON = "Exercise 3 · reconstruction_error"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is fastest, and it avoids thread oversubscription on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_status():
-    """Every test starts and ends with an empty exercise table (checks.STATUS is a module-level dict)."""
-    saved = dict(checks.STATUS)
-    checks.STATUS.clear()
-    yield
-    checks.STATUS.clear()
-    checks.STATUS.update(saved)
+# one torch thread for the module (tiny matrices); every test starts and ends with an empty exercise table
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
 
 
 # ----------------------------------------------------------------------------- the lab's solutions (copied)
@@ -85,6 +71,7 @@ GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_act_order: (ACT_ORDER, good_act_order, "act_order"),
     checks.check_reconstruction_error: (RECON, good_reconstruction_error, "reconstruction_error"),
 }
+LAB_FUNCTIONS = [fn_name for _, _, fn_name in GOOD.values()]
 CHECKER_IDS = lambda c: c.__name__  # noqa: E731
 
 
@@ -401,44 +388,20 @@ CORRECT_ALTERNATIVES = [
 # ----------------------------------------------------------------------------- the lab's own solutions
 
 
-def _lab_solutions() -> dict[str, ast.FunctionDef]:
-    tree = ast.parse(LAB.read_text())
-    names = {name for _, _, name in GOOD.values()}
-    return {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names}
-
-
-def _body_dump(fn_node: ast.FunctionDef, rename: dict[str, str]) -> str:
-    class Rename(ast.NodeTransformer):
-        def visit_Name(self, node):
-            node.id = rename.get(node.id, node.id)
-            return node
-
-    body = [Rename().visit(stmt) for stmt in fn_node.body]
-    return ast.dump(ast.Module(body=body, type_ignores=[]))
-
-
 def test_good_copies_match_the_lab_solutions():
     """The good_* copies above are the lab's solution code (up to the good_ prefix)."""
-    lab = _lab_solutions()
-    ours = {n.name: n for n in ast.parse(Path(__file__).read_text()).body if isinstance(n, ast.FunctionDef)}
-    rename = {f"good_{name}": name for _, _, name in GOOD.values()}
-    assert set(lab) == set(rename.values()), f"solution functions in the lab: {sorted(lab)}"
-    for good, name in rename.items():
-        assert _body_dump(ours[good], rename) == _body_dump(lab[name], {}), (
-            f"{good} differs from the lab's {name}: copy the new solution into tests/test_checks_lab02.py")
+    assert_good_copies_match(__file__, LAB, LAB_FUNCTIONS)
 
 
 def test_the_lab_solution_code_passes_every_checker(capsys):
     """Compiled straight from the lab source, checked in the order the lab checks them (1, 2, 4, 3)."""
     namespace = {"torch": torch}
-    lab = _lab_solutions()
+    lab = lab_solutions(LAB, LAB_FUNCTIONS)
     order = [checks.check_accumulate_hessian, checks.check_column_step, checks.check_reconstruction_error,
              checks.check_act_order]
     for checker in order:
         name, _, fn_name = GOOD[checker]
-        module = ast.Module(body=[lab[fn_name]], type_ignores=[])
-        exec(compile(module, str(LAB), "exec"), namespace)
-        fn = namespace[fn_name]
+        fn = lab_function(LAB, lab[fn_name], namespace)
         assert checker(fn) is fn  # the lab rebinds the name to what the checker returns: the same function
         assert checks.STATUS[name] == "passed"
     assert "FAILED" not in capsys.readouterr().out
@@ -458,16 +421,12 @@ def test_lab_checks_each_exercise_with_its_checker():
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
 def test_solution_passes(checker, capsys):
     name, good, _ = GOOD[checker]
-    assert checker(good) is good
-    assert checks.STATUS == {name: "passed"}
-    out = capsys.readouterr().out
-    assert "PASSED" in out and "FAILED" not in out
+    assert_passed(checker, name, good, capsys)
 
 
 @pytest.mark.parametrize("checker, name, fn", CORRECT_ALTERNATIVES, ids=lambda v: getattr(v, "__name__", ""))
 def test_correct_alternatives_pass(checker, name, fn, capsys):
-    assert checker(fn) is fn, capsys.readouterr().out
-    assert checks.STATUS[name] == "passed"
+    assert_accepted(checker, name, fn, capsys)
 
 
 # ----------------------------------------------------------------------------- not done
@@ -499,16 +458,7 @@ def _sample_calls():
 
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
 def test_not_implemented_is_not_done(checker, capsys):
-    name = GOOD[checker][0]
-
-    def todo(*args):
-        raise NotImplementedError("fill me in")
-
-    got = checker(todo)
-    assert got is not todo
-    assert checks.STATUS == {name: "not done"}
-    out = capsys.readouterr().out
-    assert "NOT DONE" in out and "FAILED" not in out
+    got = assert_not_done(checker, GOOD[checker][0], capsys)
     args, expected = _sample_calls()[checker]
     result = got(*args)
     results = result if isinstance(result, tuple) else (result,)
@@ -539,21 +489,9 @@ def test_not_done_column_step_reference_leaves_the_callers_block_alone(capsys):
 # ----------------------------------------------------------------------------- failed
 
 
-def _assert_failed(checker, name, fn, capsys, message=None):
-    got = checker(fn)
-    out = capsys.readouterr().out
-    assert got is not fn, f"{fn.__name__} was accepted:\n{out}"
-    assert checks.STATUS == {name: "failed"}
-    assert "FAILED" in out and "hint" in out, out
-    assert "PASSED" not in out and "NOT DONE" not in out
-    if message:
-        assert message in out, out
-    return out
-
-
 @pytest.mark.parametrize("checker, name, fn, message", WRONG, ids=[w[2].__name__ for w in WRONG])
 def test_wrong_answer_is_rejected(checker, name, fn, message, capsys):
-    _assert_failed(checker, name, fn, capsys, message)
+    assert_failed(checker, name, fn, capsys, message)
 
 
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
@@ -575,26 +513,19 @@ def test_the_reference_is_handed_back_after_a_failure(checker, capsys):
 
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
 def test_other_exceptions_are_failures_not_crashes(checker, capsys):
-    name = GOOD[checker][0]
-
-    def typo(x, *args):
-        return x.amin(axis=-1, keep_dim=True)  # numpy spelling: TypeError from torch
-
-    out = _assert_failed(checker, name, typo, capsys, "TypeError")
-    assert "raised TypeError" in out
-    assert "x.amin(axis=-1, keep_dim=True)" in out  # the offending line is shown
+    assert_other_exception_fails(checker, GOOD[checker][0], capsys)
 
 
 def test_returning_none_is_a_failure(capsys):
     def forgot_return(W, W_hat, X):
         ((X @ (W - W_hat).t()) ** 2).sum()
 
-    _assert_failed(checks.check_reconstruction_error, RECON, forgot_return, capsys,
+    assert_failed(checks.check_reconstruction_error, RECON, forgot_return, capsys,
                    "expected a torch.Tensor, got NoneType")
 
 
 def test_column_step_without_clamp_is_rejected(capsys):
-    _assert_failed(checks.check_column_step, COLUMN, cs_no_clamp, capsys)
+    assert_failed(checks.check_column_step, COLUMN, cs_no_clamp, capsys)
 
 
 def test_the_missing_clamp_matters_in_gptq():
@@ -652,11 +583,7 @@ MUTATING = [(checks.check_accumulate_hessian, HESSIAN, mut_hessian),
 @pytest.mark.parametrize("checker, name, fn", MUTATING, ids=lambda v: getattr(v, "__name__", ""))
 def test_correct_answer_that_mutates_its_inputs_afterwards_passes(checker, name, fn, capsys):
     """Each call gets clones of the case tensors: zeroing them after computing cannot corrupt later cases."""
-    assert checker(fn) is fn, capsys.readouterr().out
-    assert checks.STATUS[name] == "passed"
-    assert checker(fn) is fn  # and again: the checker's own case tensors were not touched
-    good = GOOD[checker][1]
-    assert checker(good) is good
+    assert_mutating_answer_passes(checker, name, fn, GOOD[checker][1], capsys)
 
 
 def test_summary_of_the_lab02_exercises(capsys):
@@ -668,8 +595,6 @@ def test_summary_of_the_lab02_exercises(capsys):
         raise NotImplementedError
 
     checks.check_act_order(todo)
-    capsys.readouterr()
-    result = checks.summary()
-    lines = capsys.readouterr().out.strip().splitlines()
+    result, lines = summary_lines(capsys)
     assert result == {HESSIAN: "passed", COLUMN: "failed", RECON: "passed", ACT_ORDER: "not done"}
     assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
