@@ -136,8 +136,3 @@ def load_model(name: str = DEFAULT_MODEL, dtype="float32", device: str | None = 
         tok.pad_token = tok.eos_token
     return model, tok
 
-
-def model_name(model) -> str:
-    """A short display name for results tables."""
-    path = str(getattr(model.config, "_name_or_path", "") or "")
-    return DEFAULT_MODEL if path.endswith(DEFAULT_MODEL) else path.split("/")[-1] or "model"
