@@ -379,8 +379,8 @@ cl.results.table(lab="02", model=MODEL, quick=env.quick)
 # and strongly dependent on the calibration size. That is a finding, not a failure.
 #
 # This package, full mode on a 2-core CPU (`python tools/lab02_figures.py`): GPTQ 4-bit 45.69; GPTQ + act-order 4-bit
-# 42.95 and 3-bit 89.03. Calibration windows are drawn at random, so a few percent either way between implementations
-# (and seeds) is expected, more at 3 bits.
+# 42.95 and 3-bit 89.03; with static groups 4-bit 43.26. Calibration windows are drawn at random, so a few percent
+# either way between implementations (and seeds) is expected, more at 3 bits. Section 6 measures what helps more.
 
 # %% [markdown] tags=["slide"]
 # ## 6 · Beyond plain GPTQ: what closes more of the gap?
@@ -393,8 +393,10 @@ cl.results.table(lab="02", model=MODEL, quick=env.quick)
 # * **symmetric** quantization (one multiply less at inference; static groups were measured in section 5);
 # * **group 32** for comparison, which *does* cost extra bits (24/32 instead of 24/64 per weight).
 #
-# Full mode only (each variant is a whole-model GPTQ run: ~2-3 min on a CPU with 32 windows, several times that with
-# 128); quick mode skips it.
+# Full mode only (each variant is a whole-model GPTQ run: ~3 min on a 2-core CPU with 32 windows, several times that
+# with 128); quick mode skips it. Measured on that CPU: the clip search takes GPTQ + act-order from 42.95 to 42.13 at
+# 4 bits and from 89.03 to 62.89 at 3 bits, while it makes RTN *worse* (48.82 -> 51.14, 116.6 -> 137.5): clipping
+# only pays when something (GPTQ's error feedback) absorbs the clipped values.
 
 # %%
 BEYOND = {
