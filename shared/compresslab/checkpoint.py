@@ -65,7 +65,7 @@ def save_gptq(model, report: dict, path, bits: int, group_size: int, sym: bool, 
             tensors[f"{module}.qzeros"] = _pack_rows(stored_zeros.t().contiguous(), bits).t().contiguous()
             tensors[f"{module}.scales"] = res.scales.t().contiguous().half()  # (n_groups, out)
             tensors[f"{module}.g_idx"] = res.g_idx.to(torch.int32)
-        elif name not in ("lm_head.weight",) or not model.config.tie_word_embeddings:
+        elif not (name == "lm_head.weight" and model.config.tie_word_embeddings):  # a tied head is stored once
             tensors[name] = p.detach().contiguous()
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()

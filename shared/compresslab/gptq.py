@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .quant import check_bits, compute_qparams, group_view, search_clip_qparams
+from .quant import compute_qparams, group_view, search_clip_qparams
 
 GPTQ_BITS = (2, 3, 4, 8)
 
@@ -133,7 +133,6 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
     """Quantize one Linear weight W (out, in) given its Hessian H (in, in). W and H are not modified."""
     if bits not in GPTQ_BITS:
         raise ValueError(f"GPTQ supports bits in {GPTQ_BITS} (the packed checkpoint formats), got {bits!r}")
-    check_bits(bits)
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"W must be (out, in) and H (in, in); got W {tuple(W.shape)} and H {tuple(H.shape)}")
     if not torch.isfinite(H).all():
