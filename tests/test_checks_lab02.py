@@ -535,7 +535,7 @@ def test_the_missing_clamp_matters_in_gptq():
     X = torch.randn(512, 128, generator=g)
     X = (X + X @ torch.randn(128, 128, generator=g) * 0.5) * torch.linspace(0.2, 4.0, 128)
     H = 2 / X.shape[0] * X.t() @ X
-    Hinv, _ = gptq._inverse_cholesky(H, 0.01)
+    Hinv, _ = gptq.inverse_cholesky(H, 0.01)
     Hinv = Hinv.float()
     W1 = W[:, :64].clone()
     scale, zero = gptq.gptq_qparams(W1, 3, sym=False)

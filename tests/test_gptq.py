@@ -413,7 +413,7 @@ def test_column_step_turns_column_i_into_q_and_leaves_earlier_columns():
     g = _gen(16)
     W1 = torch.randn(8, 16, generator=g) * 0.1
     H = hessian_of(make_inputs(64, 16, seed=17))
-    U, _ = gptq._inverse_cholesky(H, 0.01)
+    U, _ = gptq.inverse_cholesky(H, 0.01)
     U = U.float()
     scale, zero = gptq.gptq_qparams(W1, 4, sym=False)
     before = W1.clone()

@@ -74,12 +74,17 @@ def column_step(W1: torch.Tensor, Hinv1: torch.Tensor, i: int, scale: torch.Tens
     Hinv1 (B, B) is the block of the upper Cholesky factor of H^-1. Updates W1 in place.
     Returns (codes (out,), dequantized q (out,), err (out,) = (w - q) / Hinv1[i, i]).
     """
-    w, d = W1[:, i], Hinv1[i, i]
-    codes = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    codes = torch.clamp(torch.round(W1[:, i] / scale) + zero, 0, maxq)
     q = (codes - zero) * scale
-    err = (w - q) / d
+    return codes, q, propagate_error(W1, Hinv1, i, q)
+
+
+def propagate_error(W1: torch.Tensor, Hinv1: torch.Tensor, i: int, q: torch.Tensor) -> torch.Tensor:
+    """The OBS update shared by GPTQ and SparseGPT (lab 03): column i of W1 becomes q (rounded, or pruned to 0);
+    its error, scaled by 1 / Hinv1[i, i], is pushed onto columns i.. of W1 in place. Returns err (out,)."""
+    err = (W1[:, i] - q) / Hinv1[i, i]
     W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # OBS: the remaining columns absorb the error
-    return codes, q, err
+    return err
 
 
 def act_order_permutation(H: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +116,7 @@ class GPTQResult:
     loss: float  # sum over columns of (w - q)^2 / [H^-1]_jj / 2, GPTQ's own error estimate
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 10) -> tuple[torch.Tensor, float]:
+def inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 10) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 in float64; raise damp by 0.01 until it works."""
     mean_diag = torch.mean(torch.diag(H)).item()
     for attempt in range(max_tries):
@@ -157,7 +162,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
         perm, g_idx_dynamic = act_order_permutation(H, gs)
         W, H = W[:, perm], H[perm][:, perm]
 
-    Hinv, damp_used = _inverse_cholesky(H, damp)  # (in, in) upper, float64
+    Hinv, damp_used = inverse_cholesky(H, damp)  # (in, in) upper, float64
     Hinv = Hinv.float()
     Q = torch.zeros_like(W)  # dequantized, permuted order
     codes = torch.zeros_like(W)
@@ -211,7 +216,7 @@ class _StopForward(Exception):
 
 
 @torch.no_grad()
-def _layer0_inputs(model, calib: torch.Tensor, batch_size: int):
+def layer0_inputs(model, calib: torch.Tensor, batch_size: int):
     """Run the model up to decoder layer 0 -> list of (hidden (b, seq, hidden), kwargs) per micro-batch."""
     layer0 = model.model.layers[0]
     captured = []
@@ -232,7 +237,36 @@ def _layer0_inputs(model, calib: torch.Tensor, batch_size: int):
     return [(h, {k: v for k, v in kw.items() if k not in ("past_key_values", "use_cache")}) for h, kw in captured]
 
 
-def _run_layer(layer, inputs):
+def check_decoder(model, who: str) -> None:
+    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
+        raise TypeError(f"{who} expects a decoder-only causal LM with model.model.layers "
+                        f"(Llama, Qwen2, SmolLM2, Mistral); got {type(model).__name__}")
+
+
+def decoder_linears(layer, names: list[str], li: int, who: str) -> dict[str, nn.Linear]:
+    """The named submodules of decoder layer li, checked to be nn.Linear."""
+    linears = {n: layer.get_submodule(n) for n in names}
+    for n, m in linears.items():
+        if not isinstance(m, nn.Linear):
+            raise TypeError(f"layer {li}.{n} is a {type(m).__name__}; {who} here handles nn.Linear only")
+    return linears
+
+
+def collect_stats(layer, inputs, linears: dict, make_stat) -> dict:
+    """Run the layer on its calibration inputs; every Linear's input batches go to its own make_stat(linear)
+    (anything with add_batch(x): a Hessian here, activation norms in lab 03). Returns {name: stat}."""
+    stats = {n: make_stat(m) for n, m in linears.items()}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: stats[n].add_batch(inp[0]))
+             for n, m in linears.items()]
+    try:
+        run_layer(layer, inputs)  # only to collect the inputs
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def run_layer(layer, inputs):
     outs = []
     for h, kw in inputs:
         out = layer(h, **kw)
@@ -253,9 +287,7 @@ def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym
     """
     if bits not in GPTQ_BITS:
         raise ValueError(f"GPTQ supports bits in {GPTQ_BITS}, got {bits!r}")
-    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
-        raise TypeError(f"quantize_model expects a decoder-only causal LM with model.model.layers "
-                        f"(Llama, Qwen2, SmolLM2, Mistral); got {type(model).__name__}")
+    check_decoder(model, "quantize_model")
     hidden = model.config.hidden_size
     if calib.numel() < hidden:
         raise ValueError(f"{calib.numel()} calibration tokens cannot estimate a {hidden}x{hidden} Hessian: "
@@ -263,25 +295,17 @@ def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym
     model = model if inplace else copy.deepcopy(model)
     was_cache = model.config.use_cache
     model.config.use_cache = False
-    inputs = _layer0_inputs(model, calib, batch_size)
+    inputs = layer0_inputs(model, calib, batch_size)
     report = {}
     for li, layer in enumerate(tqdm(model.model.layers, desc=f"GPTQ {bits}-bit", disable=not progress)):
         for names in SEQUENTIAL:
-            linears = {n: layer.get_submodule(n) for n in names}
-            for n, m in linears.items():
-                if not isinstance(m, nn.Linear):
-                    raise TypeError(f"layer {li}.{n} is a {type(m).__name__}; GPTQ here quantizes nn.Linear only")
-            hessians = {n: Hessian(m.in_features, m.weight.device) for n, m in linears.items()}
-            hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: hessians[n].add_batch(inp[0]))
-                     for n, m in linears.items()]
-            _run_layer(layer, inputs)  # only to collect this step's inputs
-            for h in hooks:
-                h.remove()
+            linears = decoder_linears(layer, names, li, "GPTQ")
+            hessians = collect_stats(layer, inputs, linears, lambda m: Hessian(m.in_features, m.weight.device))
             for n, m in linears.items():
                 res = gptq_quantize_weight(m.weight.data, hessians[n].H, bits, group_size, sym, act_order,
                                            static_groups, damp, block_size, clip)
                 m.weight.data = res.dequantized.to(m.weight.dtype)
                 report[f"model.layers.{li}.{n}"] = res
-        inputs = _run_layer(layer, inputs)  # the quantized layer's outputs feed the next layer
+        inputs = run_layer(layer, inputs)  # the quantized layer's outputs feed the next layer
     model.config.use_cache = was_cache
     return model, report
