@@ -152,3 +152,20 @@ def tokens_per_second(model, tokenizer, prompt: str = "The history of data compr
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return new_tokens * batch_size / best
+
+
+@torch.no_grad()
+def prefill_seconds(model, tokenizer, seq_len: int = 512, batch_size: int = 1, repeats: int = 5) -> float:
+    """Median seconds of one forward pass over batch_size x seq_len WikiText-2 tokens (after a warm-up): the
+    prompt-processing latency, where a smaller dense model (structured pruning) pays off on any hardware."""
+    ids = test_windows(tokenizer, batch_size, seq_len).to(_device(model))  # (b, seq_len)
+    times = []
+    for _ in range(repeats + 1):
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(ids, use_cache=False)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[repeats // 2]

@@ -1,0 +1,462 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown] tags=["slide"]
+# # Lab 03 · Pruning: magnitude, Wanda, SparseGPT, N:M, and what the hardware does with it
+#
+# **The Art of Compressing LLMs** — hands-on lab 3 of 7.
+#
+# Labs 01–02 kept every weight and stored it with fewer bits. Pruning removes weights. The questions are the same —
+# *which* weights matter, and how to compensate for the ones we take away — and so, you will see, is much of the
+# machinery: SparseGPT is lab 02's GPTQ with "round to zero". The other question is new: a matrix full of zeros is
+# not automatically smaller or faster. You will measure when it is.
+#
+# **Learning objectives.** By the end you can
+# 1. explain why |weight| alone is a poor importance score in LLMs, and compute Wanda's |W|·‖X‖ score;
+# 2. build per-row unstructured masks and N:M (2:4, 4:8) semi-structured masks;
+# 3. implement SparseGPT's prune-and-compensate step and relate it to GPTQ's column step;
+# 4. prune a whole model layer by layer and compare methods over sparsity on perplexity and arithmetic;
+# 5. say what actually gets faster: unstructured (nothing), 2:4 (sparse tensor cores, sm80+), structured (anything).
+#
+# **Time:** about 75 minutes (35 min of exercises). **Hardware:** CPU is fine in quick mode; the 2:4 speed section
+# needs an Ampere-or-newer NVIDIA GPU and explains itself elsewhere.
+
+# %% [markdown] tags=["instructor"]
+# **Instructor notes — lab 03.** Slot: 75 min (10 min on outlier features and the Wanda score, 35 min exercises,
+# 20 min whole-model sweep and structured pruning while it runs, 10 min hardware discussion).
+#
+# * Common mistakes the checkers catch: summing instead of averaging the squared activations, counting sequences
+#   instead of tokens, using |x| instead of x²; one threshold for the whole layer instead of per row (a row with small
+#   weights gets wiped out), forgetting the activation factor, pruning the *largest* scores, `ceil` instead of `int`
+#   for the per-row count; N:M groups taken down a column instead of along a row; in the SparseGPT step, dividing the
+#   error by `Hinv[i, i]` twice or not at all, or updating columns before `i`.
+# * Discussion prompts: "why is the Wanda comparison made per output row?" (each output is a weighted sum: within a row
+#   the scores are comparable, across rows they are not); "2:4 is 50 % sparse but Wanda 2:4 is 3× worse than Wanda 50 %
+#   unstructured here — why accept it?" (section 7); "structured pruning hurts most per removed weight, yet it is the
+#   only one that is faster on a CPU — when would you pick it?".
+# * If time is short, run section 5 in QUICK mode and show the full-mode table from the README.
+
+# %% tags=["parameters"]
+MODEL = "smollm2-135m"  # offline default; on a GPU with hub access try "qwen2.5-0.5b"
+DTYPE = "float32"
+QUICK = False  # True: small calibration and evaluation sizes for CI or a laptop in a hurry (the tests set it)
+SEED = 0
+CALIB_SAMPLES = None  # None: from the device tier (32 on CPU, 128 on GPU, 8 in quick mode)
+
+# %% [markdown]
+# ## 0 · Setup
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import torch
+
+import compresslab as cl
+from compresslab import pruning
+
+env = cl.setup(quick=QUICK, seed=SEED)
+print(env)
+sz = env.sizes
+n_calib = CALIB_SAMPLES or sz.calib_samples
+print("expected runtime: " + ("~3 min" if env.quick else "full mode prunes the model ~20 times; about 40 min on a "
+      "2-core CPU, a few minutes on a GPU"))
+
+model, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)
+calib = cl.data.calibration_batches(tok, n_samples=n_calib, seq_len=sz.calib_len, seed=SEED)  # (n, len) token ids
+print(f"calibration: {tuple(calib.shape)} tokens of WikiText-2 valid")
+
+# %% [markdown] tags=["slide"]
+# ## 1 · Which weights matter? Weights × activations
+#
+# Magnitude pruning removes the smallest |W_ij|. That ignores what the weight multiplies: output
+# $y_i = \sum_j W_{ij} x_j$, so removing $W_{ij}$ changes $y_i$ by $W_{ij} x_j$. LLMs have a handful of **outlier
+# input features** whose activations are tens of times larger than the rest (Dettmers et al., LLM.int8, lab 01): a
+# small weight on such a channel matters more than a large weight on a quiet one.
+#
+# Wanda (Sun et al., 2023) scores each weight by $|W_{ij}| \cdot \lVert X_j \rVert_2$, the norm of input channel $j$
+# over all calibration tokens, and needs nothing else: no gradients, no weight update, one forward pass.
+#
+# ### Exercise 1 — accumulate the activation norms
+# Calibration data arrives in batches. Complete `accumulate_act_norm(sq, n, x)`: given the running mean `sq` (in,) of
+# $x_j^2$ over the `n` tokens seen so far and a new batch `x` of shape `(..., in_features)`, return the updated
+# `(sq, n)`. (Its square root ranks channels exactly as $\lVert X_j \rVert_2$ does: they differ by $\sqrt{n}$.)
+
+# %%
+def accumulate_act_norm(sq: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Running mean over tokens of x_j^2. sq (in,), n tokens so far, x (..., in) -> (sq_new, n_new)."""
+    ### BEGIN SOLUTION
+    x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+    b = x.shape[0]
+    sq = sq * (n / (n + b)) + (x**2).sum(0) / (n + b)
+    return sq, n + b
+    ### END SOLUTION
+
+
+# %%
+accumulate_act_norm = cl.checks.check_accumulate_act_norm(accumulate_act_norm)
+
+# %% [markdown]
+# Collect the real activation norms at the input of one layer's `q_proj` (the output of the attention RMSNorm) with a
+# forward hook, and look at them sorted.
+
+# %%
+LAYER = 6
+lin = model.model.layers[LAYER].self_attn.q_proj
+sq, n_tok, X_rows = torch.zeros(lin.in_features), 0, []
+
+
+def grab(module, inputs, output):
+    global sq, n_tok
+    sq, n_tok = accumulate_act_norm(sq, n_tok, inputs[0].detach())
+    X_rows.append(inputs[0].detach().reshape(-1, lin.in_features)[::4])  # a token sample, for section 2
+
+
+handle = lin.register_forward_hook(grab)
+with torch.no_grad():
+    for i in range(0, calib.shape[0], 4):
+        model(calib[i : i + 4].to(env.device), use_cache=False)
+handle.remove()
+act_norm = sq.sqrt()  # (in,)
+X = torch.cat(X_rows).float()  # (tokens, in)
+print(f"{n_tok} tokens; channel norms: median {act_norm.median():.2f}, max {act_norm.max():.2f} "
+      f"({act_norm.max() / act_norm.median():.0f}x the median); top channels {act_norm.topk(4).indices.tolist()}")
+
+# %% tags=["slide"]
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+axes[0].plot(act_norm.sort(descending=True).values.numpy())
+axes[0].set(yscale="log", xlabel="input channel (sorted)", ylabel="RMS activation",
+            title=f"layer {LAYER} q_proj inputs: a few outlier channels")
+W = lin.weight.detach().float()  # (out, in)
+axes[1].scatter(W.abs().mean(0).numpy(), act_norm.numpy(), s=4)
+axes[1].set(xscale="log", yscale="log", xlabel="mean |W| of the column", ylabel="RMS activation",
+            title="weight size and activation size are unrelated")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown] tags=["slide"]
+# ## 2 · The Wanda mask: compare within each output row
+#
+# Which weights compete with which? Wanda compares the weights **of one output row**: $y_i$ is a sum over the row, so
+# within a row the scores are on a common scale. One threshold for the whole layer (the magnitude baseline's
+# convention) lets rows with small weights be wiped out entirely.
+#
+# ### Exercise 2 — the per-row Wanda mask
+# Complete `wanda_mask(W, act_norm, sparsity)`: score $|W_{ij}|\cdot$`act_norm[j]`, and in **every row** mark the
+# `int(sparsity * in_features)` lowest scores as pruned. Return a `bool` tensor of W's shape, **True where a weight is
+# kept** (so pruning is `W * mask`).
+
+# %%
+def wanda_mask(W: torch.Tensor, act_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """W (out, in), act_norm (in,) -> bool keep-mask (out, in): per row, prune the lowest int(sparsity * in) scores."""
+    ### BEGIN SOLUTION
+    score = W.abs() * act_norm[None, :]  # (out, in)
+    k = int(sparsity * W.shape[1])
+    keep = torch.ones_like(W, dtype=torch.bool)
+    keep.scatter_(1, score.argsort(dim=1)[:, :k], False)  # the k lowest of each row
+    return keep
+    ### END SOLUTION
+
+
+# %%
+wanda_mask = cl.checks.check_wanda_mask(wanda_mask)
+
+# %% [markdown]
+# Now the payoff on the real layer: prune `q_proj` to 50 % with three masks and measure what matters, the error of the
+# layer's **outputs** on real inputs, $\lVert XW^\top - X\hat W^\top\rVert^2$ (lab 02's `reconstruction_error`).
+
+# %%
+def output_error(W_hat):
+    return (cl.gptq.reconstruction_error(W, W_hat, X) / cl.gptq.reconstruction_error(W, torch.zeros_like(W), X)).item()
+
+
+masks = {"magnitude, one threshold per layer": pruning.magnitude_mask(W, 0.5),
+         "magnitude, per row": pruning.row_mask(W.abs(), 0.5),
+         "Wanda (|W|·‖X‖, per row)": wanda_mask(W, act_norm, 0.5)}
+for name, keep in masks.items():
+    print(f"{name:36s} relative output error {output_error(W * keep):.4f}")
+
+# %% [markdown] tags=["slide"]
+# ## 3 · N:M semi-structured sparsity
+#
+# Unstructured zeros can sit anywhere, which no dense matrix unit can exploit. **N:M** sparsity keeps N weights in
+# every group of M consecutive inputs of a row. NVIDIA's sparse tensor cores (Ampere and newer) execute **2:4**
+# natively: the matrix is stored as its 2 kept values per group plus 2-bit indices, and the math skips the zeros.
+# 4:8 is the same sparsity with more freedom (better accuracy) but no hardware support.
+#
+# ### Exercise 3 — the N:M mask
+# Complete `nm_mask(score, n, m)`: inside each run of `m` consecutive columns of every row, keep the `n` largest
+# scores. Return a bool keep-mask of score's shape. (`in_features` is divisible by `m`.)
+
+# %%
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """score (out, in) -> bool keep-mask: the n largest of every m consecutive inputs of each row."""
+    ### BEGIN SOLUTION
+    out_f, in_f = score.shape
+    groups = score.reshape(out_f, in_f // m, m)  # (out, in/m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return keep.reshape(out_f, in_f)
+    ### END SOLUTION
+
+
+# %%
+nm_mask = cl.checks.check_nm_mask(nm_mask)
+
+# %% [markdown]
+# A detail that matters on this model: the package implements the same mask as "prune the m − n smallest", as the
+# Wanda reference does. The two differ only on ties, and ties are everywhere here (the weights came from Q4_1: at most
+# 16 distinct values per 32). Magnitude 2:4 measures ~1830 one way and ~2500 the other: tie-breaking alone.
+
+# %%
+score = W.abs() * act_norm[None, :]
+for n, m in ((2, 4), (4, 8)):
+    keep = nm_mask(score, n, m)
+    print(f"Wanda {n}:{m}: sparsity {1 - keep.float().mean():.2f}, every group holds {n}: "
+          f"{pruning.is_nm_sparse(W * keep, n, m)}, relative output error {output_error(W * keep):.4f}")
+fig, ax = plt.subplots(figsize=(8, 1.8))
+ax.imshow(nm_mask(score, 2, 4)[:8, :32].numpy(), cmap="Greys", aspect="auto")
+ax.set(title="2:4 keep-mask, first 8 rows × 32 inputs (black = kept)", xticks=range(0, 32, 4), yticks=[])
+plt.show()
+
+# %% [markdown] tags=["slide"]
+# ## 4 · SparseGPT: pruning is GPTQ with "round to zero"
+#
+# Wanda removes weights and leaves the rest alone. But lab 02 showed that when one weight changes, the weights not
+# yet processed can **compensate** through the inverse Hessian $H^{-1}$, $H = \tfrac2N XX^\top$. SparseGPT (Frantar
+# & Alistarh, 2023) runs exactly GPTQ's loop: columns left to right, the upper Cholesky factor $U$ of $H^{-1}$, lazy
+# block updates. The only change is the "quantizer": a pruned weight goes to 0, a kept one stays as it is. The mask
+# is chosen per block of 128 columns by the OBS saliency $w^2 / U_{ii}^2$ (which is Wanda's score when $H$ is
+# diagonal), or per M columns for N:M.
+#
+# ### Exercise 4 — one SparseGPT column step
+# Complete `sparsegpt_step(W1, Hinv1, i, keep)`: column `i` of the block `W1` becomes `q = W1[:, i] * keep`
+# (`keep` (out,) bool); its error `err = (W1[:, i] - q) / Hinv1[i, i]` is pushed onto columns `i` and later:
+# `W1[:, i:] -= outer(err, Hinv1[i, i:])`. Return `(W1, q, err)`. Compare with lab 02's `column_step`.
+
+# %%
+def sparsegpt_step(W1: torch.Tensor, Hinv1: torch.Tensor, i: int, keep: torch.Tensor):
+    """Prune column i of W1 (out, B) where keep (out,) is False; OBS update of columns i.. -> (W1, q, err)."""
+    ### BEGIN SOLUTION
+    q = W1[:, i] * keep
+    err = (W1[:, i] - q) / Hinv1[i, i]
+    W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+    return W1, q, err
+    ### END SOLUTION
+
+
+# %%
+sparsegpt_step = cl.checks.check_sparsegpt_step(sparsegpt_step)
+
+# %% [markdown]
+# The package's `sparsegpt_prune` is this step inside GPTQ's block loop (it calls `cl.gptq.propagate_error`, the
+# same function lab 02's `column_step` calls). On our layer, with the Hessian of the same inputs:
+
+# %%
+H = cl.gptq.Hessian(lin.in_features)
+H.add_batch(X)
+for label, kw in (("50 %", dict(sparsity=0.5)), ("2:4", dict(n=2, m=4))):
+    sgpt = pruning.sparsegpt_prune(W, H.H, **kw)
+    wanda = W * pruning.wanda_mask(W, act_norm, **kw)
+    print(f"{label:5s} relative output error: Wanda {output_error(wanda):.4f} | SparseGPT {output_error(sgpt):.4f} "
+          f"(sparsity {pruning.sparsity_of(sgpt):.2f})")
+
+# %% [markdown] tags=["slide"]
+# ## 5 · The whole model, layer by layer
+#
+# `pruning.prune_model` prunes every Linear inside the decoder layers (embeddings and `lm_head` stay dense). Wanda and
+# SparseGPT run layer by layer: each layer's statistics come from the outputs of the **already-pruned** layers before
+# it, as lab 02's GPTQ. We sweep sparsity for magnitude and Wanda, add 2:4 and 4:8, and SparseGPT at 50 % and 2:4.
+
+# %%
+def evaluate(m, method: str, sparsity: float, seconds: float | None = None, **extra) -> dict:
+    """Perplexity + arithmetic probe, recorded in the shared results table."""
+    ppl = cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
+    acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
+    row = cl.results.record(lab="03", method=method, model=MODEL, bits=32, group_size=None, ppl=round(ppl, 3),
+                            probe_acc=acc, quick=env.quick, sparsity=sparsity,
+                            weight_mb=round(cl.eval.weight_bytes(m) / 1e6, 1),
+                            prune_seconds=seconds and round(seconds, 1), **extra)
+    print(f"{method:24s} sparsity {sparsity:4.0%}  ppl {ppl:9.2f}  probe {acc:4.0%}"
+          + (f"  ({seconds:.0f} s)" if seconds else ""))
+    return row
+
+
+def prune(method: str, **kw):
+    t0 = time.perf_counter()
+    pm, report = pruning.prune_model(model, calib, method, **kw)
+    reached = sum(report.values()) / len(report)  # the sparsity actually reached, averaged over the Linears
+    return pm, reached, time.perf_counter() - t0
+
+
+SWEEP = (0.3, 0.5, 0.7) if env.quick else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+PATTERNS = ((2, 4),) if env.quick else ((2, 4), (4, 8))
+rows = [evaluate(model, "dense", 0.0)]
+for method in ("magnitude", "wanda"):
+    for s in SWEEP:
+        pm, reached, secs = prune(method, sparsity=s)
+        rows.append(evaluate(pm, f"{method} {s:.0%}", reached, secs))
+    for n, m in PATTERNS:
+        pm, reached, secs = prune(method, n=n, m=m)
+        rows.append(evaluate(pm, f"{method} {n}:{m}", reached, secs))
+        if (method, n) == ("wanda", 2):
+            wanda24 = pm  # section 7 runs it on sparse tensor cores, when there are some
+for kw in ([dict(n=2, m=4)] if env.quick else [dict(sparsity=0.5), dict(n=2, m=4)]):
+    pm, reached, secs = prune("sparsegpt", **kw)
+    rows.append(evaluate(pm, "sparsegpt " + (f"{kw['n']}:{kw['m']}" if "n" in kw else "50%"), reached, secs))
+del pm
+
+# %% tags=["slide"]
+fig, ax = plt.subplots(figsize=(8, 3.8))
+for method, style in (("magnitude", "o-"), ("wanda", "s-")):
+    pts = [r for r in rows if r["method"].startswith(method) and "%" in r["method"]]
+    ax.plot([r["sparsity"] for r in pts], [r["ppl"] for r in pts], style, label=f"{method} (unstructured)")
+    for r in rows:
+        if r["method"].startswith(method) and ":" in r["method"]:
+            ax.scatter([r["sparsity"]], [r["ppl"]], marker="^" if "2:4" in r["method"] else "v", s=60,
+                       label=r["method"])
+for r in rows:
+    if r["method"].startswith("sparsegpt"):
+        ax.scatter([r["sparsity"]], [r["ppl"]], marker="*", s=120, label=r["method"])
+ax.axhline(rows[0]["ppl"], color="k", ls="--", lw=1, label="dense")
+ax.set(xlabel="sparsity of the decoder Linears", ylabel="perplexity (log)", yscale="log",
+       title="Which weights matter: magnitude vs Wanda vs SparseGPT")
+ax.legend(fontsize=7, ncol=2)
+plt.show()
+cl.results.table(lab="03", model=MODEL, quick=env.quick)
+
+# %% [markdown]
+# Reference figures (full mode: 16 × 512 test windows, 32 calibration windows; measured independently on this setup):
+# dense 36.63; at 50 % magnitude 487.6, Wanda 80.2; at 2:4 magnitude 1828, Wanda 233.8. For LLaMA-2-7B the Wanda
+# paper reports 14.89 (magnitude) and 6.42 (Wanda) at 50 % against 5.12 dense: on a 135M model every weight carries
+# more, and pruning hurts far more than on a 7B one. The README lists this package's full-mode figures.
+
+# %% [markdown] tags=["slide"]
+# ## 6 · Structured pruning: a genuinely smaller model
+#
+# Unstructured and N:M zeros leave every matrix its shape. **Structured** pruning removes whole units — here MLP
+# neurons: neuron $j$ is row $j$ of `gate_proj` and `up_proj` and column $j$ of `down_proj`. Its score is Wanda's
+# summed over the neuron, $\lVert a_j\rVert_2 \cdot \lVert W^{down}_{:,j}\rVert_2$ with $a_j$ its activation. The
+# result is a smaller dense model: fewer parameters, less memory, and faster on *any* hardware. The price: a neuron is
+# a coarse unit, so quality drops faster per removed weight. (Lab 04 distils such a student back.)
+
+# %%
+RATIOS = (0.25,) if env.quick else (0.1, 0.25, 0.4, 0.5)
+dense_ms = 1000 * cl.eval.prefill_seconds(model, tok, sz.seq_len, 1)
+struct_rows = []
+for r in RATIOS:
+    t0 = time.perf_counter()
+    sm, _ = pruning.prune_mlp_neurons(model, calib, ratio=r)
+    secs = time.perf_counter() - t0
+    ms = 1000 * cl.eval.prefill_seconds(sm, tok, sz.seq_len, 1)
+    share = 1 - pruning.count_parameters(sm) / pruning.count_parameters(model)
+    struct_rows.append(evaluate(sm, f"structured MLP {r:.0%}", share, secs, prefill_ms=round(ms, 1),
+                                intermediate_size=sm.config.intermediate_size))
+    print(f"   {pruning.count_parameters(sm) / 1e6:.1f}M parameters (dense {pruning.count_parameters(model) / 1e6:.1f}M), "
+          f"prefill 1×{sz.seq_len} {ms:.0f} ms vs dense {dense_ms:.0f} ms ({dense_ms / ms:.2f}x)")
+    del sm
+
+# %% [markdown] tags=["slide"]
+# ## 7 · What the hardware does with zeros
+#
+# | pattern | stored as | faster on | memory |
+# |---|---|---|---|
+# | unstructured 50 % | dense with zeros (or CSR, only worth it above ~90 %) | nothing, in practice | same |
+# | 2:4 | kept values + 2-bit indices | sparse tensor cores, NVIDIA sm80+ (A100, L4, H100) | 9/16 of fp16 |
+# | structured | a smaller dense matrix | everything | proportionally less |
+#
+# PyTorch exposes 2:4 through `torch.sparse.to_sparse_semi_structured` (cuSPARSELt / CUTLASS, fp16/bf16/int8).
+# On a GPU that has them, this cell converts the Wanda 2:4 model and measures one matmul and a whole prefill;
+# elsewhere it says why not, and does the memory accounting, which is arithmetic.
+
+# %%
+decoder = {n: mod for n, mod in wanda24.named_modules() if n.startswith("model.layers.") and isinstance(mod, torch.nn.Linear)}
+dense_fp16 = sum(mod.weight.numel() * 2 for mod in decoder.values())
+sparse_fp16 = sum(pruning.semi_structured_bytes(mod.weight.half()) for mod in decoder.values())
+print(f"decoder Linears in fp16: dense {dense_fp16 / 1e6:.1f} MB, 2:4 compressed {sparse_fp16 / 1e6:.1f} MB "
+      f"({sparse_fp16 / dense_fp16:.4f} = 9/16)")
+ok, why = pruning.semi_structured_supported(env.device, torch.float16)
+print(why)
+if ok:
+    W24 = wanda24.model.layers[0].mlp.up_proj.weight.detach().half()  # (1536, 576), 2:4
+    x = torch.randn(4096, W24.shape[1], dtype=torch.float16, device=W24.device)
+    t_dense = pruning.matmul_seconds(W24, x)
+    t_sparse = pruning.matmul_seconds(torch.sparse.to_sparse_semi_structured(W24), x)
+    print(f"up_proj matmul, 4096 tokens: dense {t_dense * 1e6:.0f} us, 2:4 {t_sparse * 1e6:.0f} us "
+          f"({t_dense / t_sparse:.2f}x)")
+    m16 = wanda24.half()
+    ms_dense = 1000 * cl.eval.prefill_seconds(m16, tok, sz.seq_len, 8)
+    pruning.to_semi_structured(m16)
+    ms_sparse = 1000 * cl.eval.prefill_seconds(m16, tok, sz.seq_len, 8)
+    print(f"prefill 8×{sz.seq_len} in fp16: dense {ms_dense:.1f} ms, 2:4 {ms_sparse:.1f} ms "
+          f"({ms_dense / ms_sparse:.2f}x; the 135M model's matrices are small, so expect less than the matmul gain)")
+
+# %% [markdown] tags=["slide"]
+# ## 8 · Going further
+#
+# * **Wanda++** (Yang et al., 2025) keeps Wanda's mask cheap but adds *regional* optimisation: a few gradient steps per
+#   decoder block to reduce the block's output error, mask fixed; it closes much of the gap to SparseGPT and beyond.
+# * **Recovery**: after pruning, fine-tune the kept weights for a few hundred steps with the mask held fixed, or
+#   distil from the dense model (lab 04): prune-then-distil is how NVIDIA's Minitron models are made.
+# * **Pruning + quantization**: they are one reconstruction problem, so one pass can do both. `sparsegpt_prune(...,
+#   n=2, m=4, bits=4)` prunes 2:4 and quantizes the survivors to 4-bit with lab 02's grid in the same loop: 2:4 fp16
+#   stores 9 bits per weight, 2:4 with 4-bit values about 3 — the format of NVIDIA's sparse INT4 kernels. Full mode
+#   measures it here.
+
+# %%
+if env.quick:
+    print("quick mode: skipped (run with QUICK = False)")
+else:
+    pm, reached, secs = prune("sparsegpt", n=2, m=4, bits=4, group_size=64)
+    rows.append(evaluate(pm, "sparsegpt 2:4 + 4-bit", reached, secs))
+    del pm
+
+# %% [markdown]
+# ## Reflection
+# **Question 1.** At 50 % sparsity, Wanda's per-row mask beats magnitude's per-layer mask by a factor of several in
+# perplexity on this model. Name the two differences between them, and say which one you expect to matter more for a
+# layer whose input has a few outlier channels.
+
+# %% [markdown] tags=["solution"]
+# (1) The score: Wanda multiplies |W| by the input-channel norm, so weights on outlier channels survive even when small;
+# (2) the comparison group: per output row instead of per layer, so no row is emptied. For a layer fed by outlier
+# channels the score matters more: magnitude removes small weights on the loud channels, whose products $W_{ij}x_j$
+# are among the largest in the layer. Section 2 separates the two effects on a real layer (magnitude per row vs
+# Wanda per row); the Wanda paper's ablation finds the same, and that the per-row group matters for LLMs specifically.
+
+# %% [markdown]
+# **Question 2.** Your deployment target is an H100 serving batch-1 chat. Which pattern would you ship — 50 %
+# unstructured, 2:4, or 25 % structured MLP pruning — and what would you measure before deciding?
+
+# %% [markdown] tags=["solution"]
+# Unstructured 50 % gives the best quality but no speed or memory on a GPU, so not for speed. 2:4 uses sparse tensor
+# cores, but batch-1 decoding is memory-bound: the gain comes from reading 9/16 of the weight bytes, not from the math,
+# and cuSPARSELt's advantage is largest for big prefill matmuls; at this quality cost (2:4 ≈ 3× unstructured's
+# perplexity here) recovery training is a must. Structured pruning gives a smaller dense model that is faster
+# everywhere and composes with int4 quantization, at a larger quality cost that distillation (lab 04) recovers. Measure
+# end-to-end tokens/s at the real batch size and sequence lengths, quality after recovery, and whether the serving
+# engine has a 2:4 kernel for the chosen dtype at all.
+
+# %% [markdown] tags=["instructor"]
+# **Answers to expect and follow-ups.** Q1: if people say "the activations", ask them to read section 2's middle line
+# (magnitude per row). Q2: push for "measure end to end at the deployment batch size"; the 2:4 matmul speedup does not
+# carry over one-to-one to a whole model.
+
+# %% [markdown]
+# ## Summary
+# * Importance = weight × activation: Wanda's |W|·‖X‖, compared within each output row, beats |W| by far.
+# * N:M keeps N of every M inputs; 2:4 is what sparse tensor cores run, at a clear quality cost on a small model.
+# * SparseGPT = GPTQ with "round to zero": the same Hessian, Cholesky factor and OBS update compensate the pruning.
+# * Zeros are free only where the hardware skips them: unstructured nowhere, 2:4 on sm80+, structured everywhere.
+
+# %%
+cl.checks.summary()
