@@ -54,7 +54,8 @@ def _check_score(W: torch.Tensor) -> None:
 
 
 def _nm_or_sparsity(sparsity, n, m, in_features):
-    """N:M if n and m are given (then sparsity must be None or 1 - n/m), else an unstructured sparsity."""
+    """N:M if n and m are given (then sparsity must be None or 1 - n/m), else an unstructured sparsity. Returns
+    (sparsity, (n, m) or None)."""
     if (n is None) != (m is None):
         raise ValueError("pass both n and m for N:M sparsity (e.g. n=2, m=4), or neither")
     if n is None:
@@ -104,22 +105,22 @@ def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return keep.reshape(score.shape)
 
 
-def magnitude_mask(W: torch.Tensor, sparsity: float | None = 0.5, n: int | None = None,
+def magnitude_mask(W: torch.Tensor, sparsity: float | None = None, n: int | None = None,
                    m: int | None = None) -> torch.Tensor:
     """Magnitude baseline: score |W|, one threshold per layer (or N:M along each row)."""
     _check_score(W)
-    sparsity, nm = _nm_or_sparsity(None if n else sparsity, n, m, W.shape[1])
+    sparsity, nm = _nm_or_sparsity(sparsity, n, m, W.shape[1])
     return nm_mask(W.abs(), *nm) if nm else layer_mask(W.abs(), sparsity)
 
 
-def wanda_mask(W: torch.Tensor, act_norm: torch.Tensor, sparsity: float | None = 0.5, n: int | None = None,
+def wanda_mask(W: torch.Tensor, act_norm: torch.Tensor, sparsity: float | None = None, n: int | None = None,
                m: int | None = None) -> torch.Tensor:
     """Wanda: score |W_ij| * act_norm_j with act_norm (in,) = ||X_j||_2 over the calibration tokens; per row."""
     _check_score(W)
     if act_norm.shape != (W.shape[1],):
         raise ValueError(f"act_norm must have one entry per input column ({W.shape[1]},), "
                          f"got {tuple(act_norm.shape)}")
-    sparsity, nm = _nm_or_sparsity(None if n else sparsity, n, m, W.shape[1])
+    sparsity, nm = _nm_or_sparsity(sparsity, n, m, W.shape[1])
     score = W.abs().float() * act_norm.float()[None, :]  # (out, in)
     return nm_mask(score, *nm) if nm else row_mask(score, sparsity)
 
@@ -165,7 +166,7 @@ class ActNorm:
 
 
 @torch.no_grad()
-def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = 0.5, n: int | None = None,
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n: int | None = None,
                     m: int | None = None, block_size: int = 128, damp: float = 0.01, bits: int | None = None,
                     group_size: int = 64) -> torch.Tensor:
     """SparseGPT on one weight W (out, in) with Hessian H (in, in): returns the pruned (and compensated) weights.
@@ -181,7 +182,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = 0
     if not torch.isfinite(H).all():
         raise ValueError("the Hessian has NaN/inf entries: calibrate in float32 (load_model(dtype='float32'))")
     out_f, in_f = W.shape
-    sparsity, nm = _nm_or_sparsity(None if n else sparsity, n, m, in_f)
+    sparsity, nm = _nm_or_sparsity(sparsity, n, m, in_f)
     if nm and block_size % nm[1]:
         raise ValueError(f"block_size={block_size} must be a multiple of M={nm[1]}")
     if bits is not None and in_f % group_size:
@@ -221,7 +222,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = 0
 
 
 @torch.no_grad()
-def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsity: float | None = 0.5,
+def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsity: float | None = None,
                 n: int | None = None, m: int | None = None, batch_size: int = 8, sequential: bool = True,
                 inplace: bool = False, progress: bool = True, **sparsegpt_options):
     """Prune every Linear of every decoder layer. Returns (model, report {linear name: sparsity reached}).
@@ -234,11 +235,12 @@ def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsi
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_decoder(model, "prune_model")
-    if n is None and m is None:
-        check_sparsity(sparsity)
+    sparsity, nm = _nm_or_sparsity(sparsity, n, m, model.config.hidden_size)  # per-Linear checks follow
+    if sparsegpt_options and method != "sparsegpt":
+        raise TypeError(f"{sorted(sparsegpt_options)} are SparseGPT options; method={method!r} takes none")
     model = model if inplace else copy.deepcopy(model)
     report = {}
-    desc = f"{method} " + (f"{n}:{m}" if n else f"{sparsity:.0%}")
+    desc = f"{method} " + (f"{n}:{m}" if nm else f"{sparsity:.0%}")
     if method == "magnitude":
         for li, layer in enumerate(tqdm(model.model.layers, desc=desc, disable=not progress)):
             for name, lin in decoder_linears(layer, sum(SEQUENTIAL, []), li, "pruning").items():
@@ -277,6 +279,41 @@ def mask_of(model) -> dict[str, torch.Tensor]:
             if name.startswith("model.layers.") and name.endswith("proj.weight")}
 
 
+def finetune_masked(model, ids: torch.Tensor, steps: int = 200, lr: float = 5e-5, batch_size: int = 4,
+                    seed: int = 0, progress: bool = True) -> list[float]:
+    """Recovery: a short fine-tune of the decoder Linears (next-token loss) with the sparsity mask held fixed.
+
+    ids: (n, seq_len) training windows, sampled with replacement (seeded). AdamW updates every decoder Linear weight;
+    after each step the pruned weights are set back to exactly 0, so the pattern (2:4 included) survives. Embeddings,
+    norms and lm_head stay frozen. Trains in place; returns the loss of every step.
+    """
+    masks = mask_of(model)
+    params = dict(model.named_parameters())
+    was_grad = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():
+        p.requires_grad_(n in masks)
+    opt = torch.optim.AdamW([params[n] for n in masks], lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    losses = []
+    try:
+        for _ in (bar := tqdm(range(steps), desc="masked fine-tune", disable=not progress)):
+            batch = ids[torch.randint(0, ids.shape[0], (batch_size,), generator=g)].to(device)  # (b, seq_len)
+            loss = model(batch, labels=batch, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for n, keep in masks.items():
+                    params[n].mul_(keep)  # pruned weights back to exactly 0
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(was_grad[n])
+    return losses
+
+
 # ----------------------------------------------------------------------------- structured: whole MLP neurons
 
 
@@ -294,7 +331,7 @@ def prune_mlp_neurons(model, calib: torch.Tensor, ratio: float = 0.25, batch_siz
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio is the fraction of MLP neurons removed and must be in [0, 1), got {ratio!r}")
     inter = model.config.intermediate_size
-    keep_n = max(multiple_of, int(round(inter * (1 - ratio) / multiple_of)) * multiple_of)
+    keep_n = min(inter, max(multiple_of, int(round(inter * (1 - ratio) / multiple_of)) * multiple_of))
     model = model if inplace else copy.deepcopy(model)
     was_cache = model.config.use_cache
     model.config.use_cache = False
