@@ -298,7 +298,7 @@ def prune(method: str, **kw):
     return pm, reached, time.perf_counter() - t0
 
 
-SWEEP = (0.3, 0.5, 0.7) if env.quick else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+SWEEP = (0.5,) if env.quick else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 PATTERNS = ((2, 4),) if env.quick else ((2, 4), (4, 8))
 rows = [evaluate(model, "dense", 0.0)]
 for method in ("magnitude", "wanda"):
@@ -395,10 +395,13 @@ if ok:
           f"({t_dense / t_sparse:.2f}x)")
     m16 = wanda24.half()
     ms_dense = 1000 * cl.eval.prefill_seconds(m16, tok, sz.seq_len, 8)
-    pruning.to_semi_structured(m16)
-    ms_sparse = 1000 * cl.eval.prefill_seconds(m16, tok, sz.seq_len, 8)
-    print(f"prefill 8×{sz.seq_len} in fp16: dense {ms_dense:.1f} ms, 2:4 {ms_sparse:.1f} ms "
-          f"({ms_dense / ms_sparse:.2f}x; the 135M model's matrices are small, so expect less than the matmul gain)")
+    try:
+        print(f"converted {pruning.to_semi_structured(m16)} Linears to the compressed 2:4 format")
+        ms_sparse = 1000 * cl.eval.prefill_seconds(m16, tok, sz.seq_len, 8)
+        print(f"prefill 8×{sz.seq_len} in fp16: dense {ms_dense:.1f} ms, 2:4 {ms_sparse:.1f} ms ({ms_dense / ms_sparse:.2f}x;"
+              " the 135M model's matrices are small, so expect less than the matmul gain)")
+    except (RuntimeError, NotImplementedError) as err:  # kernel coverage differs between torch/CUDA versions
+        print(f"!!! end-to-end 2:4 prefill failed on this torch/GPU combination: {err}")
 
 # %% [markdown] tags=["slide"]
 # ## 8 · Going further

@@ -27,6 +27,12 @@ VARIANTS |= {
     "sparsegpt-50-128w": ("sparsegpt", {"sparsity": 0.5, "windows": 128}),
     "sparsegpt-2:4-128w": ("sparsegpt", {"n": 2, "m": 4, "windows": 128}),
 }
+VARIANTS |= {  # prune, then recover: masked fine-tune on WikiText-2 valid (256-token windows, seed 1), mask fixed
+    "wanda-50-recover": ("wanda", {"sparsity": 0.5, "recover": 100}),
+    "wanda-2:4-recover": ("wanda", {"n": 2, "m": 4, "recover": 100}),
+    "sparsegpt-50-recover": ("sparsegpt", {"sparsity": 0.5, "recover": 100}),
+    "sparsegpt-2:4-recover": ("sparsegpt", {"n": 2, "m": 4, "recover": 100}),
+}
 VARIANTS |= {f"structured-{int(r * 100)}": ("structured", {"ratio": r}) for r in (0.1, 0.25, 0.4, 0.5)}
 
 
@@ -43,7 +49,7 @@ def main():
     for name in args.only:
         method, opts = VARIANTS[name]
         opts = dict(opts)
-        windows = opts.pop("windows", 32)
+        windows, recover = opts.pop("windows", 32), opts.pop("recover", 0)
         if windows not in calib:
             calib[windows] = cl.data.calibration_batches(tok, n_samples=windows, seq_len=512, seed=0)
         t0 = time.perf_counter()
@@ -55,6 +61,13 @@ def main():
         else:
             pm, report = pruning.prune_model(model, calib[windows], method, progress=False, **opts)
             extra["sparsity_reached"] = round(sum(report.values()) / len(report), 4)
+            if recover:
+                extra["ppl_before_recovery"] = round(cl.eval.perplexity(pm, tok, 16, 512, progress=False), 3)
+                train = cl.data.calibration_batches(tok, n_samples=256, seq_len=256, seed=1)
+                losses = pruning.finetune_masked(pm, train, steps=recover, lr=1e-4, batch_size=4, progress=False)
+                extra |= dict(recover_steps=recover, first_loss=round(losses[0], 3), last_loss=round(losses[-1], 3),
+                              sparsity_after=round(sum(pruning.sparsity_of(pm.get_submodule(k).weight) for k in report)
+                                                   / len(report), 4))
         seconds = time.perf_counter() - t0
         if method in ("dense", "structured"):
             extra |= dict(params=pruning.count_parameters(pm),

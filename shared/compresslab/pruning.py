@@ -100,9 +100,14 @@ def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the int(sparsity * numel) lowest scores of the whole matrix (one threshold per layer)."""
     _check_score(score)
     k = int(score.numel() * check_sparsity(sparsity))
-    keep = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
-    keep[score.flatten().argsort(stable=True)[:k]] = False
-    return keep.reshape(score.shape)
+    flat = score.flatten()
+    if k == 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    t = flat.kthvalue(k).values  # the k-th smallest score: O(numel), no full sort
+    pruned = flat < t
+    ties = (flat == t).nonzero().flatten()[: k - int(pruned.sum())]  # ties at t: the first ones, as a stable sort
+    pruned[ties] = True
+    return ~pruned.reshape(score.shape)
 
 
 def magnitude_mask(W: torch.Tensor, sparsity: float | None = None, n: int | None = None,
