@@ -15,42 +15,12 @@ import torch
 import torch.nn as nn
 
 from compresslab import checkpoint, gptq, quant
+from layer_testing import gen, hessian_of, layer, make_inputs, make_weight  # noqa: F401 (layer: fixture)
 
 PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
         "mlp.up_proj", "mlp.down_proj"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one torch thread for the module
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def make_inputs(tokens: int, in_f: int, seed: int = 0, dead=None) -> torch.Tensor:
-    """(tokens, in_f) activations: mixed (correlated) columns, a strongly shared component, uneven column scales."""
-    g = _gen(seed)
-    base = torch.randn(tokens, in_f, generator=g)
-    X = base + base @ (torch.randn(in_f, in_f, generator=g) * 0.5)
-    X[:, : in_f // 4] += 3 * base[:, [0]]  # a block of columns that move together
-    X = X * torch.linspace(0.2, 4.0, in_f)[torch.randperm(in_f, generator=g)]
-    if dead is not None:
-        X[:, dead] = 0
-    return X
-
-
-def hessian_of(X: torch.Tensor) -> torch.Tensor:
-    return 2 / X.shape[0] * X.t() @ X
-
-
-def make_weight(out_f: int, in_f: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(out_f, in_f, generator=_gen(seed)) * 0.05
-
-
-@pytest.fixture(scope="module")
-def layer():
-    """W (48, 128), inputs X (512, 128) and H = 2/N X^T X."""
-    X = make_inputs(512, 128)
-    return make_weight(48, 128), X, hessian_of(X)
 
 
 def reference_gptq(W, H, bits, group_size, act_order, block_size, damp=0.01):
@@ -295,7 +265,7 @@ def test_strongly_indefinite_hessian_raises_a_clear_error(case):
         H = _shifted(hessian_of(make_inputs(256, 64, seed=11)), 0.5)
     elif case == "rank-deficient minus a rank-one":
         H = hessian_of(make_inputs(16, 64, seed=12))
-        v = torch.randn(64, generator=_gen(13))
+        v = torch.randn(64, generator=gen(13))
         v = v / v.norm()
         H = H - 0.5 * torch.diag(H).mean() * 64 * torch.outer(v, v)
     else:
@@ -410,7 +380,7 @@ def test_scale_of_an_all_zero_group_is_fp16_exact(sym):
 
 
 def test_column_step_turns_column_i_into_q_and_leaves_earlier_columns():
-    g = _gen(16)
+    g = gen(16)
     W1 = torch.randn(8, 16, generator=g) * 0.1
     H = hessian_of(make_inputs(64, 16, seed=17))
     U, _ = gptq.inverse_cholesky(H, 0.01)
@@ -431,7 +401,7 @@ def test_column_step_turns_column_i_into_q_and_leaves_earlier_columns():
 @pytest.fixture(scope="module")
 def calib(tiny_llama):
     _, tok = tiny_llama
-    return torch.randint(0, len(tok), (8, 32), generator=_gen(0))
+    return torch.randint(0, len(tok), (8, 32), generator=gen(0))
 
 
 @pytest.fixture(scope="module")
@@ -493,7 +463,7 @@ def test_quantize_model_inplace(tiny_llama, calib):
 
 def test_quantize_model_with_just_enough_tokens(tiny_llama):
     model, tok = tiny_llama
-    ids = torch.randint(0, len(tok), (2, 32), generator=_gen(1))  # 64 tokens = hidden size; down_proj sees 128 dims
+    ids = torch.randint(0, len(tok), (2, 32), generator=gen(1))  # 64 tokens = hidden size; down_proj sees 128 dims
     _, report = gptq.quantize_model(model, ids, bits=4, group_size=16, progress=False)
     assert all(torch.isfinite(r.dequantized).all() for r in report.values())
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from layer_testing import gen, hessian_of, layer, make_inputs, make_weight  # noqa: F401 (layer: fixture)
+
 from compresslab import eval as cl_eval
 from compresslab import gptq, pruning
 
@@ -20,37 +22,6 @@ PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
         "mlp.up_proj", "mlp.down_proj"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one torch thread for the module
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def make_inputs(tokens: int, in_f: int, seed: int = 0, dead=None) -> torch.Tensor:
-    """(tokens, in_f) activations: correlated columns, a shared component, uneven column scales."""
-    g = _gen(seed)
-    base = torch.randn(tokens, in_f, generator=g)
-    X = base + base @ (torch.randn(in_f, in_f, generator=g) * 0.5)
-    X[:, : in_f // 4] += 3 * base[:, [0]]
-    X = X * torch.linspace(0.2, 4.0, in_f)[torch.randperm(in_f, generator=g)]
-    if dead is not None:
-        X[:, dead] = 0
-    return X
-
-
-def hessian_of(X: torch.Tensor) -> torch.Tensor:
-    return 2 / X.shape[0] * X.t() @ X
-
-
-def make_weight(out_f: int, in_f: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(out_f, in_f, generator=_gen(seed)) * 0.05
-
-
-@pytest.fixture(scope="module")
-def layer():
-    """W (48, 128), inputs X (512, 128) and H = 2/N X^T X."""
-    X = make_inputs(512, 128)
-    return make_weight(48, 128), X, hessian_of(X)
 
 
 def _groups_kept(keep: torch.Tensor, m: int) -> torch.Tensor:
@@ -63,7 +34,7 @@ def _groups_kept(keep: torch.Tensor, m: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.77])
 def test_magnitude_mask_prunes_exactly_k_below_one_threshold(sparsity):
-    W = torch.randn(12, 20, generator=_gen(3))
+    W = torch.randn(12, 20, generator=gen(3))
     keep = pruning.magnitude_mask(W, sparsity)
     assert keep.dtype == torch.bool and keep.shape == W.shape
     assert int((~keep).sum()) == int(sparsity * W.numel())
@@ -73,7 +44,7 @@ def test_magnitude_mask_prunes_exactly_k_below_one_threshold(sparsity):
 
 
 def test_magnitude_mask_can_empty_a_row_of_small_weights():
-    W = torch.randn(8, 16, generator=_gen(4)).abs() + 1.0
+    W = torch.randn(8, 16, generator=gen(4)).abs() + 1.0
     W[2] = torch.linspace(1e-3, 1e-2, 16)  # one row of tiny weights
     W[5, :4] = -1e-4  # and a few tiny (negative) weights elsewhere
     keep = pruning.magnitude_mask(W, 0.25)  # 32 of 128 pruned: row 2 (16) + W[5, :4] (4) + 12 more
@@ -88,8 +59,8 @@ def test_magnitude_mask_can_empty_a_row_of_small_weights():
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.7, 0.95])
 def test_row_and_wanda_masks_prune_exactly_k_per_row(sparsity):
-    W = torch.randn(9, 10, generator=_gen(5))
-    act = torch.rand(10, generator=_gen(6)) * 5 + 0.1
+    W = torch.randn(9, 10, generator=gen(5))
+    act = torch.rand(10, generator=gen(6)) * 5 + 0.1
     k = int(sparsity * 10)
     for keep, score in [(pruning.row_mask(W.abs(), sparsity), W.abs()),
                         (pruning.wanda_mask(W, act, sparsity), W.abs() * act)]:
@@ -102,8 +73,8 @@ def test_row_and_wanda_masks_prune_exactly_k_per_row(sparsity):
 
 
 def test_layer_mask_is_magnitude_of_a_score():
-    score = torch.rand(6, 7, generator=_gen(7))
-    W = score * torch.where(torch.rand(6, 7, generator=_gen(8)) > 0.5, 1.0, -1.0)
+    score = torch.rand(6, 7, generator=gen(7))
+    W = score * torch.where(torch.rand(6, 7, generator=gen(8)) > 0.5, 1.0, -1.0)
     assert torch.equal(pruning.layer_mask(score, 0.4), pruning.magnitude_mask(W, 0.4))
 
 
@@ -123,8 +94,8 @@ def test_wanda_keeps_a_small_weight_on_a_loud_channel_that_magnitude_prunes():
 
 
 def test_wanda_ignores_the_scale_of_act_norm():
-    W = torch.randn(16, 32, generator=_gen(9))
-    act = torch.rand(32, generator=_gen(10)) + 0.1
+    W = torch.randn(16, 32, generator=gen(9))
+    act = torch.rand(32, generator=gen(10)) + 0.1
     assert torch.equal(pruning.wanda_mask(W, act, 0.5), pruning.wanda_mask(W, act * 37.0, 0.5))
 
 
@@ -147,7 +118,7 @@ def test_ties_still_prune_exactly_k(make):
 
 
 def test_apply_mask_zeroes_exactly_the_pruned_weights_and_returns_a_new_tensor():
-    W = torch.randn(5, 8, generator=_gen(11))
+    W = torch.randn(5, 8, generator=gen(11))
     W0 = W.clone()
     keep = pruning.magnitude_mask(W, 0.5)
     out = pruning.apply_mask(W, keep)
@@ -161,8 +132,8 @@ def test_apply_mask_zeroes_exactly_the_pruned_weights_and_returns_a_new_tensor()
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
 def test_nm_masks_keep_the_n_largest_of_every_m(n, m):
-    W = torch.randn(10, 32, generator=_gen(12))
-    act = torch.rand(32, generator=_gen(13)) * 3 + 0.1
+    W = torch.randn(10, 32, generator=gen(12))
+    act = torch.rand(32, generator=gen(13)) * 3 + 0.1
     for keep, score in [(pruning.magnitude_mask(W, n=n, m=m), W.abs()),
                         (pruning.wanda_mask(W, act, n=n, m=m), W.abs() * act),
                         (pruning.nm_mask(W.abs(), n, m), W.abs())]:
@@ -183,13 +154,13 @@ def test_nm_mask_groups_run_along_consecutive_input_columns():
 
 def test_one_of_four_needs_no_sparsity_argument():
     # sparsity defaults to None, so 1:4 (75 %) does not clash with a default
-    W = torch.randn(4, 16, generator=_gen(14))
+    W = torch.randn(4, 16, generator=gen(14))
     assert (_groups_kept(pruning.magnitude_mask(W, n=1, m=4), 4) == 1).all()
     assert (_groups_kept(pruning.wanda_mask(W, torch.ones(16), n=1, m=4), 4) == 1).all()
 
 
 def test_is_nm_sparse():
-    W = torch.randn(4, 16, generator=_gen(15))
+    W = torch.randn(4, 16, generator=gen(15))
     assert not pruning.is_nm_sparse(W, 2, 4)  # dense
     W24 = pruning.apply_mask(W, pruning.magnitude_mask(W, n=2, m=4))
     assert pruning.is_nm_sparse(W24, 2, 4)
@@ -232,7 +203,7 @@ def test_act_norm_accepts_3d_half_batches_and_ranks_like_the_column_norm():
     col = X.norm(dim=0)
     torch.testing.assert_close(acc.norm() * 8.0, col, rtol=1e-4, atol=1e-5)  # sqrt(64) = 8
     assert torch.equal(acc.norm().argsort(), col.argsort())
-    W = torch.randn(8, 32, generator=_gen(16))
+    W = torch.randn(8, 32, generator=gen(16))
     assert torch.equal(pruning.wanda_mask(W, acc.norm(), 0.5), pruning.wanda_mask(W, col, 0.5))
 
 
@@ -287,7 +258,7 @@ def test_sparsegpt_nm_with_a_diagonal_hessian_is_wanda_nm():
     # uncorrelated inputs of unequal scale: saliency w^2 (H_jj + damp), Wanda's |w| ||x_j|| squared; within
     # one group of m columns of one row the comparison is the same
     W = make_weight(24, 64, seed=18)
-    d = torch.rand(64, generator=_gen(19)) * 4 + 0.1
+    d = torch.rand(64, generator=gen(19)) * 4 + 0.1
     out = pruning.sparsegpt_prune(W, torch.diag(d), n=2, m=4, damp=0.01)
     act = (d + 0.01 * d.mean()).sqrt()
     assert torch.equal(out, pruning.apply_mask(W, pruning.wanda_mask(W, act, n=2, m=4)))
@@ -412,7 +383,7 @@ def test_sparsegpt_dead_input_columns():
 @pytest.fixture(scope="module")
 def calib(tiny_llama):
     _, tok = tiny_llama
-    return torch.randint(0, len(tok), (8, 32), generator=_gen(0))
+    return torch.randint(0, len(tok), (8, 32), generator=gen(0))
 
 
 def _decoder_linears(model):
@@ -526,7 +497,7 @@ def test_wanda_and_sparsegpt_use_the_layer_inputs(tiny_llama, pruned, calib):
 
 def test_wanda_mask_depends_on_the_calibration(tiny_llama, pruned, calib):
     model, tok = tiny_llama
-    other = torch.randint(0, len(tok), (8, 32), generator=_gen(123))
+    other = torch.randint(0, len(tok), (8, 32), generator=gen(123))
     pmodel, _ = pruning.prune_model(model, other, "wanda", 0.5, progress=False)
     mag = pruned[("magnitude", "50%")][0]
     first = pruned[("wanda", "50%")][0]
