@@ -239,9 +239,9 @@ plt.show()
 # diagonal), or per M columns for N:M.
 #
 # ### Exercise 4 — one SparseGPT column step
-# Complete `sparsegpt_step(W1, Hinv1, i, keep)`: column `i` of the block `W1` becomes `q = W1[:, i] * keep`
-# (`keep` (out,) bool); its error `err = (W1[:, i] - q) / Hinv1[i, i]` is pushed onto columns `i` and later:
-# `W1[:, i:] -= outer(err, Hinv1[i, i:])`. Return `(W1, q, err)`. Compare with lab 02's `column_step`.
+# Complete `sparsegpt_step(W1, Hinv1, i, keep)`: column $i$ of the block `W1` becomes $q$, its weights where `keep`
+# ((out,) bool) is True and 0 elsewhere; the error $(w_i - q) / U_{ii}$ is pushed onto columns $i$ and later with
+# the OBS update, row $i$ of $U$ = `Hinv1`. Return `(W1, q, err)`. Compare with lab 02's `column_step`.
 
 # %%
 def sparsegpt_step(W1: torch.Tensor, Hinv1: torch.Tensor, i: int, keep: torch.Tensor):
