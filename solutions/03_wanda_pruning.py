@@ -393,8 +393,8 @@ print(why)
 if ok:
     W24 = wanda24.model.layers[0].mlp.up_proj.weight.detach().half()  # (1536, 576), 2:4
     x = torch.randn(4096, W24.shape[1], dtype=torch.float16, device=W24.device)
-    t_dense = pruning.matmul_seconds(W24, x)
-    t_sparse = pruning.matmul_seconds(torch.sparse.to_sparse_semi_structured(W24), x)
+    t_dense = cl.eval.matmul_seconds(W24, x)
+    t_sparse = cl.eval.matmul_seconds(torch.sparse.to_sparse_semi_structured(W24), x)
     print(f"up_proj matmul, 4096 tokens: dense {t_dense * 1e6:.0f} us, 2:4 {t_sparse * 1e6:.0f} us "
           f"({t_dense / t_sparse:.2f}x)")
     m16 = wanda24.half()

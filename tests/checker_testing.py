@@ -127,3 +127,46 @@ def summary_lines(capsys) -> tuple[dict[str, str], list[str]]:
     capsys.readouterr()
     result = checks.summary()
     return result, capsys.readouterr().out.strip().splitlines()
+
+
+# ----------------------------------------------------------------------------- a lab's checkers as a whole
+
+
+def assert_lab_solutions_pass(lab_path, good: dict, order, capsys) -> None:
+    """The lab's solution functions, compiled from its source, pass their checkers in `order` (the lab's order).
+    good: {checker: (exercise name, good_fn, lab function name)}."""
+    import torch
+
+    namespace = {"torch": torch}
+    lab = lab_solutions(lab_path, [fn_name for _, _, fn_name in good.values()])
+    for checker in order:
+        name, _, fn_name = good[checker]
+        fn = lab_function(lab_path, lab[fn_name], namespace)
+        assert checker(fn) is fn  # the lab rebinds the name to what the checker returns: the same function
+        assert checks.STATUS[name] == "passed"
+    assert "FAILED" not in capsys.readouterr().out
+    assert len(checks.STATUS) == len(order)
+
+
+def assert_lab_calls_its_checkers(lab_path, good: dict) -> None:
+    """The lab source rebinds each solution function to what its checker returns."""
+    src = Path(lab_path).read_text()
+    for checker, (_, _, fn_name) in good.items():
+        assert f"{fn_name} = cl.checks.{checker.__name__}({fn_name})" in src
+
+
+def assert_same(result, expected) -> None:
+    """A checker's reference output equals an independently computed one (tuples element-wise; ints exactly,
+    bool masks exactly and as bool, floats to 1e-5)."""
+    import torch
+
+    results = result if isinstance(result, tuple) else (result,)
+    expecteds = expected if isinstance(expected, tuple) else (expected,)
+    assert len(results) == len(expecteds)
+    for r, e in zip(results, expecteds):
+        if isinstance(e, int):
+            assert r == e
+        elif e.dtype == torch.bool:
+            assert r.dtype == torch.bool and torch.equal(r, e)
+        else:
+            torch.testing.assert_close(r, e, rtol=1e-5, atol=1e-6)

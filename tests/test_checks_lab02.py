@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_mutating_answer_passes,
-                             assert_not_done, assert_other_exception_fails, assert_passed, lab_function, lab_solutions,
-                             summary_lines)
+from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_lab_calls_its_checkers,
+                             assert_lab_solutions_pass, assert_mutating_answer_passes, assert_not_done,
+                             assert_other_exception_fails, assert_passed, assert_same, summary_lines)
 
 from compresslab import checks, gptq, quant
 
@@ -395,24 +395,14 @@ def test_good_copies_match_the_lab_solutions():
 
 def test_the_lab_solution_code_passes_every_checker(capsys):
     """Compiled straight from the lab source, checked in the order the lab checks them (1, 2, 4, 3)."""
-    namespace = {"torch": torch}
-    lab = lab_solutions(LAB, LAB_FUNCTIONS)
     order = [checks.check_accumulate_hessian, checks.check_column_step, checks.check_reconstruction_error,
              checks.check_act_order]
-    for checker in order:
-        name, _, fn_name = GOOD[checker]
-        fn = lab_function(LAB, lab[fn_name], namespace)
-        assert checker(fn) is fn  # the lab rebinds the name to what the checker returns: the same function
-        assert checks.STATUS[name] == "passed"
-    assert "FAILED" not in capsys.readouterr().out
-    assert len(checks.STATUS) == 4
+    assert_lab_solutions_pass(LAB, GOOD, order, capsys)
 
 
 def test_lab_checks_each_exercise_with_its_checker():
     """The lab source calls the four lab-02 checkers on the four solution functions."""
-    src = LAB.read_text()
-    for checker, (_, _, fn_name) in GOOD.items():
-        assert f"{fn_name} = cl.checks.{checker.__name__}({fn_name})" in src
+    assert_lab_calls_its_checkers(LAB, GOOD)
 
 
 # ----------------------------------------------------------------------------- passed
@@ -460,15 +450,7 @@ def _sample_calls():
 def test_not_implemented_is_not_done(checker, capsys):
     got = assert_not_done(checker, GOOD[checker][0], capsys)
     args, expected = _sample_calls()[checker]
-    result = got(*args)
-    results = result if isinstance(result, tuple) else (result,)
-    expecteds = expected if isinstance(expected, tuple) else (expected,)
-    assert len(results) == len(expecteds)
-    for r, e in zip(results, expecteds):
-        if isinstance(e, int):
-            assert r == e
-        else:
-            torch.testing.assert_close(r, e, rtol=1e-5, atol=1e-6)
+    assert_same(got(*args), expected)
 
 
 def test_not_done_column_step_reference_leaves_the_callers_block_alone(capsys):
@@ -505,10 +487,7 @@ def test_the_reference_is_handed_back_after_a_failure(checker, capsys):
     got = checker(wrong)
     capsys.readouterr()
     args, expected = _sample_calls()[checker]
-    result = got(*args)
-    first = result[0] if isinstance(result, tuple) else result
-    first_expected = expected[0] if isinstance(expected, tuple) else expected
-    torch.testing.assert_close(first, first_expected, rtol=1e-5, atol=1e-6)
+    assert_same(got(*args), expected)
 
 
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)

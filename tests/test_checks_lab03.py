@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_mutating_answer_passes,
-                             assert_not_done, assert_other_exception_fails, assert_passed, lab_function, lab_solutions,
-                             summary_lines)
+from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_lab_calls_its_checkers,
+                             assert_lab_solutions_pass, assert_mutating_answer_passes, assert_not_done,
+                             assert_other_exception_fails, assert_passed, assert_same, summary_lines)
 
 from compresslab import checks, gptq, pruning
 
@@ -449,24 +449,12 @@ def test_good_copies_match_the_lab_solutions():
 
 def test_the_lab_solution_code_passes_every_checker(capsys):
     """Compiled straight from the lab source, checked in the order the lab checks them (1, 2, 3, 4)."""
-    namespace = {"torch": torch}
-    lab = lab_solutions(LAB, LAB_FUNCTIONS)
-    order = [checks.check_accumulate_act_norm, checks.check_wanda_mask, checks.check_nm_mask,
-             checks.check_sparsegpt_step]
-    for checker in order:
-        name, _, fn_name = GOOD[checker]
-        fn = lab_function(LAB, lab[fn_name], namespace)
-        assert checker(fn) is fn  # the lab rebinds the name to what the checker returns: the same function
-        assert checks.STATUS[name] == "passed"
-    assert "FAILED" not in capsys.readouterr().out
-    assert len(checks.STATUS) == 4
+    assert_lab_solutions_pass(LAB, GOOD, list(GOOD), capsys)
 
 
 def test_lab_checks_each_exercise_with_its_checker():
     """The lab source calls the four lab-03 checkers on the four solution functions."""
-    src = LAB.read_text()
-    for checker, (_, _, fn_name) in GOOD.items():
-        assert f"{fn_name} = cl.checks.{checker.__name__}({fn_name})" in src
+    assert_lab_calls_its_checkers(LAB, GOOD)
 
 
 # ----------------------------------------------------------------------------- passed
@@ -519,24 +507,11 @@ def _sample_calls():
     }
 
 
-def _assert_same(result, expected):
-    results = result if isinstance(result, tuple) else (result,)
-    expecteds = expected if isinstance(expected, tuple) else (expected,)
-    assert len(results) == len(expecteds)
-    for r, e in zip(results, expecteds):
-        if isinstance(e, int):
-            assert r == e
-        elif e.dtype == torch.bool:
-            assert r.dtype == torch.bool and torch.equal(r, e)
-        else:
-            torch.testing.assert_close(r, e, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
 def test_not_implemented_is_not_done(checker, capsys):
     got = assert_not_done(checker, GOOD[checker][0], capsys)
     args, expected = _sample_calls()[checker]
-    _assert_same(got(*args), expected)
+    assert_same(got(*args), expected)
 
 
 def test_not_done_sparsegpt_reference_leaves_the_callers_block_alone(capsys):
@@ -574,7 +549,7 @@ def test_the_reference_is_handed_back_after_a_failure(checker, capsys):
     got = checker(wrong)
     capsys.readouterr()
     args, expected = _sample_calls()[checker]
-    _assert_same(got(*args), expected)
+    assert_same(got(*args), expected)
 
 
 @pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)

@@ -716,7 +716,7 @@ def test_semi_structured_bytes_is_nine_sixteenths_of_fp16():
 
 
 def test_matmul_seconds_and_prefill_seconds(tiny_llama):
-    t = pruning.matmul_seconds(torch.randn(64, 64), torch.randn(8, 64), repeats=5)
+    t = cl_eval.matmul_seconds(torch.randn(64, 64), torch.randn(8, 64), repeats=5)
     assert isinstance(t, float) and t > 0
     model, tok = tiny_llama
     p = cl_eval.prefill_seconds(model, tok, seq_len=64, repeats=2)

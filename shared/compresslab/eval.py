@@ -154,18 +154,29 @@ def tokens_per_second(model, tokenizer, prompt: str = "The history of data compr
     return new_tokens * batch_size / best
 
 
+def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() over `repeats` calls after `warmup` untimed ones, synchronising CUDA around each."""
+    times = []
+    for _ in range(warmup + repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[warmup:])[repeats // 2]
+
+
 @torch.no_grad()
 def prefill_seconds(model, tokenizer, seq_len: int = 512, batch_size: int = 1, repeats: int = 5) -> float:
     """Median seconds of one forward pass over batch_size x seq_len WikiText-2 tokens (after a warm-up): the
     prompt-processing latency, where a smaller dense model (structured pruning) pays off on any hardware."""
     ids = test_windows(tokenizer, batch_size, seq_len).to(_device(model))  # (b, seq_len)
-    times = []
-    for _ in range(repeats + 1):
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model(ids, use_cache=False)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[repeats // 2]
+    return median_seconds(lambda: model(ids, use_cache=False), repeats)
+
+
+@torch.no_grad()
+def matmul_seconds(W: torch.Tensor, x: torch.Tensor, repeats: int = 50) -> float:
+    """Median seconds of x @ W.T (W dense, or torch's compressed 2:4 SparseSemiStructuredTensor)."""
+    return median_seconds(lambda: F.linear(x, W), repeats, warmup=5)

@@ -293,8 +293,6 @@ def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym
         raise ValueError(f"{calib.numel()} calibration tokens cannot estimate a {hidden}x{hidden} Hessian: "
                          f"use at least {hidden} tokens (e.g. 8 samples of 128), 128 x 512 for the best results")
     model = model if inplace else copy.deepcopy(model)
-    was_cache = model.config.use_cache
-    model.config.use_cache = False
     inputs = layer0_inputs(model, calib, batch_size)
     report = {}
     for li, layer in enumerate(tqdm(model.model.layers, desc=f"GPTQ {bits}-bit", disable=not progress)):
@@ -307,5 +305,4 @@ def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym
                 m.weight.data = res.dequantized.to(m.weight.dtype)
                 report[f"model.layers.{li}.{n}"] = res
         inputs = run_layer(layer, inputs)  # the quantized layer's outputs feed the next layer
-    model.config.use_cache = was_cache
     return model, report

@@ -19,7 +19,6 @@ pruning is GPTQ with "round to zero", so the same inverse-Hessian update lets th
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.nn as nn
@@ -254,17 +253,13 @@ def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsi
         return model, report
     if calib is None:
         raise ValueError(f"{method} needs calibration data: pass calib = calibration_batches(tok, ...)")
-    was_cache = model.config.use_cache
-    model.config.use_cache = False
     inputs = layer0_inputs(model, calib, batch_size)
     steps = SEQUENTIAL if sequential else [sum(SEQUENTIAL, [])]
+    Stat = ActNorm if method == "wanda" else Hessian  # what each Linear's calibration inputs are reduced to
     for li, layer in enumerate(tqdm(model.model.layers, desc=desc, disable=not progress)):
         for names in steps:
             linears = decoder_linears(layer, names, li, "pruning")
-            if method == "wanda":
-                stats = collect_stats(layer, inputs, linears, lambda lin: ActNorm(lin.in_features, lin.weight.device))
-            else:
-                stats = collect_stats(layer, inputs, linears, lambda lin: Hessian(lin.in_features, lin.weight.device))
+            stats = collect_stats(layer, inputs, linears, lambda lin: Stat(lin.in_features, lin.weight.device))
             for name, lin in linears.items():
                 W = lin.weight.data
                 if method == "wanda":
@@ -274,7 +269,6 @@ def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsi
                 lin.weight.data = W
                 report[f"model.layers.{li}.{name}"] = sparsity_of(W)
         inputs = run_layer(layer, inputs)  # the pruned layer's outputs feed the next layer
-    model.config.use_cache = was_cache
     return model, report
 
 
@@ -338,8 +332,6 @@ def prune_mlp_neurons(model, calib: torch.Tensor, ratio: float = 0.25, batch_siz
     inter = model.config.intermediate_size
     keep_n = min(inter, max(multiple_of, int(round(inter * (1 - ratio) / multiple_of)) * multiple_of))
     model = model if inplace else copy.deepcopy(model)
-    was_cache = model.config.use_cache
-    model.config.use_cache = False
     inputs = layer0_inputs(model, calib, batch_size)
     report = {}
     for li, layer in enumerate(tqdm(model.model.layers, desc=f"structured {ratio:.0%}", disable=not progress)):
@@ -357,7 +349,6 @@ def prune_mlp_neurons(model, calib: torch.Tensor, ratio: float = 0.25, batch_siz
         report[li] = keep
         inputs = run_layer(layer, inputs)
     model.config.intermediate_size = keep_n
-    model.config.use_cache = was_cache
     return model, report
 
 
@@ -421,18 +412,3 @@ def semi_structured_bytes(W: torch.Tensor) -> int:
     (which 2 of 4 positions) -> 9/16 of dense in 16-bit. Valid on any device: it is arithmetic."""
     kept = W.numel() // 2
     return kept * W.element_size() + kept * 2 // 8
-
-
-@torch.no_grad()
-def matmul_seconds(W: torch.Tensor, x: torch.Tensor, repeats: int = 50) -> float:
-    """Median seconds of x @ W.T (W dense or SparseSemiStructured), synchronised on GPU."""
-    times = []
-    for _ in range(repeats + 5):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(x, W)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times[5:])[repeats // 2]
