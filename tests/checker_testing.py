@@ -132,12 +132,13 @@ def summary_lines(capsys) -> tuple[dict[str, str], list[str]]:
 # ----------------------------------------------------------------------------- a lab's checkers as a whole
 
 
-def assert_lab_solutions_pass(lab_path, good: dict, order, capsys) -> None:
+def assert_lab_solutions_pass(lab_path, good: dict, order, capsys, namespace: dict | None = None) -> None:
     """The lab's solution functions, compiled from its source, pass their checkers in `order` (the lab's order).
-    good: {checker: (exercise name, good_fn, lab function name)}."""
+    good: {checker: (exercise name, good_fn, lab function name)}; namespace: the lab's imports the functions use
+    (torch always)."""
     import torch
 
-    namespace = {"torch": torch}
+    namespace = {"torch": torch} | (namespace or {})
     lab = lab_solutions(lab_path, [fn_name for _, _, fn_name in good.values()])
     for checker in order:
         name, _, fn_name = good[checker]

@@ -114,3 +114,21 @@ def extract_number(text: str) -> str | None:
         return None
     value = numbers[-1].replace(",", "").rstrip(".")
     return value[:-2] if value.endswith(".0") else value
+
+
+def training_windows(tokenizer, n_windows: int, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
+    """(n_windows, seq_len) non-overlapping windows of WikiText-2 valid in a seeded random order: training text for
+    fine-tuning and distillation (lab 04). '<unk>' markers are removed first, so a model trained on them does not learn
+    to predict a token that the raw test split never contains. Disjoint from the test split used for perplexity."""
+    ids = _unk_free_ids(tokenizer)
+    available = ids.numel() // seq_len
+    if not 1 <= n_windows <= available:
+        raise ValueError(f"WikiText-2 valid has {available} windows of {seq_len} tokens; asked for {n_windows}")
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_windows]
+    return ids[: available * seq_len].view(available, seq_len)[order]
+
+
+@lru_cache(maxsize=4)
+def _unk_free_ids(tokenizer) -> torch.Tensor:
+    text = wikitext2("valid").replace(" <unk>", "").replace("<unk>", "")
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]

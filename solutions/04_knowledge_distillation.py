@@ -1,0 +1,468 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown] tags=["slide"]
+# # Lab 04 · Knowledge distillation: the temperature-scaled loss, and recovering a pruned student
+#
+# **The Art of Compressing LLMs** — hands-on lab 4 of 7.
+#
+# Lab 03 ended with a structurally pruned model: smaller and faster, but clearly worse. Fine-tuning it on text helps;
+# training it to imitate the model it came from helps more. That is knowledge distillation (Hinton, Vinyals & Dean,
+# 2015): the teacher's full next-token distribution carries far more information per token than the one correct
+# label. Today you write the loss, understand its temperature, and measure what it buys on a real pruned student.
+#
+# **Learning objectives.** By the end you can
+# 1. soften a distribution with a temperature and explain "dark knowledge";
+# 2. write the distillation loss with its T² factor, and show by measurement why the factor is there;
+# 3. contrast forward KL (mode-covering) with reverse KL (mode-seeking);
+# 4. combine hard and soft losses with label masking, as real training code does;
+# 5. prune a model into a student (drop layers) and recover it: CE fine-tuning vs distillation at equal steps.
+#
+# **Time:** about 75 minutes (30 min of exercises, 25 min of training that runs while we discuss). **Hardware:** CPU
+# works (quick mode ~3 min); full mode trains three students and wants a GPU (≈ 40 min on a 2-core CPU).
+
+# %% [markdown] tags=["instructor"]
+# **Instructor notes — lab 04.** Slot: 75 min (10 min dark knowledge, 25 min exercises 1–4, 5 min the student,
+# 25 min training + discussion while section 7 runs, 10 min results).
+#
+# * Common mistakes the checkers catch: multiplying by T instead of dividing; softmax over the batch axis; `exp`
+#   overflow at large logits; forgetting T² (or using T); `F.kl_div(..., reduction="mean")`, which also divides by the
+#   vocabulary size, or `"batchmean"` on (batch, seq, vocab), which divides by the batch only; the KL arguments swapped
+#   (`kl_div` wants the student's *log*-probabilities first); in the combined loss, masking the CE but averaging the
+#   KL over every position (padding included), or swapping alpha and 1 − alpha.
+# * Discussion prompts: "the teacher is 85 % sure of the next token — what does the other 15 % teach?"; "why would
+#   reverse KL suit a small student generating text?" (it does not have the capacity to cover every mode, so it had
+#   better not put mass between them); "Minitron used < 3 % of the original training tokens — what makes
+#   prune-then-distil so cheap?" (the student starts from the teacher's weights and only has to repair the damage).
+# * If time is short: run section 7 in QUICK mode and show the full-mode table from the README.
+
+# %% tags=["parameters"]
+MODEL = "smollm2-135m"  # the teacher; offline default. The student is this model with layers removed
+STUDENT = None  # None: prune MODEL into the student. On a GPU: STUDENT="smollm2-135m" with MODEL="smollm2-360m"
+DTYPE = "float32"
+QUICK = False  # True: few, short training steps for CI or a laptop in a hurry (the tests set it)
+SEED = 0
+STUDENT_LAYERS = 20  # the pruned student keeps this many of the teacher's decoder layers (SmolLM2-135M has 30)
+STEPS = None  # optimizer steps per student; None: from the mode (12 quick; full: 48 on CPU, 300 on a GPU)
+T = 2.0  # distillation temperature
+ALPHA = 0.5  # weight of the hard-label CE in the KD runs (Hinton's mix; 0 is pure distillation, as Minitron)
+
+# %% [markdown]
+# ## 0 · Setup
+
+# %%
+import copy
+import math
+import time
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+import compresslab as cl
+from compresslab import distill
+
+env = cl.setup(quick=QUICK, seed=SEED)
+print(env)
+sz = env.sizes
+STEPS = STEPS or (12 if env.quick else 48 if env.device == "cpu" else 300)
+BATCH, TRAIN_LEN = (2, 128) if env.quick else (4, 256)  # windows per step, tokens per window
+print("expected runtime: " + ("~3 min" if env.quick else f"three students x {STEPS} steps of {BATCH}x{TRAIN_LEN} "
+      "tokens: about 40 min on a 2-core CPU, a few minutes on a GPU"))
+
+teacher, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)
+calib = cl.data.calibration_batches(tok, n_samples=sz.calib_samples, seq_len=sz.calib_len, seed=SEED)
+train_ids = cl.data.training_windows(tok, n_windows=STEPS * BATCH, seq_len=TRAIN_LEN, seed=SEED)  # (n, len)
+print(f"teacher: {MODEL}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M parameters; "
+      f"training text: {tuple(train_ids.shape)} token ids of WikiText-2 valid (the test split is only for perplexity)")
+
+# %% [markdown] tags=["slide"]
+# ## 1 · Soft targets and dark knowledge
+#
+# A label says "the next token is *Paris*". The teacher says "*Paris* 85 %, *Lyon* 4 %, *France* 2 %, …": how similar
+# the wrong answers are to the right one. Hinton called this **dark knowledge**. Most of it sits in tiny
+# probabilities, so we raise the **temperature**: $p_i(T) = \exp(z_i/T) / \sum_j \exp(z_j/T)$. T = 1 is the model's
+# own distribution; T > 1 flattens it and lets the small probabilities speak; T → 0 tends to the one-hot argmax.
+#
+# ### Exercise 1 — the softened softmax
+# Complete `softmax_T(logits, T)`: the softmax of `logits / T` over the last dimension (the vocabulary), for any
+# leading shape. It must not overflow for logits in the thousands.
+
+# %%
+def softmax_T(logits: torch.Tensor, T: float) -> torch.Tensor:
+    """logits (..., V) -> probabilities (..., V) at temperature T."""
+    ### BEGIN SOLUTION
+    return torch.softmax(logits / T, dim=-1)
+    ### END SOLUTION
+
+
+# %%
+softmax_T = cl.checks.check_softmax_T(softmax_T)
+
+# %% [markdown]
+# A real next-token position: the teacher reads a WikiText-2 test sentence; we look at its distribution for the
+# next token at four temperatures.
+
+# %% tags=["slide"]
+text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in"
+ids = tok(text, return_tensors="pt").input_ids.to(env.device)
+with torch.no_grad():
+    z = teacher(ids).logits[0, -1].float().cpu()  # (V,) next-token logits
+top = z.topk(10).indices
+fig, axes = plt.subplots(1, 4, figsize=(14, 3), sharey=True)
+for ax, temp in zip(axes, (1, 2, 4, 8)):
+    p = softmax_T(z, temp)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum().item()
+    ax.bar(range(10), p[top].numpy())
+    ax.set_xticks(range(10), [repr(tok.decode(i)) for i in top], rotation=70, fontsize=8)
+    ax.set_title(f"T = {temp}: top-10 hold {p[top].sum():.0%}\nentropy {entropy:.2f} nats")
+axes[0].set_ylabel("teacher probability")
+fig.suptitle(f"…{text[-40:]!r} → next token", y=1.05)
+plt.show()
+
+# %% [markdown]
+# At T = 1 the teacher is nearly sure; at T = 4 the runner-up tokens become visible — the ranking among the *wrong*
+# answers (other places, prepositions) is what the student can learn from them and not from the label.
+
+# %% [markdown] tags=["slide"]
+# ## 2 · The student: the teacher with a third of its layers removed
+#
+# Prune-then-distil (NVIDIA's Minitron): cut the teacher down, keep its weights, and let distillation repair the
+# damage. Which layers? ShortGPT's **Block Influence** measures how much each decoder layer changes its input,
+# BI = 1 − cos(h_in, h_out) averaged over calibration tokens; a layer that barely turns the hidden state is cheap to
+# drop. `distill.make_student` drops the lowest-BI layers (`mlp_ratio=` would also apply lab 03's structured MLP
+# pruning).
+
+# %%
+if STUDENT is None:
+    student0, info = distill.make_student(teacher, calib, n_layers=STUDENT_LAYERS)
+    bi = info["influence"]
+    fig, ax = plt.subplots(figsize=(9, 2.8))
+    ax.bar(range(len(bi)), bi.numpy(), color=["tab:red" if i in info["dropped"] else "tab:blue" for i in range(len(bi))])
+    ax.set(yscale="log", xlabel="decoder layer", ylabel="block influence (log)",
+           title=f"red: the {len(info['dropped'])} layers dropped (lowest influence)")
+    plt.show()
+    print("dropped layers:", info["dropped"])
+else:  # a separate, smaller model of the same family: it must share the teacher's tokenizer
+    student0, student_tok = cl.load_model(STUDENT, dtype=DTYPE, device=env.device)
+    distill.check_same_tokenizer(tok, student_tok)
+
+
+def ppl_of(m) -> float:
+    return cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len, progress=False)
+
+
+n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student0))
+ppl_teacher, ppl_pruned = ppl_of(teacher), ppl_of(student0)
+print(f"teacher {n_teacher / 1e6:.1f}M parameters, perplexity {ppl_teacher:.2f}")
+print(f"student {n_student / 1e6:.1f}M parameters ({n_student / n_teacher:.0%}), perplexity {ppl_pruned:.2f} before any training")
+
+# %% [markdown] tags=["slide"]
+# ## 3 · The distillation loss and its T²
+#
+# The soft loss compares teacher and student position by position: for each token position, the KL divergence from
+# the teacher's softened distribution $p^T$ to the student's $q^T$, averaged over positions:
+#
+# $$\mathcal{L}_{soft} = T^2 \cdot \frac{1}{N}\sum_{\text{positions}} \mathrm{KL}(p^T \,\|\, q^T), \qquad
+#   \mathrm{KL}(p\,\|\,q) = \sum_v p_v (\log p_v - \log q_v).$$
+#
+# ### Exercise 2 — the soft loss
+# Complete `soft_loss(student_logits, teacher_logits, T)` for logits of shape (batch, seq, V). Use `log_softmax` for
+# the student (never `log(softmax)`). If you use `F.kl_div`, read its documentation on `reduction` carefully.
+
+# %%
+def soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T)). Logits (..., V) -> scalar."""
+    ### BEGIN SOLUTION
+    log_q = torch.log_softmax(student_logits / T, dim=-1)
+    log_p = torch.log_softmax(teacher_logits / T, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (...,) one KL per position
+    return T**2 * kl.mean()
+    ### END SOLUTION
+
+
+# %%
+soft_loss = cl.checks.check_soft_loss(soft_loss)
+
+# %% [markdown]
+# **Why T²?** The gradient of the soft loss with respect to a student logit is $(q_i^T - p_i^T)/T$, and for large T
+# the difference $q^T - p^T$ itself shrinks like $1/T$ (both distributions approach uniform). So the soft gradient
+# falls like $1/T^2$: without the factor, raising T would silently turn distillation off relative to the hard loss.
+# Measure it on the real student and teacher: the gradient norm with respect to the student's logits, across T.
+
+# %% tags=["slide"]
+x = train_ids[:2].to(env.device)
+with torch.no_grad():
+    t_logits = teacher(x).logits[:, :-1].float()
+    s_logits0 = student0(x).logits[:, :-1].float()
+temps = [0.5, 1, 2, 4, 8, 16]
+norms = {"without T²": [], "with T²": []}
+for temp in temps:
+    s = s_logits0.clone().requires_grad_(True)
+    (soft_loss(s, t_logits, temp) / temp**2).backward()
+    norms["without T²"].append(s.grad.norm().item())
+    s.grad = None
+    soft_loss(s, t_logits, temp).backward()
+    norms["with T²"].append(s.grad.norm().item())
+fig, ax = plt.subplots(figsize=(6, 3.4))
+for k, v in norms.items():
+    ax.plot(temps, v, "o-", label=k)
+ax.plot(temps, [norms["without T²"][2] * (2 / t) ** 2 for t in temps], "k:", label="∝ 1/T²")
+ax.set(xscale="log", yscale="log", xlabel="temperature T", ylabel="‖∂loss/∂student logits‖",
+       title="the soft gradient falls as 1/T²; the T² factor undoes it")
+ax.legend()
+plt.show()
+print("gradient norm ratio T=4 / T=16 without T²: "
+      f"{norms['without T²'][3] / norms['without T²'][5]:.1f} (1/T² predicts 16)")
+
+# %% [markdown] tags=["slide"]
+# ## 4 · Forward vs reverse KL
+#
+# KL is not symmetric. **Forward** KL(p‖q) weights by the teacher: wherever the teacher has mass, a student with
+# q ≈ 0 pays $\log(p/q) \to \infty$, so the student spreads to **cover every mode**, even putting mass between them.
+# **Reverse** KL(q‖p) weights by the student: it pays only where it puts mass, so it **seeks one mode** and ignores
+# the rest. MiniLLM (Gu et al., 2024) argues reverse KL suits generation by small students, since sampling from the
+# space between modes gives text the teacher would never write. DistiLLM's **skew KL** KL(p ‖ 0.1·p + 0.9·q) is forward KL
+# kept finite by mixing a little of the teacher into the student.
+#
+# ### Exercise 3 — reverse KL
+# Complete `reverse_kl(student_logits, teacher_logits, T)`: the same reduction as exercise 2 (T² · mean over
+# positions), with the divergence KL(q^T ‖ p^T).
+
+# %%
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """T^2 * mean over positions of KL(softmax(student / T) || softmax(teacher / T))."""
+    ### BEGIN SOLUTION
+    log_q = torch.log_softmax(student_logits / T, dim=-1)
+    log_p = torch.log_softmax(teacher_logits / T, dim=-1)
+    return T**2 * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+    ### END SOLUTION
+
+
+# %%
+reverse_kl = cl.checks.check_reverse_kl(reverse_kl)
+
+# %% [markdown]
+# The classic picture: a bimodal "teacher" over 200 bins, and a "student" that can only be one Gaussian (two
+# parameters, a mean and a log-width). Fit it by gradient descent under each divergence.
+
+# %% tags=["slide"]
+grid = torch.linspace(-6, 6, 200)
+teacher_toy = torch.logaddexp(-0.5 * ((grid + 2.5) / 0.6) ** 2, -0.5 * ((grid - 2) / 0.8) ** 2 + math.log(0.7))  # logits
+fits = {}
+for name, loss_fn in (("forward KL", soft_loss), ("reverse KL", reverse_kl)):
+    mu, log_sigma = torch.tensor(0.7, requires_grad=True), torch.tensor(0.0, requires_grad=True)
+    opt = torch.optim.Adam([mu, log_sigma], lr=0.05)
+    for _ in range(600):
+        student_toy = -0.5 * ((grid - mu) / log_sigma.exp()) ** 2  # a Gaussian's logits
+        loss = loss_fn(student_toy[None], teacher_toy[None], 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fits[name] = softmax_T(student_toy.detach(), 1.0)
+fig, ax = plt.subplots(figsize=(7, 3))
+ax.fill_between(grid, softmax_T(teacher_toy, 1.0), alpha=0.3, color="gray", label="teacher (bimodal)")
+for name, q in fits.items():
+    ax.plot(grid, q, lw=2, label=f"student fitted by {name}")
+ax.set(xlabel="token (toy vocabulary)", ylabel="probability", title="forward KL covers, reverse KL seeks a mode")
+ax.legend()
+plt.show()
+
+# %% [markdown] tags=["slide"]
+# ## 5 · The combined loss, with masking
+#
+# Hinton's recipe mixes both signals: $\mathcal{L} = \alpha \cdot \mathrm{CE}(y, q^1) + (1-\alpha) \cdot T^2 \cdot
+# \mathrm{KL}(p^T \| q^T)$ (the CE at T = 1). Real batches contain positions that must not count: padding, and in
+# instruction tuning the prompt tokens. By convention their label is −100 (what `F.cross_entropy` ignores by
+# default), and the *same* positions must be left out of the KL term too — averaged over the counted positions only.
+#
+# ### Exercise 4 — the combined loss with masking
+# Complete `kd_loss(student_logits, teacher_logits, labels, T, alpha)`. `labels[b, t]` is the token
+# `logits[b, t]` should predict (already shifted), or −100.
+
+# %%
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, T: float,
+            alpha: float) -> torch.Tensor:
+    """alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T), over labels != -100 only."""
+    ### BEGIN SOLUTION
+    keep = labels != -100  # (...) the counted positions
+    s, t = student_logits[keep], teacher_logits[keep]  # (n, V)
+    ce = F.cross_entropy(s, labels[keep])
+    return alpha * ce + (1 - alpha) * soft_loss(s, t, T)
+    ### END SOLUTION
+
+
+# %%
+kd_loss = cl.checks.check_kd_loss(kd_loss)
+
+# %% [markdown]
+# The package's `distill.kd_loss` is the same loss with a `kind=` switch (`"forward"`, `"reverse"`, `"skew"`), checks
+# on its inputs (shapes, vocabularies, T, alpha) and float32 arithmetic for half-precision logits. From here on, the
+# training loop uses it.
+#
+# ## 6 · Caching the teacher
+#
+# Every KD step runs the teacher forward. When several students train on the same windows, it is tempting to run the
+# teacher **once** and store its outputs — but the full logits are huge (49,152 floats per token). `distill.cache_teacher`
+# keeps the top-k logits per position plus the log-normaliser, so the top-k probabilities are exact and the other
+# V − k tokens become a single "rest" bucket. The loss then compares k + 1 buckets: a coarser view whose KL can only
+# be *smaller* than the full one. How much is lost? Measure it before trusting it.
+
+# %%
+x = train_ids[:2].to(env.device)
+with torch.no_grad():
+    t_full = teacher(x).logits[:, :-1]
+    s_full = student0(x).logits[:, :-1]
+for temp in (1.0, T):
+    full = distill.kd_loss(s_full, t_full, T=temp, alpha=0.0).item()
+    for k in (64, 1024):
+        c = distill.topk_logits(t_full, k=k, T=temp)
+        cached = distill.kd_loss(s_full, c, T=temp, alpha=0.0).item()
+        print(f"T = {temp:g}, k = {k:4d}: teacher mass outside the top-k {c.rest_mass().mean():6.1%}; soft loss "
+              f"cached {cached:6.3f} = {cached / full:4.0%} of the full {full:.3f}; {k * 6 / 1024:4.1f} KiB per token "
+              f"instead of {t_full.shape[-1] * 4 / 1024:.0f}")
+
+# %% [markdown]
+# At T = 1 a few dozen tokens hold most of a confident teacher's mass; at higher T the tail that the temperature was
+# meant to expose is exactly what the cache throws away. Caching (as in distillation pipelines that precompute teacher
+# top-k) is a trade of compute for fidelity: fine at T = 1 with a large k, a poor approximation of the T = 2 loss.
+# The training runs below therefore use the live teacher.
+
+# %% [markdown] tags=["slide"]
+# ## 7 · Recovering the pruned student: CE vs distillation, same steps, same data
+#
+# Three students start from the same pruned weights and see the same windows in the same order (a seeded sampler), for
+# the same number of AdamW steps with the same learning-rate schedule (embeddings frozen):
+# * **CE**: plain fine-tuning on the text (alpha = 1, no teacher);
+# * **KD forward** and **KD reverse**: alpha = ALPHA of CE plus (1 − ALPHA) of T² · KL at temperature T.
+#
+# Perplexity on WikiText-2 test is measured along the way.
+
+# %%
+RUNS = {"CE": dict(alpha=1.0), "KD forward": dict(alpha=ALPHA, kind="forward"),
+        "KD reverse": dict(alpha=ALPHA, kind="reverse")}
+histories, students = {}, {}
+for name, kw in RUNS.items():
+    student = copy.deepcopy(student0)  # every run starts from the same pruned weights
+    t0 = time.perf_counter()
+    histories[name] = distill.distill(
+        student, train_ids, teacher=None if kw["alpha"] == 1 else teacher, steps=STEPS, lr=2e-4, batch_size=BATCH,
+        T=T, warmup=max(1, STEPS // 10), eval_fn=ppl_of, eval_every=max(1, STEPS // 3), seed=SEED, **kw)
+    students[name] = student
+    print(f"{name:11s} perplexity {ppl_pruned:8.2f} -> {histories[name]['eval'][-1]:8.2f} "
+          f"({time.perf_counter() - t0:.0f} s)")
+
+# %% tags=["slide"]
+fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+for name, h in histories.items():
+    w = max(1, STEPS // 12)  # a running mean over w steps
+    ce = torch.tensor(h["ce"])
+    smooth = ce.unfold(0, w, 1).mean(1) if len(ce) >= w else ce
+    axes[0].plot(range(w, len(ce) + 1), smooth.numpy(), label=name)
+    axes[1].plot(h["eval_step"], h["eval"], "o-", label=name)
+axes[0].set(xlabel="step", ylabel="training CE (nats/token, running mean)", title="next-token loss on the training text")
+axes[1].axhline(ppl_teacher, color="k", ls="--", lw=1, label="teacher")
+axes[1].set(xlabel="step", ylabel="WikiText-2 test perplexity (log)", yscale="log", title="held-out perplexity")
+for ax in axes:
+    ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# **How much of the damage did each recover?** On the log scale (nats per token, what the loss measures): the share
+# of the gap between the pruned, untrained student and the teacher that training closed,
+# $(\log \mathrm{ppl}_{pruned} - \log \mathrm{ppl}) / (\log \mathrm{ppl}_{pruned} - \log \mathrm{ppl}_{teacher})$.
+# Mode-seeking shows on the model too: the entropy of each student's next-token distribution on the test text
+# (reverse KL should make it more confident than forward KL).
+
+# %%
+windows = cl.data.test_windows(tok, 2, sz.seq_len).to(env.device)
+
+
+@torch.no_grad()
+def mean_entropy(m) -> float:
+    logp = torch.log_softmax(m(windows).logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean().item()
+
+
+def record(name, m, ppl, **extra):
+    acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
+    cl.results.record(lab="04", method=name, model=MODEL, bits=32, ppl=round(ppl, 3), probe_acc=acc,
+                      quick=env.quick, weight_mb=round(cl.eval.weight_bytes(m) / 1e6, 1),
+                      params_m=round(sum(p.numel() for p in m.parameters()) / 1e6, 1), steps=STEPS,
+                      entropy=round(mean_entropy(m), 3), **extra)
+    return acc
+
+
+record("teacher", teacher, ppl_teacher)
+record(f"pruned {STUDENT_LAYERS} layers, untrained", student0, ppl_pruned)
+gap = math.log(ppl_pruned) - math.log(ppl_teacher)
+for name, m in students.items():
+    ppl = histories[name]["eval"][-1]
+    recovered = (math.log(ppl_pruned) - math.log(ppl)) / gap
+    record(f"student {name}", m, ppl, gap_recovered=round(recovered, 3), T=T, alpha=RUNS[name]["alpha"])
+table = cl.results.table(lab="04", model=MODEL, quick=env.quick)
+table[["method", "params_m", "ppl", "probe_acc", "entropy", "gap_recovered"]]
+
+# %% [markdown]
+# Full mode on a 2-core CPU (this package, `python tools/lab04_figures.py`; 120 steps of 4 × 256 tokens, lr 2e-4,
+# T = 2, alpha = 0): the README lists the measured table. The KD students beat the CE student at equal steps; none
+# reaches the teacher — a third of the layers is a lot to lose for a 135M model, and 120 steps are ~120k tokens.
+
+# %% [markdown] tags=["slide"]
+# ## 8 · Going further
+#
+# * **More data, more steps.** Minitron distils for billions of tokens; the recovery curve above is still falling.
+# * **A real teacher–student pair.** On a GPU, set `MODEL="smollm2-360m"` and `STUDENT="smollm2-135m"`: same
+#   tokenizer, different models. Different tokenizers need sequence-level KD (train on the teacher's generated text)
+#   or cross-tokenizer alignment; logit KD refuses them (`distill.check_same_tokenizer`).
+# * **On-policy distillation** (GKD, MiniLLM): score the student's *own* samples with the teacher, which removes the
+#   train/generate mismatch of training only on fixed text. TRL's `GKDTrainer` implements it (`beta` 0 = forward,
+#   1 = reverse KL).
+# * **Structured width pruning** (lab 03's `prune_mlp_neurons`, here `make_student(..., mlp_ratio=0.25)`) combines with
+#   depth pruning; Minitron found width pruning followed by distillation better than depth for the same size.
+
+# %% [markdown]
+# ## Reflection
+# **Question 1.** Your CE student and KD student saw exactly the same tokens. Where does the KD student's extra
+# information come from, and why does it matter more when the student starts from a pruned teacher than from scratch?
+
+# %% [markdown] tags=["solution"]
+# From the teacher's full distribution at every position: one CE label carries at most log2(V) bits and says nothing
+# about the other tokens, while the teacher's distribution ranks all of them. A pruned teacher's weights already encode
+# most of that ranking; distillation tells the student exactly which outputs moved and by how much, so it repairs the
+# damage instead of re-learning the text distribution from a handful of labels (which also pulls the student toward
+# the quirks of the small training text — the CE student overfits WikiText-valid, the KD student stays near the
+# teacher).
+
+# %% [markdown]
+# **Question 2.** You double T from 2 to 4 and forget the T² factor. What happens to training with alpha = 0.5, and
+# what with alpha = 0?
+
+# %% [markdown] tags=["solution"]
+# With alpha = 0.5 the soft gradient falls to about a quarter of its size while the CE gradient is unchanged: the mix
+# silently shifts toward plain CE fine-tuning, and the teacher's influence fades (section 3 measured the 1/T² slope).
+# With alpha = 0 only the effective learning rate drops by ~4× (AdamW normalises gradient scale, so even that is
+# mostly absorbed); the optimum is unchanged. The factor matters for the *balance* between the two losses.
+
+# %% [markdown] tags=["instructor"]
+# **Answers to expect and follow-ups.** Q1: steer toward "bits per token of supervision". Q2: the AdamW remark is the
+# subtle part; ask what happens with plain SGD (the step really shrinks by T²).
+
+# %% [markdown]
+# ## Summary
+# * Temperature exposes dark knowledge: the teacher's ranking of wrong answers.
+# * The soft loss is T² · KL(teacher_T ‖ student_T) per position, averaged; the T² keeps its gradient scale fixed.
+# * Forward KL covers modes, reverse KL seeks one; skew KL interpolates and stays bounded.
+# * Mask the same positions in both terms. Prune, keep the weights, distil: the cheapest route to a smaller model.
+
+# %%
+cl.checks.summary()
