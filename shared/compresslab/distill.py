@@ -143,14 +143,13 @@ def _coarse_student(student_logits: torch.Tensor, teacher: TopKLogits, T: float)
 
 def kd_terms(student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor | None = None, T: float = 2.0,
              kind: str = "forward", skew: float = 0.1, ignore_index: int = -100) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(hard CE or None, T^2 * soft divergence), both averaged over the positions whose label is not ignore_index."""
+    """(hard CE or None, T^2 * soft divergence), both averaged over the positions whose label is not ignore_index.
+    teacher_logits None (CE only): the soft term is 0."""
     T = check_temperature(T)
     cached = isinstance(teacher_logits, TopKLogits)
-    if teacher_logits is None:
-        raise ValueError("teacher_logits is None: pass the teacher's logits (or a TopKLogits cache)")
     if not isinstance(student_logits, torch.Tensor) or student_logits.dim() < 2:
         raise ValueError("student_logits must be a tensor (..., vocab), e.g. (batch, seq, vocab)")
-    if tuple(teacher_logits.shape) != tuple(student_logits.shape):
+    if teacher_logits is not None and tuple(teacher_logits.shape) != tuple(student_logits.shape):
         what = "vocabulary" if teacher_logits.shape[-1] != student_logits.shape[-1] else "batch/sequence"
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                          f"{tuple(student_logits.shape)} differ in {what}: distillation compares the two "
@@ -167,6 +166,9 @@ def kd_terms(student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor 
         raise ValueError(f"every label is ignore_index={ignore_index}: nothing to learn from")
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32  # never softmax in half
     s = student_logits[mask].to(dtype)  # (n, V): only the counted positions
+    ce = F.cross_entropy(s, labels[mask]) if labels is not None else None
+    if teacher_logits is None:
+        return ce, s.new_zeros(())
     if cached:
         log_p = teacher_logits.log_probs()[mask].to(dtype)  # (n, k + 1)
         log_q = _coarse_student(s, TopKLogits(*(t[mask] for t in (teacher_logits.values, teacher_logits.indices,
@@ -174,9 +176,7 @@ def kd_terms(student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor 
     else:
         log_p = log_softmax_T(teacher_logits[mask].to(dtype), T).detach()  # the teacher is a constant
         log_q = log_softmax_T(s, T)
-    soft = T**2 * divergence(log_p, log_q, kind, skew).mean()
-    ce = F.cross_entropy(s, labels[mask]) if labels is not None else None
-    return ce, soft
+    return ce, T**2 * divergence(log_p, log_q, kind, skew).mean()
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor | None = None, T: float = 2.0,
@@ -191,8 +191,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor |
         raise ValueError(f"alpha is the weight of the hard-label loss and must be in [0, 1], got {alpha!r}")
     if alpha > 0 and labels is None:
         raise ValueError(f"alpha = {alpha} weights a hard-label CE term: pass labels, or use alpha = 0")
-    if alpha == 1 and teacher_logits is None:  # plain CE: no teacher needed
-        return kd_terms(student_logits, student_logits.detach(), labels, T, "forward", skew, ignore_index)[0]
+    if alpha < 1 and teacher_logits is None:
+        raise ValueError(f"alpha = {alpha} weights a distillation term: pass teacher_logits, or use alpha = 1")
     ce, soft = kd_terms(student_logits, teacher_logits, labels, T, kind, skew, ignore_index)
     if alpha == 0:
         return soft
@@ -376,10 +376,7 @@ def distill(student, ids: torch.Tensor, teacher=None, steps: int = 100, lr: floa
                 else:
                     with torch.no_grad():
                         t_logits = teacher(x, use_cache=False).logits[:, :-1]
-                if t_logits is None:
-                    ce, soft = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), torch.zeros(())
-                else:
-                    ce, soft = kd_terms(logits, t_logits, labels, T, kind, skew)
+                ce, soft = kd_terms(logits, t_logits, labels, T, kind, skew)
                 loss = ce if alpha == 1 else alpha * ce + (1 - alpha) * soft
                 (loss / grad_accum).backward()
                 for key, v in (("loss", loss), ("ce", ce), ("soft", soft)):
