@@ -318,10 +318,7 @@ kd_loss = cl.checks.check_kd_loss(kd_loss)
 # be *smaller* than the full one. How much is lost? Measure it before trusting it.
 
 # %%
-x = train_ids[:2].to(env.device)
-with torch.no_grad():
-    t_full = teacher(x).logits[:, :-1]
-    s_full = student0(x).logits[:, :-1]
+t_full, s_full = t_logits, s_logits0  # section 3's logits of the same two training windows
 for temp in (1.0, T):
     full = distill.kd_loss(s_full, t_full, T=temp, alpha=0.0).item()
     for k in (64, 1024):
