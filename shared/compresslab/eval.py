@@ -47,13 +47,15 @@ def perplexity(model, tokenizer, n_windows: int = 16, seq_len: int = 512, batch_
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-                   desc: str = "generate", progress: bool = True) -> list[str]:
-    """Greedy completions of prompts (left-padded batches), decoded without the prompt."""
+                   desc: str = "generate", progress: bool = True, cache_factory=None) -> list[str]:
+    """Greedy completions of prompts (left-padded batches), decoded without the prompt.
+    cache_factory: a callable returning a fresh KV cache per batch (lab 05's compressed caches); None: the default."""
     outputs = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(_device(model))
+        cache = {} if cache_factory is None else {"past_key_values": cache_factory()}
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)  # (b, prompt + new)
+                             pad_token_id=tokenizer.pad_token_id, **cache)  # (b, prompt + new)
         outputs += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     return outputs
 
@@ -80,7 +82,7 @@ def arithmetic_prompts(n: int, digits: int = 2, shots: int = 3, seed: int = 0) -
 
 
 def arithmetic_probe(model, tokenizer, n: int = 100, digits: int = 2, shots: int = 3, seed: int = 0,
-                     batch_size: int = 16, progress: bool = True, return_details: bool = False):
+                     batch_size: int = 16, progress: bool = True, return_details: bool = False, cache_factory=None):
     """Exact-match accuracy on few-shot `digits`-digit addition: a cheap numerical-fragility test.
 
     Quantization that leaves perplexity almost unchanged can still break exact arithmetic; this probe
@@ -88,7 +90,8 @@ def arithmetic_probe(model, tokenizer, n: int = 100, digits: int = 2, shots: int
     """
     items = arithmetic_prompts(n, digits, shots, seed)
     completions = generate_batch(model, tokenizer, [p for p, _ in items], max_new_tokens=digits + 2,
-                                 batch_size=batch_size, desc="arithmetic probe", progress=progress)
+                                 batch_size=batch_size, desc="arithmetic probe", progress=progress,
+                                 cache_factory=cache_factory)
     preds = [extract_number(c.strip().split("\n")[0]) for c in completions]
     correct = [p == a for p, (_, a) in zip(preds, items)]
     acc = sum(correct) / max(len(items), 1)
@@ -102,13 +105,14 @@ def arithmetic_probe(model, tokenizer, n: int = 100, digits: int = 2, shots: int
 
 
 def gsm8k_accuracy(model, tokenizer, n: int = 100, max_new_tokens: int = 256, batch_size: int = 8,
-                   progress: bool = True) -> float:
+                   progress: bool = True, cache_factory=None) -> float:
     """Zero-shot chat GSM8K exact match on the first n test problems (the last number in the answer)."""
     problems = gsm8k("test")[:n]
     prompts = [tokenizer.apply_chat_template(
         [{"role": "user", "content": p["question"] + "\nThink step by step, then end with 'The answer is N.'"}],
         tokenize=False, add_generation_prompt=True) for p in problems]
-    completions = generate_batch(model, tokenizer, prompts, max_new_tokens, batch_size, "gsm8k", progress)
+    completions = generate_batch(model, tokenizer, prompts, max_new_tokens, batch_size, "gsm8k", progress,
+                                 cache_factory)
     correct = [extract_number(c) == p["final"] for c, p in zip(completions, problems)]
     return sum(correct) / max(len(problems), 1)
 

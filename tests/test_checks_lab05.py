@@ -1,0 +1,816 @@
+"""The lab 05 (KV cache: KIVI and GEAR) checkers: the solution passes, a skipped exercise is "not done", and wrong
+answers fail.
+
+Same structure as tests/test_checks_lab04.py. Every wrong implementation below was run against the checker's cases and
+is really wrong there (the checker must reject it); every correct alternative is really right (it must pass).
+No model is loaded: the checkers only run small fixed tensors (and exercise 4 plain integers).
+"""
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_lab_calls_its_checkers,
+                             assert_lab_solutions_pass, assert_mutating_answer_passes, assert_not_done,
+                             assert_other_exception_fails, assert_passed, assert_same, summary_lines)
+
+from compresslab import checks
+from compresslab import kvcache as kv
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB = ROOT / "solutions" / "05_gear_kv_cache.py"
+
+QUANTIZE_KEYS = "Exercise 1 · quantize_keys_per_channel"
+OUTLIER_MASK = "Exercise 2 · outlier_mask"
+LOWRANK = "Exercise 3 · lowrank_residual"
+GEAR_NBYTES = "Exercise 4 · gear_nbytes"
+
+# one torch thread for the module (tiny tensors); every test starts and ends with an empty exercise table
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
+
+
+# ----------------------------------------------------------------------------- the lab's solutions (copied)
+# Bodies copied from solutions/05_gear_kv_cache.py (### BEGIN / END SOLUTION);
+# test_good_copies_match_the_lab_solutions keeps them in sync. good_outlier_mask uses kv.outliers_per_side as the lab
+# does (the lab imports compresslab.kvcache as kv, and so does this file).
+
+
+def good_quantize_keys_per_channel(k: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """k (b, h, t, d), t divisible by group_size -> k quantized in groups along tokens, dequantized (b, h, t, d)."""
+    b, h, t, d = k.shape
+    g = k.reshape(b, h, t // group_size, group_size, d)  # (b, h, n_groups, group_size, d): a group = tokens
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    q = torch.round((g - mn) / scale).clamp(0, 2**bits - 1)
+    return (q * scale + mn).reshape(b, h, t, d)
+
+
+def good_outlier_mask(x: torch.Tensor, ratio: float, dim: int) -> torch.Tensor:
+    """x (...) -> bool mask (...) of the k largest and k smallest entries of each vector along dim."""
+    k = kv.outliers_per_side(x.shape[dim], ratio)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    if k:
+        mask.scatter_(dim, x.topk(k, dim=dim).indices, True)
+        mask.scatter_(dim, x.topk(k, dim=dim, largest=False).indices, True)
+    return mask
+
+
+def good_lowrank_residual(R: torch.Tensor, Q0: torch.Tensor, iters: int) -> torch.Tensor:
+    """R (..., n, d), Q0 (d, r) -> rank-r approximation (..., n, d) after `iters` rounds of power iteration."""
+    Q = Q0
+    for _ in range(iters):
+        P = torch.linalg.qr(R @ Q).Q  # (..., n, r) orthonormal columns
+        Q = R.mT @ P  # (..., d, r)
+    return P @ Q.mT
+
+
+def good_gear_nbytes(tokens: int, head_dim: int, bits: int, group_size: int, rank: int, n_outliers: int,
+                     index_bytes: int) -> int:
+    """Bytes of one head's GEAR block of tokens x head_dim."""
+    codes = tokens * head_dim * bits // 8
+    scales = 2 * 2 * (tokens * head_dim // group_size)  # fp16 scale + fp16 minimum per group
+    sparse = n_outliers * (2 + index_bytes)
+    lowrank = 2 * rank * (tokens + head_dim)  # P (tokens x rank) and Q (head_dim x rank)
+    return codes + scales + sparse + lowrank
+
+
+GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
+    checks.check_quantize_keys: (QUANTIZE_KEYS, good_quantize_keys_per_channel, "quantize_keys_per_channel"),
+    checks.check_outlier_mask: (OUTLIER_MASK, good_outlier_mask, "outlier_mask"),
+    checks.check_lowrank: (LOWRANK, good_lowrank_residual, "lowrank_residual"),
+    checks.check_gear_nbytes: (GEAR_NBYTES, good_gear_nbytes, "gear_nbytes"),
+}
+LAB_FUNCTIONS = [fn_name for _, _, fn_name in GOOD.values()]
+TENSOR_CHECKERS = [checks.check_quantize_keys, checks.check_outlier_mask, checks.check_lowrank]  # gear_nbytes: ints
+CHECKER_IDS = lambda c: c.__name__  # noqa: E731
+
+
+def _token_groups(k, group_size):
+    """(b, h, t, d) -> (b, h, t // group_size, group_size, d): a group is group_size consecutive tokens of a channel."""
+    b, h, t, d = k.shape
+    return k.reshape(b, h, t // group_size, group_size, d)
+
+
+# ----------------------------------------------------------------------------- wrong answers: exercise 1
+
+
+def qk_channel_groups(k, bits, group_size):  # groups of group_size CHANNELS of one token (the value layout): with
+    b, h, t, d = k.shape  # head_dim 8 < group_size 64 the reshape itself fails
+    g = k.reshape(b, h, t, d // group_size, group_size)
+    mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(b, h, t, d)
+
+
+def qk_minmax_over_channels(k, bits, group_size):  # token groups, but min/max over the channels (dim 4): per token
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(4, keepdim=True), g.amax(4, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(k.shape)
+
+
+def qk_symmetric(k, bits, group_size):  # absmax, zero at 0: wastes levels on the offset case, not asymmetric
+    g = _token_groups(k, group_size)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (g.abs().amax(3, keepdim=True) / qmax).clamp_min(1e-8)
+    return (torch.round(g / scale).clamp(-qmax - 1, qmax) * scale).reshape(k.shape)
+
+
+def qk_2_pow_bits_levels(k, bits, group_size):  # (max - min) / 2^b: the maximum lands on 2^b and is clamped
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / 2**bits).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(k.shape)
+
+
+def qk_floor(k, bits, group_size):  # truncates instead of rounding to the nearest level
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return (torch.floor((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(k.shape)
+
+
+def qk_one_group(k, bits, group_size):  # group_size ignored: one range over all the tokens of a channel
+    mn, mx = k.amin(2, keepdim=True), k.amax(2, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return torch.round((k - mn) / scale).clamp(0, 2**bits - 1) * scale + mn
+
+
+def qk_integer_zero_point(k, bits, group_size):  # GPTQ-style zero = round(-min / scale): the minimum is not exact
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    zero = torch.round(-mn / scale)
+    q = (torch.round(g / scale) + zero).clamp(0, 2**bits - 1)
+    return ((q - zero) * scale).reshape(k.shape)
+
+
+def qk_forgets_minimum(k, bits, group_size):  # dequantizes as q * scale: the zero point is dropped
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale).reshape(k.shape)
+
+
+def qk_returns_codes(k, bits, group_size):  # the integer codes, not dequantized
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return torch.round((g - mn) / scale).clamp(0, 2**bits - 1).reshape(k.shape)
+
+
+def qk_groups_not_contiguous(k, bits, group_size):  # reshape (b, h, g, t // g, d): groups of STRIDED tokens
+    b, h, t, d = k.shape  # (token i goes to group i % (t // g)), not runs of consecutive tokens
+    g = k.reshape(b, h, group_size, t // group_size, d)
+    mn, mx = g.amin(2, keepdim=True), g.amax(2, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(b, h, t, d)
+
+
+WRONG_QUANTIZE_KEYS = [
+    (qk_channel_groups, "raised RuntimeError"),  # (wrong function, a fragment of the failure message it must produce, or None)
+    (qk_minmax_over_channels, "channel 3 an outlier channel"),
+    (qk_symmetric, None),
+    (qk_2_pow_bits_levels, None),
+    (qk_floor, None),
+    (qk_one_group, "groups of 64 tokens"),  # right on the one-group case (8 bits, 64 of 64 tokens)
+    (qk_integer_zero_point, None),
+    (qk_forgets_minimum, None),
+    (qk_returns_codes, None),
+    (qk_groups_not_contiguous, None),
+]
+
+
+# ----------------------------------------------------------------------------- wrong answers: exercise 2
+
+
+def _scatter(x, dim, *indices):
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    for idx in indices:
+        mask.scatter_(dim, idx, True)
+    return mask
+
+
+def om_largest_abs(x, ratio, dim):  # the 2k largest |x|: misses the bottom tail of a skewed (all positive) vector
+    k = kv.outliers_per_side(x.shape[dim], ratio)
+    return _scatter(x, dim, *([x.abs().topk(2 * k, dim=dim).indices] if k else []))
+
+
+def om_ratio_per_side(x, ratio, dim):  # ratio on each side: twice the outliers
+    k = kv.outliers_per_side(x.shape[dim], 2 * ratio)
+    return _scatter(x, dim, *([x.topk(k, dim=dim).indices, x.topk(k, dim=dim, largest=False).indices] if k else []))
+
+
+def om_last_dim(x, ratio, dim):  # dim ignored: always along the last dim (right for values, wrong for keys)
+    k = kv.outliers_per_side(x.shape[-1], ratio)
+    return _scatter(x, -1, *([x.topk(k).indices, x.topk(k, largest=False).indices] if k else []))
+
+
+def om_k_from_last_dim(x, ratio, dim):  # topk along dim, but k counted from the last dim's length
+    k = kv.outliers_per_side(x.shape[-1], ratio)
+    return _scatter(x, dim, *([x.topk(k, dim=dim).indices, x.topk(k, dim=dim, largest=False).indices] if k else []))
+
+
+def om_largest_only(x, ratio, dim):  # the k largest, no bottom tail
+    k = kv.outliers_per_side(x.shape[dim], ratio)
+    return _scatter(x, dim, *([x.topk(k, dim=dim).indices] if k else []))
+
+
+def om_int_k(x, ratio, dim):  # k = int(ratio * n / 2): no minimum of 1, so 10 % of 16 entries gives no outlier
+    k = int(ratio * x.shape[dim] / 2)
+    return _scatter(x, dim, *([x.topk(k, dim=dim).indices, x.topk(k, dim=dim, largest=False).indices] if k else []))
+
+
+def om_float_mask(x, ratio, dim):  # 1.0 / 0.0 instead of a bool mask
+    return good_outlier_mask(x, ratio, dim).float()
+
+
+def om_quantile(x, ratio, dim):  # thresholds at the ratio/2 quantiles: interpolated, so not exactly k per side
+    hi = x.quantile(1 - ratio / 2, dim=dim, keepdim=True)
+    lo = x.quantile(ratio / 2, dim=dim, keepdim=True)
+    return (x >= hi) | (x <= lo)
+
+
+def om_floor_min1(x, ratio, dim):  # rounds ratio * n / 2 down (with a minimum of 1): 1.92 -> 1 instead of 2
+    k = 0 if ratio == 0 else max(1, int(ratio * x.shape[dim] / 2))
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    if k:
+        mask.scatter_(dim, x.topk(k, dim=dim).indices, True)
+        mask.scatter_(dim, x.topk(k, dim=dim, largest=False).indices, True)
+    return mask
+
+
+WRONG_OUTLIER_MASK = [
+    (om_largest_abs, None),  # Gaussian vectors already tell; the skewed case is built for it
+    (om_ratio_per_side, None),
+    (om_last_dim, "dim=-2, along tokens"),
+    (om_k_from_last_dim, "dim=-2, along tokens"),
+    (om_largest_only, None),
+    (om_int_k, "skewed positive values"),  # the only case where int(ratio * n / 2) is 0 (n = 16, 10 %)
+    (om_float_mask, "expected a bool mask"),
+    (om_quantile, None),
+    (om_floor_min1, "1.92 per side rounds to 2"),
+]
+
+
+# ----------------------------------------------------------------------------- wrong answers: exercise 3
+
+
+def lr_one_round_fewer(R, Q0, iters):  # iters - 1 rounds (and none at all for iters = 1: P is never set)
+    Q = Q0
+    for _ in range(iters - 1):
+        P = torch.linalg.qr(R @ Q).Q
+        Q = R.mT @ P
+    return P @ Q.mT
+
+
+def lr_one_round_more(R, Q0, iters):
+    Q = Q0
+    for _ in range(iters + 1):
+        P = torch.linalg.qr(R @ Q).Q
+        Q = R.mT @ P
+    return P @ Q.mT
+
+
+def lr_no_qr(R, Q0, iters):  # P = R @ Q, not orthonormalised: P @ Q^T is no projection and grows with every round
+    Q = Q0
+    for _ in range(iters):
+        P = R @ Q
+        Q = R.mT @ P
+    return P @ Q.mT
+
+
+def lr_first_round_projection(R, Q0, iters):  # P from the first round only, projected: iters is ignored
+    P = torch.linalg.qr(R @ Q0).Q
+    return P @ P.mT @ R
+
+
+def lr_Q_from_R_not_RT(R, Q0, iters):  # Q = R @ P: (n, d) @ (n, r) does not multiply
+    Q = Q0
+    for _ in range(iters):
+        P = torch.linalg.qr(R @ Q).Q
+        Q = R @ P
+    return P @ Q.mT
+
+
+def lr_dot_T(R, Q0, iters):  # .T reverses ALL the dims of a batched R: right for 2-D, fails on (2, 3, 64, 16)
+    Q = Q0
+    with warnings.catch_warnings():  # torch warns that .T on a tensor that is not 2-D is deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(iters):
+            P = torch.linalg.qr(R @ Q).Q
+            Q = R.T @ P
+        return P @ Q.T
+
+
+def lr_normalised_columns(R, Q0, iters):  # each column divided by its norm instead of QR: not orthogonal, so
+    Q = Q0  # P @ P^T is no projection (and the columns all drift to the top singular vector)
+    for _ in range(iters):
+        Y = R @ Q
+        P = Y / Y.norm(dim=-2, keepdim=True)
+        Q = R.mT @ P
+    return P @ Q.mT
+
+
+def lr_own_random_start(R, Q0, iters):  # a fresh random start instead of the Q0 given
+    g = torch.Generator().manual_seed(0)
+    Q = torch.randn(Q0.shape, generator=g)
+    for _ in range(iters):
+        P = torch.linalg.qr(R @ Q).Q
+        Q = R.mT @ P
+    return P @ Q.mT
+
+
+def lr_returns_factors(R, Q0, iters):  # (P, Q), not the approximation P @ Q^T
+    return kv.power_iteration(R, Q0, iters)
+
+
+WRONG_LOWRANK = [
+    (lr_one_round_fewer, None),
+    (lr_one_round_more, None),
+    (lr_no_qr, None),
+    (lr_first_round_projection, "rank 2, 3 rounds"),  # right for 1 round
+    (lr_Q_from_R_not_RT, "raised RuntimeError"),
+    (lr_dot_T, ": Q = R.T @ P)"),  # right on the three 2-D cases: the batched one raises, the line is shown
+    (lr_normalised_columns, None),
+    (lr_own_random_start, None),
+    (lr_returns_factors, "expected a torch.Tensor, got tuple"),
+]
+
+
+# ----------------------------------------------------------------------------- wrong answers: exercise 4
+
+
+def gn_no_minima(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # only the fp16 scales
+    return (tokens * head_dim * bits // 8 + 2 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
+            + 2 * rank * (tokens + head_dim))
+
+
+def gn_codes_one_byte_each(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # codes not packed
+    return (tokens * head_dim + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
+            + 2 * rank * (tokens + head_dim))
+
+
+def gn_no_indices(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # outlier values only
+    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + 2 * n_outliers
+            + 2 * rank * (tokens + head_dim))
+
+
+def gn_one_factor(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # P only, Q forgotten
+    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
+            + 2 * rank * tokens)
+
+
+def gn_fp32_factors(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # 4 bytes per factor entry
+    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
+            + 4 * rank * (tokens + head_dim))
+
+
+def gn_lowrank_full_size(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # rank * tokens * d
+    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
+            + rank * tokens * head_dim)
+
+
+def gn_groups_per_token_count(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # tokens // g
+    return (tokens * head_dim * bits // 8 + 4 * (tokens // group_size) + n_outliers * (2 + index_bytes)  # groups:
+            + 2 * rank * (tokens + head_dim))  # the head_dim channels forgotten
+
+
+def gn_two_byte_indices(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # index_bytes ignored
+    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + 2)
+            + 2 * rank * (tokens + head_dim))
+
+
+def gn_in_bits(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # everything in bits, never / 8
+    return (tokens * head_dim * bits + 32 * (tokens * head_dim // group_size) + n_outliers * (16 + 8 * index_bytes)
+            + 16 * rank * (tokens + head_dim))
+
+
+WRONG_GEAR_NBYTES = [
+    (gn_no_minima, None),
+    (gn_codes_one_byte_each, None),
+    (gn_no_indices, None),
+    (gn_one_factor, None),
+    (gn_fp32_factors, None),
+    (gn_lowrank_full_size, None),
+    (gn_groups_per_token_count, None),
+    (gn_two_byte_indices, "1-byte indices"),  # right wherever index_bytes is 2
+    (gn_in_bits, None),
+]
+
+WRONG = [(checks.check_quantize_keys, QUANTIZE_KEYS, fn, msg) for fn, msg in WRONG_QUANTIZE_KEYS]
+WRONG += [(checks.check_outlier_mask, OUTLIER_MASK, fn, msg) for fn, msg in WRONG_OUTLIER_MASK]
+WRONG += [(checks.check_lowrank, LOWRANK, fn, msg) for fn, msg in WRONG_LOWRANK]
+WRONG += [(checks.check_gear_nbytes, GEAR_NBYTES, fn, msg) for fn, msg in WRONG_GEAR_NBYTES]
+
+
+# ----------------------------------------------------------------------------- correct alternatives
+
+
+def alt_quantize_keys_loop(k, bits, group_size):  # one slice of group_size tokens at a time, min/max over tokens
+    out = torch.empty_like(k)
+    levels = 2**bits - 1
+    for start in range(0, k.shape[2], group_size):
+        chunk = k[:, :, start : start + group_size, :]
+        lo, hi = chunk.min(dim=2, keepdim=True).values, chunk.max(dim=2, keepdim=True).values
+        step = torch.clamp((hi - lo) / levels, min=1e-8)
+        out[:, :, start : start + group_size, :] = torch.round((chunk - lo) / step).clamp(0, levels) * step + lo
+    return out
+
+
+def alt_quantize_keys_transposed(k, bits, group_size):  # channels first: (b, h, d, n_groups, g), min/max over last
+    b, h, t, d = k.shape
+    g = k.transpose(-1, -2).reshape(b, h, d, t // group_size, group_size)
+    mn, mx = torch.aminmax(g, dim=-1, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    q = ((g - mn) / scale).round().clamp(0, 2**bits - 1)
+    return (q * scale + mn).reshape(b, h, d, t).transpose(-1, -2)
+
+
+def alt_quantize_keys_unflatten_no_clamp(k, bits, group_size):  # unflatten; no clamp of the codes:
+    g = k.unflatten(2, (-1, group_size))  # round((x - min) / scale) lies in [0, 2^b - 1] already
+    mn = g.amin(dim=3, keepdim=True)
+    scale = torch.clamp_min((g.amax(dim=3, keepdim=True) - mn) / (2**bits - 1), 1e-8)
+    return (torch.round((g - mn) / scale) * scale + mn).flatten(2, 3)
+
+
+def alt_quantize_keys_float64(k, bits, group_size):  # the lab's formula in float64, back to float32
+    return good_quantize_keys_per_channel(k.double(), bits, group_size).to(k.dtype)
+
+
+def alt_quantize_keys_normalised(k, bits, group_size):  # (x - min) / (max - min) in [0, 1], times the levels
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    rng, levels = (mx - mn).clamp_min(1e-8), 2**bits - 1
+    return (torch.round((g - mn) / rng * levels) / levels * rng + mn).reshape(k.shape)
+
+
+def alt_outlier_mask_argsort(x, ratio, dim):  # argsort once: the first k and the last k positions along dim
+    n = x.shape[dim]
+    k = kv.outliers_per_side(n, ratio)
+    order = x.argsort(dim=dim)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask.scatter_(dim, order.narrow(dim, 0, k), True)  # narrow, not [-k:]: -0 would select everything
+    mask.scatter_(dim, order.narrow(dim, n - k, k), True)
+    return mask
+
+
+def alt_outlier_mask_kthvalue(x, ratio, dim):  # thresholds: the k-th smallest and the k-th largest value
+    n = x.shape[dim]
+    k = kv.outliers_per_side(n, ratio)
+    if k == 0:
+        return torch.zeros(x.shape, dtype=torch.bool)
+    lo = x.kthvalue(k, dim=dim, keepdim=True).values
+    hi = x.kthvalue(n - k + 1, dim=dim, keepdim=True).values
+    return (x <= lo) | (x >= hi)
+
+
+def alt_outlier_mask_sort_last_dim(x, ratio, dim):  # dim moved last, sorted values as thresholds, moved back
+    xm = x.movedim(dim, -1)
+    k = kv.outliers_per_side(xm.shape[-1], ratio)
+    s = xm.sort(dim=-1).values
+    mask = (xm <= s[..., k - 1 : k]) | (xm >= s[..., -k:][..., :1]) if k else torch.zeros_like(xm, dtype=torch.bool)
+    return mask.movedim(-1, dim)
+
+
+def alt_outlier_mask_topk_of_negated(x, ratio, dim):  # the smallest as the largest of -x; one scatter of both
+    k = kv.outliers_per_side(x.size(dim), ratio)
+    idx = torch.cat([x.topk(k, dim).indices, (-x).topk(k, dim).indices], dim=dim)
+    return torch.zeros(x.shape, dtype=torch.bool).scatter(dim, idx, torch.ones_like(idx, dtype=torch.bool))
+
+
+def alt_lowrank_transpose(R, Q0, iters):  # .transpose(-1, -2): the batched transpose spelled out
+    Q = Q0
+    for _ in range(iters):
+        P, _ = torch.linalg.qr(R @ Q, mode="reduced")
+        Q = R.transpose(-1, -2) @ P
+    return P @ Q.transpose(-1, -2)
+
+
+def alt_lowrank_projection(R, Q0, iters):  # P @ Q^T = P @ P^T @ R with the LAST round's P
+    Q = Q0
+    for _ in range(iters):
+        P = torch.linalg.qr(torch.matmul(R, Q)).Q
+        Q = torch.matmul(R.mT, P)
+    return P @ (P.mT @ R)
+
+
+def alt_lowrank_svd_basis(R, Q0, iters):  # orthonormal basis of R @ Q from its SVD: the same span as QR's
+    Q = Q0
+    for _ in range(iters):
+        P = torch.linalg.svd(R @ Q, full_matrices=False).U
+        Q = torch.einsum("...nd,...nr->...dr", R, P)
+    return torch.einsum("...nr,...dr->...nd", P, Q)
+
+
+def alt_lowrank_gram_schmidt(R, Q0, iters):  # modified Gram-Schmidt by hand, column by column, batched
+    Q = Q0
+    for _ in range(iters):
+        Y = R @ Q
+        cols = []
+        for j in range(Y.shape[-1]):
+            v = Y[..., j]
+            for u in cols:
+                v = v - (u * v).sum(-1, keepdim=True) * u
+            cols.append(v / v.norm(dim=-1, keepdim=True))
+        P = torch.stack(cols, dim=-1)
+        Q = R.mT @ P
+    return P @ Q.mT
+
+
+def alt_gear_nbytes_in_bits(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # bits, then / 8
+    groups = tokens * head_dim // group_size
+    total_bits = (tokens * head_dim * bits + groups * (16 + 16) + n_outliers * (16 + 8 * index_bytes)
+                  + 16 * rank * tokens + 16 * rank * head_dim)
+    return total_bits // 8
+
+
+def alt_gear_nbytes_per_entry(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # a float:
+    entries = tokens * head_dim  # bytes per entry times entries (exact: every factor is dyadic on the cases)
+    return entries * (bits / 8 + 4 / group_size) + (2 + index_bytes) * n_outliers + 2 * rank * (tokens + head_dim)
+
+
+def alt_gear_nbytes_parts(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # named parts summed
+    parts = {"codes": math.ceil(tokens * head_dim * bits / 8), "scales": 2 * tokens * head_dim // group_size,
+             "minima": 2 * tokens * head_dim // group_size, "outlier values": 2 * n_outliers,
+             "outlier indices": index_bytes * n_outliers, "P": 2 * tokens * rank, "Q": 2 * head_dim * rank}
+    return sum(parts.values())
+
+
+def alt_gear_nbytes_tensor(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # a 0-d tensor
+    return torch.tensor(good_gear_nbytes(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes))
+
+
+CORRECT_ALTERNATIVES = [
+    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_loop),
+    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_transposed),
+    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_unflatten_no_clamp),
+    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_float64),
+    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_normalised),
+    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_argsort),
+    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_kthvalue),
+    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_sort_last_dim),
+    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_topk_of_negated),
+    (checks.check_lowrank, LOWRANK, alt_lowrank_transpose),
+    (checks.check_lowrank, LOWRANK, alt_lowrank_projection),
+    (checks.check_lowrank, LOWRANK, alt_lowrank_svd_basis),
+    (checks.check_lowrank, LOWRANK, alt_lowrank_gram_schmidt),
+    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_in_bits),
+    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_per_entry),
+    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_parts),
+    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_tensor),
+]
+
+
+# ----------------------------------------------------------------------------- the lab's own solutions
+
+
+def test_good_copies_match_the_lab_solutions():
+    """The good_* copies above are the lab's solution code (up to the good_ prefix)."""
+    assert_good_copies_match(__file__, LAB, LAB_FUNCTIONS)
+
+
+def test_the_lab_solution_code_passes_every_checker(capsys):
+    """Compiled straight from the lab source, checked in the order the lab checks them (1, 2, 3, 4). The lab's
+    outlier_mask uses kv (the lab imports compresslab.kvcache as kv)."""
+    assert_lab_solutions_pass(LAB, GOOD, list(GOOD), capsys, namespace={"kv": kv})
+
+
+def test_lab_checks_each_exercise_with_its_checker():
+    """The lab source calls the four lab-05 checkers on the four solution functions."""
+    assert_lab_calls_its_checkers(LAB, GOOD)
+
+
+# ----------------------------------------------------------------------------- passed
+
+
+@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
+def test_solution_passes(checker, capsys):
+    name, good, _ = GOOD[checker]
+    assert_passed(checker, name, good, capsys)
+
+
+@pytest.mark.parametrize("checker, name, fn", CORRECT_ALTERNATIVES, ids=lambda v: getattr(v, "__name__", ""))
+def test_correct_alternatives_pass(checker, name, fn, capsys):
+    assert_accepted(checker, name, fn, capsys)
+
+
+# ----------------------------------------------------------------------------- not done
+
+
+def _fake_quantize_plain(k: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Exercise 1 in plain Python: every channel of every head, group_size consecutive tokens at a time."""
+    out = k.tolist()
+    levels = 2**bits - 1
+    for b, heads in enumerate(out):
+        for h, tokens in enumerate(heads):
+            for c in range(len(tokens[0])):
+                for start in range(0, len(tokens), group_size):
+                    group = [tokens[t][c] for t in range(start, start + group_size)]
+                    lo, hi = min(group), max(group)
+                    scale = (hi - lo) / levels
+                    for t in range(start, start + group_size):
+                        out[b][h][t][c] = round((tokens[t][c] - lo) / scale) * scale + lo
+    return torch.tensor(out)
+
+
+def _outlier_mask_plain(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Exercise 2 along dim=-2 of a (b, n, c) tensor in plain Python: the k smallest and k largest of each column."""
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    for b, rows in enumerate(x.tolist()):
+        for c in range(len(rows[0])):
+            order = sorted(range(len(rows)), key=lambda i: rows[i][c])
+            for i in order[:k] + order[-k:]:
+                mask[b, i, c] = True
+    return mask
+
+
+def _sample_calls():
+    """checker -> (args of one sample call, an independent computation of what the reference must return)."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 8, 3, generator=g) * 2 + 1
+    x = torch.randn(2, 10, 5, generator=g)
+    assert kv.outliers_per_side(10, 0.4) == 2  # 40 % of 10 entries: 2 on each side
+    # R = U diag(s) V^T with a start Q0 spanning V's first two columns: after any number of rounds P spans U's first
+    # two columns, and P @ Q^T is the best rank-2 approximation U_2 diag(s_2) V_2^T
+    U = torch.linalg.qr(torch.randn(6, 4, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(4, 4, generator=g)).Q
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    R = (U * s) @ V.T
+    Q0 = V[:, :2] @ torch.tensor([[1.0, 0.5], [-0.3, 2.0]])
+    best2 = (U[:, :2] * s[:2]) @ V[:, :2].T
+    # 128 tokens x 64 channels, 4 bits, groups of 32, rank 2, 10 outliers with 1-byte indices
+    nbytes = 128 * 64 * 4 // 8 + (128 * 64 // 32) * (2 + 2) + 10 * (2 + 1) + 2 * (128 * 2 + 64 * 2)
+    return {
+        checks.check_quantize_keys: ((k, 2, 4), _fake_quantize_plain(k, 2, 4)),
+        checks.check_outlier_mask: ((x, 0.4, -2), _outlier_mask_plain(x, 2)),
+        checks.check_lowrank: ((R, Q0, 2), best2),
+        checks.check_gear_nbytes: ((128, 64, 4, 32, 2, 10, 1), nbytes),
+    }
+
+
+@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
+def test_not_implemented_is_not_done(checker, capsys):
+    got = assert_not_done(checker, GOOD[checker][0], capsys)
+    args, expected = _sample_calls()[checker]
+    assert_same(got(*args), expected)
+
+
+def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
+    """The lab calls the references on real cache shapes: quantize_keys on (1, heads, tokens, head_dim) keys,
+    outlier_mask along the tokens (dim=-2) with ratio 0 too, lowrank_residual on (1, heads, tokens, head_dim)
+    residuals with a (head_dim, r) start, gear_nbytes with kv.index_bytes."""
+    def todo(*args):
+        raise NotImplementedError
+
+    quantize, mask, lowrank, nbytes = (c(todo) for c in GOOD)
+    capsys.readouterr()
+    g = torch.Generator().manual_seed(1)
+    K = torch.randn(1, 3, 128, 64, generator=g)
+    torch.testing.assert_close(quantize(K, 2, 64), good_quantize_keys_per_channel(K, 2, 64))
+    for r in (0.0, 0.02, 0.08):
+        m = mask(K, r, -2)
+        assert m.dtype == torch.bool and torch.equal(m, good_outlier_mask(K, r, -2))
+        assert int(m.sum()) == 2 * kv.outliers_per_side(128, r) * 3 * 64
+    Q0 = torch.randn(64, 4, generator=g)
+    L = lowrank(K, Q0, 3)
+    assert L.shape == K.shape and int(torch.linalg.matrix_rank(L[0, 1])) == 4
+    torch.testing.assert_close(L, good_lowrank_residual(K, Q0, 3), rtol=1e-4, atol=1e-4)
+    assert nbytes(128, 64, 2, 64, 4, 2 * 2 * 64, kv.index_bytes(128)) == good_gear_nbytes(128, 64, 2, 64, 4, 256, 1)
+
+
+# ----------------------------------------------------------------------------- failed
+
+
+@pytest.mark.parametrize("checker, name, fn, message", WRONG, ids=[w[2].__name__ for w in WRONG])
+def test_wrong_answer_is_rejected(checker, name, fn, message, capsys):
+    assert_failed(checker, name, fn, capsys, message)
+
+
+@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
+def test_at_least_four_wrong_answers_per_checker(checker):
+    assert sum(c is checker for c, _, _, _ in WRONG) >= 4
+
+
+@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
+def test_the_reference_is_handed_back_after_a_failure(checker, capsys):
+    wrong = next(fn for c, _, fn, _ in WRONG if c is checker)
+    got = checker(wrong)
+    capsys.readouterr()
+    args, expected = _sample_calls()[checker]
+    assert_same(got(*args), expected)
+
+
+@pytest.mark.parametrize("checker", TENSOR_CHECKERS, ids=CHECKER_IDS)
+def test_other_exceptions_are_failures_not_crashes(checker, capsys):
+    assert_other_exception_fails(checker, GOOD[checker][0], capsys)
+
+
+def test_other_exceptions_in_gear_nbytes_are_failures_not_crashes(capsys):
+    """Exercise 4 gets ints (the shared helper's x.amin typo needs a tensor): a TypeError from plain Python."""
+    def typo(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):
+        return math.prod(tokens, head_dim) * bits // 8  # math.prod takes one iterable
+
+    out = assert_failed(checks.check_gear_nbytes, GEAR_NBYTES, typo, capsys, "raised TypeError")
+    assert "math.prod(tokens, head_dim)" in out  # the offending line is shown
+
+
+def test_returning_none_is_a_failure(capsys):
+    def forgot_return(k, bits, group_size):
+        good_quantize_keys_per_channel(k, bits, group_size)
+
+    def forgot_return_nbytes(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):
+        good_gear_nbytes(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes)
+
+    assert_failed(checks.check_quantize_keys, QUANTIZE_KEYS, forgot_return, capsys,
+                  "expected a torch.Tensor, got NoneType")
+    checks.STATUS.clear()
+    assert_failed(checks.check_gear_nbytes, GEAR_NBYTES, forgot_return_nbytes, capsys,
+                  "expected a number, got NoneType")
+
+
+def test_the_integer_zero_point_is_really_different():
+    """Why qk_integer_zero_point is wrong here: rounding -min / scale to an integer moves every level by up to half a
+    step, so the group minimum is no longer reproduced exactly (the checker's 1e-4 would accept float noise only)."""
+    k = checks._keys((1, 1, 96, 12), 82, offset=5.0)
+    good, gptq = good_quantize_keys_per_channel(k, 2, 32), qk_integer_zero_point(k, 2, 32)
+    mins = k.reshape(1, 1, 3, 32, 12).amin(3)
+    torch.testing.assert_close(good.reshape(1, 1, 3, 32, 12).amin(3), mins)  # the minimum is a level, exactly
+    assert (gptq - good).abs().max() > 0.05
+
+
+def test_int_k_is_caught_by_the_skewed_case_only():
+    """Why om_int_k fails, and where: int(ratio * n / 2) is 0 for 10 % of 16 entries (the skewed case), where
+    outliers_per_side keeps at least one per side; on the other cases' sizes the two agree."""
+    assert int(0.10 * 16 / 2) == 0 and kv.outliers_per_side(16, 0.10) == 1
+    for n, ratio in ((200, 0.02), (64, 0.04), (128, 0.05), (8, 0.0)):  # the other four cases
+        assert int(ratio * n / 2) == kv.outliers_per_side(n, ratio)
+
+
+def test_normalised_columns_are_not_an_orthonormal_basis():
+    """Why lr_normalised_columns is wrong: unit columns are not orthogonal, so P @ P^T is no projection and the
+    result differs from the power iteration's."""
+    R = checks._slow_spectrum((40, 12), 91)
+    Q0 = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    Y = R @ Q0
+    P = Y / Y.norm(dim=-2, keepdim=True)
+    torch.testing.assert_close(P.norm(dim=-2), torch.ones(2))
+    assert (P.mT @ P - torch.eye(2)).abs().max() > 0.1
+    assert (lr_normalised_columns(R, Q0, 3) - good_lowrank_residual(R, Q0, 3)).abs().max() > 1e-2
+
+
+def test_dot_T_is_right_for_2d_and_wrong_for_batched():
+    """Why lr_dot_T passes three cases: .T is .mT on a 2-D R; only the batched (2, 3, 64, 16) case tells."""
+    R = checks._slow_spectrum((40, 12), 91)
+    Q0 = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lr_dot_T(R, Q0, 3), good_lowrank_residual(R, Q0, 3))
+    with pytest.raises(RuntimeError):
+        lr_dot_T(checks._slow_spectrum((2, 3, 64, 16), 92), torch.randn(16, 4), 3)
+
+
+# ----------------------------------------------------------------------------- inputs are cloned per call
+
+
+def mut_quantize_keys(k, bits, group_size):
+    out = good_quantize_keys_per_channel(k, bits, group_size)
+    k.zero_()
+    return out
+
+
+def mut_outlier_mask(x, ratio, dim):
+    out = good_outlier_mask(x, ratio, dim)
+    x.mul_(-1)
+    return out
+
+
+def mut_lowrank(R, Q0, iters):
+    out = good_lowrank_residual(R, Q0, iters)
+    R.zero_(), Q0.mul_(-3)
+    return out
+
+
+MUTATING = [(checks.check_quantize_keys, QUANTIZE_KEYS, mut_quantize_keys),
+            (checks.check_outlier_mask, OUTLIER_MASK, mut_outlier_mask),
+            (checks.check_lowrank, LOWRANK, mut_lowrank)]  # gear_nbytes gets ints: nothing to mutate
+
+
+@pytest.mark.parametrize("checker, name, fn", MUTATING, ids=lambda v: getattr(v, "__name__", ""))
+def test_correct_answer_that_mutates_its_inputs_afterwards_passes(checker, name, fn, capsys):
+    """Each call gets clones of the case tensors: changing them after computing cannot corrupt later cases."""
+    assert_mutating_answer_passes(checker, name, fn, GOOD[checker][1], capsys)
+
+
+def test_summary_of_the_lab05_exercises(capsys):
+    checks.check_quantize_keys(good_quantize_keys_per_channel)
+    checks.check_outlier_mask(om_largest_abs)
+
+    def todo(R, Q0, iters):
+        raise NotImplementedError
+
+    checks.check_lowrank(todo)
+    checks.check_gear_nbytes(good_gear_nbytes)
+    result, lines = summary_lines(capsys)
+    assert result == {QUANTIZE_KEYS: "passed", OUTLIER_MASK: "failed", LOWRANK: "not done", GEAR_NBYTES: "passed"}
+    assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
