@@ -81,7 +81,7 @@ def plot_memory_vs_context(config, weight_bytes: int, contexts=None, batch_sizes
 
 
 def check_kv_bits(bits) -> int:
-    if isinstance(bits, bool) or bits not in KV_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in KV_BITS:
         raise ValueError(f"KV-cache bits must be one of {KV_BITS} (packed 8 // bits codes per byte), got {bits!r}. "
                          "16 bits is the uncompressed cache: use method='fp16'.")
     return bits
@@ -252,7 +252,8 @@ def power_iteration(R: torch.Tensor, Q: torch.Tensor, iters: int = 3) -> tuple[t
     """Subspace iteration: `iters` rounds of P = orth(R Q), Q = R^T P from the start Q (d, r) or (..., d, r).
     R (..., n, d) ~ P @ Q^T with P (..., n, r) orthonormal, Q (..., d, r); the product is the projection of R onto
     the span of P, so it does not depend on how the QR picks its signs."""
-    P = None
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an int >= 1 (rounds of power iteration; GEAR uses 3), got {iters!r}")
     for _ in range(iters):
         P = torch.linalg.qr(R @ Q).Q  # (..., n, r) orthonormal columns
         Q = R.mT @ P  # (..., d, r)
@@ -389,6 +390,8 @@ class CompressedLayer(DynamicLayer):
     `update` returns the reconstructed past, the buffer and the new states (these in full precision), like
     transformers' own QuantizedLayer; unlike it, a block is compressed once and never re-quantized."""
 
+    is_croppable = False  # generate() checks this before cropping (assisted decoding, deferred stop checks)
+
     def __init__(self, config: KVConfig):
         super().__init__()
         self.config = config
@@ -456,8 +459,10 @@ def check_model_supported(model) -> None:
         raise ValueError(f"the compressed KV cache supports {SUPPORTED_MODEL_TYPES} models (decoder-only, full "
                          f"attention); got model_type={config.model_type!r}. Load one of the lab's models "
                          "(compresslab.load_model), or use transformers' own DynamicCache for this one.")
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    if set(layer_types) != {"full_attention"} or getattr(config, "use_sliding_window", False):
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None and getattr(config, "use_sliding_window", False):
+        layer_types = ["sliding_attention"]
+    if layer_types is not None and set(layer_types) != {"full_attention"}:
         raise ValueError(f"the compressed KV cache needs full attention in every layer; this model has "
                          f"{sorted(set(layer_types))} (sliding-window layers keep a rolling cache).")
 
