@@ -203,7 +203,8 @@ for name, bits, e_ch, e_tok in rows:
 def outlier_mask(x: torch.Tensor, ratio: float, dim: int) -> torch.Tensor:
     """x (...) -> bool mask (...) of the k largest and k smallest entries of each vector along dim."""
     ### BEGIN SOLUTION
-    k = kv.outliers_per_side(x.shape[dim], ratio)
+    n = x.shape[dim]  # entries per vector
+    k = kv.outliers_per_side(n, ratio)
     mask = torch.zeros_like(x, dtype=torch.bool)
     if k:
         mask.scatter_(dim, x.topk(k, dim=dim).indices, True)

@@ -49,7 +49,8 @@ def good_quantize_keys_per_channel(k: torch.Tensor, bits: int, group_size: int) 
 
 def good_outlier_mask(x: torch.Tensor, ratio: float, dim: int) -> torch.Tensor:
     """x (...) -> bool mask (...) of the k largest and k smallest entries of each vector along dim."""
-    k = kv.outliers_per_side(x.shape[dim], ratio)
+    n = x.shape[dim]  # entries per vector
+    k = kv.outliers_per_side(n, ratio)
     mask = torch.zeros_like(x, dtype=torch.bool)
     if k:
         mask.scatter_(dim, x.topk(k, dim=dim).indices, True)
@@ -194,7 +195,8 @@ def _scatter(x, dim, *indices):
 
 
 def om_largest_abs(x, ratio, dim):  # the 2k largest |x|: misses the bottom tail of a skewed (all positive) vector
-    k = kv.outliers_per_side(x.shape[dim], ratio)
+    n = x.shape[dim]  # entries per vector
+    k = kv.outliers_per_side(n, ratio)
     return _scatter(x, dim, *([x.abs().topk(2 * k, dim=dim).indices] if k else []))
 
 
@@ -214,7 +216,8 @@ def om_k_from_last_dim(x, ratio, dim):  # topk along dim, but k counted from the
 
 
 def om_largest_only(x, ratio, dim):  # the k largest, no bottom tail
-    k = kv.outliers_per_side(x.shape[dim], ratio)
+    n = x.shape[dim]  # entries per vector
+    k = kv.outliers_per_side(n, ratio)
     return _scatter(x, dim, *([x.topk(k, dim=dim).indices] if k else []))
 
 
