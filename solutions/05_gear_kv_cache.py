@@ -26,8 +26,8 @@
 # 3. extract outliers, and fit the quantization residual with a low-rank matrix by power iteration;
 # 4. assemble GEAR (D + L + S), count every byte it stores, and judge it against plain 2-bit on the model.
 #
-# **Time:** about 70 minutes (30 min of exercises). **Hardware:** CPU works (quick mode ~2 min; full mode ~6 min on
-# a 2-core CPU); a GPU adds longer contexts and GSM8K.
+# **Time:** about 70 minutes (30 min of exercises). **Hardware:** CPU works (quick mode ~1 min on a 2-core CPU; full
+# mode several minutes); a GPU adds longer contexts and GSM8K.
 
 # %% [markdown] tags=["instructor"]
 # **Instructor notes — lab 05.** Slot: 70 min (10 min memory arithmetic and prefill vs decode, 10 min looking at real
@@ -75,7 +75,7 @@ N_WINDOWS = N_WINDOWS or (2 if env.quick else 4 if env.device == "cpu" else 16)
 PREFIX = PREFIX or (192 if env.quick else 512)
 SCORED = SCORED or (64 if env.quick else 512)
 print(f"cache perplexity: {N_WINDOWS} windows, {PREFIX} prefilled + {SCORED} scored tokens ({PREFIX + SCORED} context),"
-      f" {CHUNK} at a time; expected runtime " + ("~2 min" if env.quick else "~6 min on a 2-core CPU"))
+      f" {CHUNK} at a time; expected runtime " + ("~1 min" if env.quick else "several minutes on a CPU"))
 
 model, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)
 cfg = model.config
@@ -453,8 +453,8 @@ plt.show()
 #   and rotate after dequantizing.
 # * **Attention sinks**: the first tokens draw most of the attention; keeping them in fp16 (like the residual buffer
 #   at the other end) is cheap and helps 2-bit caches.
-# * **Bigger heads**: with head_dim 128 (Llama, Qwen-1.5B) a rank-4 factor costs half as much per entry — try
-#   `MODEL = "llama-3.2-1b"` on a GPU.
+# * **Bigger heads**: with head_dim 128 (Llama-3.1-8B, Qwen2.5-1.5B) a rank-4 factor costs half as much per entry —
+#   try `MODEL = "qwen2.5-1.5b"` on a GPU (SmolLM2, Qwen2.5-0.5B and Llama-3.2-1B all have 64-wide heads).
 # * **Fused kernels**: this cache dequantizes every block at every step (simple, exact, slow). Real KIVI/GEAR fuse
 #   dequantization into the attention kernel — the package's Triton kernels (issue 8) are where that lives.
 
