@@ -27,11 +27,14 @@
 # 4. quantize a whole model layer by layer and compare RTN and GPTQ variants on perplexity and arithmetic;
 # 5. export a standard GPTQ checkpoint (`qweight`, `qzeros`, `scales`, `g_idx`) and reload it bit-exactly.
 #
-# **Time:** about 90 minutes (40 min of exercises). **Hardware:** CPU is fine in quick mode; a GPU for full mode.
+# **Time:** about 90 minutes (40 min of exercises), plus an optional 15-minute Triton puzzle (section 10).
+# **Hardware:** CPU is fine in quick mode; a GPU for full mode.
 
 # %% [markdown] tags=["instructor"]
 # **Instructor notes — lab 02.** Slot: 90 min (15 min on the OBS derivation at the whiteboard, 40 min exercises,
-# 20 min whole-model results while GPTQ runs, 15 min export and discussion).
+# 20 min whole-model results while GPTQ runs, 15 min export and discussion). Section 10 (the Triton GEMV) is optional:
+# give it to fast groups, or run it as a 15-minute live-coding demo; the usual bugs are the shift (k % 8, not
+# 4 * (k % 8)), forgetting the v1 zero's + 1, and no mask on the last columns — the checker names each.
 #
 # * Common mistakes the checkers catch: summing instead of averaging the Hessian (second batch case), forgetting the
 #   factor 2, dividing the error by `Hinv[i, i]` twice or not at all, forgetting the clamp, reading the
@@ -484,6 +487,91 @@ if sz.gsm8k_n and MODEL != "smollm2-135m":
 else:
     print("skipped: GSM8K needs a >= 0.5B instruct model on a GPU (set MODEL = 'qwen2.5-0.5b' in full mode). "
           "A 135M model is too weak for GSM8K to tell quantizers apart; the arithmetic probe is the CPU stand-in.")
+
+# %% [markdown] tags=["slide"]
+# ## 10 · Optional puzzle: the kernel that makes 4-bit fast
+#
+# A 4-bit checkpoint is only faster if a kernel reads the packed words and **dequantizes in registers**: decode reads
+# every weight once per token, so its time is bytes ÷ bandwidth. fp16 reads 2 bytes per weight; W4A16 at g64 reads
+# 0.5 + (2 + 0.5) / 64 ≈ 0.54 — a bound of ~3.7× fewer bytes. Dequantize to fp16 first (as `load_gptq` does) and you
+# read *more* than fp16.
+#
+# Write that kernel in [Triton](https://triton-lang.org): one program computes `BLOCK_N` outputs of $y = Wx$ for one
+# token, walking $K$ in steps of `BLOCK_K`. Everything is in the checkpoint layout of section 8 (contiguous groups
+# here; act-order's `g_idx` adds one gather per row). On CPU, Triton runs through its interpreter (numpy underneath:
+# exact, ~1 s per call); on a GPU the same code compiles. The package's full version, `compresslab.kernels.w4a16`
+# (split-K GEMV for decode, tensor-core GEMM for prefill, autotuned), is what `make bench` times.
+
+# %%
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def my_dequant_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K, GROUP_SIZE: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[n] = sum_k x[k] * W[n, k] for this program's BLOCK_N columns n. qweight (K/8, N), qzeros (G, N/8),
+    scales (G, N), all row-major; W^T[k, n] = (code[k, n] - (stored_zero[g, n] + 1) % 16) * scale[g, n]."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) this program's output columns
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # (BK,) the input features of this step
+        x = tl.load(x_ptr + offs_k).to(tl.float32)  # (BK,)
+        ### BEGIN SOLUTION
+        words = tl.load(qw_ptr + (offs_k // 8)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        q = (words >> ((offs_k % 8) * 4)[:, None]) & 0xF  # (BK, BN) the codes
+        g = offs_k // GROUP_SIZE  # (BK,) the group of each input feature
+        scale = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
+        zw = tl.load(qz_ptr + g[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=mask_n[None, :], other=0)
+        z = (((zw >> ((offs_n % 8) * 4)[None, :]) & 0xF) + 1) & 0xF  # v1 zeros: stored minus one, wrapped
+        acc += tl.sum(x[:, None] * ((q - z).to(tl.float32) * scale), axis=0)
+        ### END SOLUTION
+    tl.store(out_ptr + offs_n, acc.to(tl.float16), mask=mask_n)
+
+
+def my_w4a16_gemv(x, qweight, qzeros, scales, group_size):
+    """x (K,) fp16 -> y (N,) fp16: one program per 32 output columns (K must be a multiple of 32)."""
+    k, n = x.shape[0], qweight.shape[1]
+    out = torch.empty(n, dtype=torch.float16, device=x.device)
+    my_dequant_gemv_kernel[(triton.cdiv(n, 32),)](x, qweight, qzeros, scales, out, n, k, GROUP_SIZE=group_size,
+                                                   BLOCK_N=32, BLOCK_K=32)
+    return out
+
+
+my_w4a16_gemv = cl.checks.check_dequant_gemv(my_w4a16_gemv)
+
+# %% [markdown]
+# Now on a real layer: layer 0's `q_proj` in the checkpoint layout (round-to-nearest, group 64), one real hidden
+# state. Your kernel (or the reference, if it did not pass) against PyTorch on the dequantized weight, and the
+# package's kernel. On a GPU it also times them against cuBLAS fp16; on CPU the interpreter's time means nothing.
+
+# %%
+from compresslab.kernels import w4a16
+
+lin = model.model.layers[0].self_attn.q_proj
+qlin = w4a16.QuantLinear.from_linear(lin, GROUP_SIZE).to(env.device)
+with torch.no_grad():
+    ids = tok("The capital of France is", return_tensors="pt").input_ids.to(env.device)
+    h = model.model.embed_tokens(ids)[0, -1].half()  # (576,) a real activation
+    y_ref = (qlin.dequantized_weight().to(env.device) @ h.float()).half()
+    y_mine = my_w4a16_gemv(h, qlin.qweight, qlin.qzeros, qlin.scales, GROUP_SIZE)
+    y_pkg = qlin(h[None])[0]
+print(f"largest |yours - PyTorch| = {(y_mine.float() - y_ref.float()).abs().max():.2e}, "
+      f"|package - PyTorch| = {(y_pkg.float() - y_ref.float()).abs().max():.2e} (outputs up to {y_ref.abs().max():.1f})")
+print(f"bytes read: fp16 weight {lin.weight.numel() * 2 / 1e3:.0f} kB, packed {qlin.nbytes() / 1e3:.0f} kB")
+if env.device == "cuda":
+    from triton.testing import do_bench
+
+    w16 = lin.weight.detach().half()
+    t16 = do_bench(lambda: w16 @ h)
+    t_mine = do_bench(lambda: my_w4a16_gemv(h, qlin.qweight, qlin.qzeros, qlin.scales, GROUP_SIZE))
+    t_pkg = do_bench(lambda: qlin(h[None]))
+    print(f"fp16 {t16 * 1e3:.1f} us | yours {t_mine * 1e3:.1f} us | package {t_pkg * 1e3:.1f} us — a 576x576 layer "
+          "is too small to be bandwidth-bound; `make bench` measures 4096-wide ones")
+else:
+    print("CPU: the kernels ran in Triton's interpreter (exact, not fast); timings need a GPU (`make bench`).")
 
 # %% [markdown]
 # ## Reflection

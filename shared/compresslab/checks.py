@@ -555,9 +555,65 @@ def check_gear_nbytes(fn: Callable) -> Callable:
                           "low rank: BOTH fp16 factors, P (tokens x rank) and Q (head_dim x rank).")
 
 
+# ----------------------------------------------------------------------------- lab 02 (optional): a Triton GEMV
+
+
+def _gemv_case(n: int, k: int, group_size: int, seed: int, nonneg_group: bool = False) -> tuple:
+    """(x (K,) fp16, qweight, qzeros, scales, group_size) of a random W in the GPTQ v1 layout."""
+    from .kernels import w4a16
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.linspace(0.5, 2.0, n)[:, None]  # columns differ in scale
+    w += torch.randn(n, 1, generator=g)  # and in offset: zero points vary from column to column
+    if nonneg_group:  # a group whose minimum is >= 0 has zero point 0, stored (v1: minus one) as 15
+        w[:, :group_size] = w[:, :group_size].abs() + 0.1
+    x = torch.randn(k, generator=g).half()
+    return (x, *w4a16.rtn_gptq(w, group_size)[:3], group_size)
+
+
+def _gemv_reference(x, qweight, qzeros, scales, group_size):
+    from .kernels import w4a16
+
+    return w4a16.w4a16_matmul_ref(x[None], qweight, qzeros, scales, None, group_size)[0]
+
+
+def _not_done_through_triton(fn: Callable) -> Callable:
+    """Triton wraps an exception raised inside a kernel (interpreter) or refuses to compile `raise` (GPU):
+    an unfinished kernel still counts as NOT DONE, not FAILED."""
+    def call(*args):
+        try:
+            return fn(*args)
+        except NotImplementedError:
+            raise
+        except Exception as err:
+            if isinstance(err.__cause__, NotImplementedError) or "NotImplementedError" in str(err):
+                raise NotImplementedError from err
+            raise
+    return call
+
+
+def check_dequant_gemv(fn: Callable) -> Callable:
+    """Exercise (lab 02, optional): fn(x (K,) fp16, qweight, qzeros, scales, group_size) -> W x (N,) in fp16."""
+    cases = [Case("one group, one block of 32 outputs", _gemv_case(32, 32, 32, 1)),
+             Case("K = 128: codes in all eight nibbles of each word, four groups (scale of group k // group_size)",
+                  _gemv_case(32, 128, 32, 2)),
+             Case("a group with zero point 0, stored as 15 (v1 keeps zero - 1; add 1 back modulo 16)",
+                  _gemv_case(64, 64, 32, 3, nonneg_group=True)),
+             Case("N = 72 is not a multiple of the block: mask the last columns", _gemv_case(72, 64, 64, 4)),
+             Case("group_size 64 over K = 192", _gemv_case(40, 192, 64, 5))]
+    wrapped = _not_done_through_triton(fn)
+    got = run_check("Optional · dequant_gemv (Triton)", wrapped, _gemv_reference, cases,
+                     atol=2e-2, rtol=2e-3,
+                     hint="row k of qweight's word k // 8 holds code k at bits 4 * (k % 8); the group of row k is "
+                          "k // GROUP_SIZE; the zero of column n sits in qzeros[g, n // 8] at bits 4 * (n % 8), plus "
+                          "one, & 0xF; w = (q - z) * scale; accumulate sum_k x[k] * w[k, n] in float32.")
+    return fn if got is wrapped else got  # the lab keeps the participant's own function when it passed
+
+
 __all__ = ["run_check", "summary", "check_qparams", "check_quant_dequant",
                       "check_fake_quantize_groups", "check_pack_int4", "check_accumulate_hessian", "check_column_step",
            "check_act_order", "check_reconstruction_error", "check_accumulate_act_norm", "check_wanda_mask",
            "check_nm_mask", "check_sparsegpt_step", "check_softmax_T", "check_soft_loss", "check_reverse_kl",
            "check_kd_loss", "check_quantize_keys", "check_outlier_mask", "check_lowrank", "check_gear_nbytes",
+           "check_dequant_gemv",
            "STATUS", "Case"]
