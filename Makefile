@@ -22,7 +22,7 @@ $(STAMP): shared/pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e "shared[lab,test,interpret]"
+	$(PY) -m pip install -q -e "shared[lab,test,interpret,deploy]"
 	$(PY) -m pip install -q --no-deps $(SMOLLM_PIN)
 	@touch $(STAMP)
 

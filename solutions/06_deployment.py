@@ -1,0 +1,374 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown] tags=["slide"]
+# # Lab 06 · Deployment: turning compression into tokens per second
+#
+# **The Art of Compressing LLMs** — hands-on lab 6 of 7.
+#
+# Labs 01–05 made the model and its cache smaller. Smaller is not faster by itself: a 4-bit model is only faster if
+# something reads the 4-bit words directly. Today you work out what bounds generation speed (the **roofline**),
+# measure latency the way serving systems report it, and run the model in two real runtimes — **ONNX Runtime** with
+# 4-bit `MatMulNBits` kernels (any CPU, tested here) and **TensorRT-LLM** (NVIDIA sm80+ GPUs) — against that bound.
+#
+# **Learning objectives.** By the end you can
+# 1. explain why prefill is compute-bound and decode memory-bound, and measure both;
+# 2. compute the bytes one decode step reads (weights at any bit width, plus the KV cache) and the tokens/s bound on
+#    any GPU or CPU;
+# 3. measure time-to-first-token and inter-token latency correctly;
+# 4. export, quantize and run the model in ONNX Runtime and compare it with PyTorch at equal prompts;
+# 5. say which formats each GPU generation accelerates, and why batching trades latency for throughput.
+#
+# **Time:** about 60 minutes (20 min of exercises). **Hardware:** CPU for everything but section 7 (quick mode ~2 min
+# on a 2-core CPU); TensorRT-LLM needs an sm80+ GPU inside NVIDIA's container.
+
+# %% [markdown] tags=["instructor"]
+# **Instructor notes — lab 06.** Slot: 60 min (10 min prefill vs decode, 15 min the roofline with exercises 1–2,
+# 10 min latency with exercise 3, 15 min the runtimes and the roofline plot, 10 min GPU formats and discussion).
+#
+# * Common mistakes the checkers catch: `bits // 8` (3-bit becomes 0 bytes), forgetting the per-group scales, or
+#   quantizing the embeddings too; forgetting the KV cache, or reading it once per step instead of once per
+#   sequence; GiB instead of GB; TTFT measured between the first two tokens; dividing the whole generation time by the
+#   number of tokens (prefill counted as decode) or by n instead of n − 1 intervals.
+# * Discussion prompts: "why does batch 64 give ~50x the throughput of batch 1 but not faster tokens for each user?";
+#   "the int4 ONNX model is 6x smaller but only N x faster here — where does the rest go?" (dequantization work,
+#   activations quantized to int8 on the fly, non-matmul ops, Python overhead per token; a 135M model is
+#   latency-bound, not bandwidth-bound, at batch 1); "what would you deploy on a T4?" (no TensorRT-LLM, no FP8: ONNX
+#   Runtime or vLLM with AWQ/GPTQ W4A16 kernels).
+# * On a GPU node with the NGC TensorRT-LLM container, run section 7 live; otherwise show its printed explanation.
+
+# %% tags=["parameters"]
+MODEL = "smollm2-135m"  # offline default (ONNX export works for Llama-family models)
+DTYPE = "float32"
+QUICK = False  # True: fewer tokens and windows (the tests set it)
+SEED = 0
+PROMPT = "The history of the transistor"
+NEW_TOKENS = None  # tokens generated per timed run; None: 16 quick, 64 full
+PPL_TOKENS = None  # tokens of WikiText-2 scored through each runtime; None: 64 quick, 256 full
+ONNX_DIR = "onnx-export"  # where the ONNX Runtime exports are written (re-used when present)
+GPTQ_DIR = "gptq-export"  # lab 02's checkpoint; on a GPU section 7 runs it through the Triton W4A16 kernel
+
+# %% [markdown]
+# ## 0 · Setup
+
+# %%
+import copy
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+import compresslab as cl
+from compresslab import deploy
+
+env = cl.setup(quick=QUICK, seed=SEED)
+print(env)
+NEW_TOKENS = NEW_TOKENS or (16 if env.quick else 64)
+PPL_TOKENS = PPL_TOKENS or (64 if env.quick else 256)
+model, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)
+cfg = model.config
+linear_params, other_params = deploy.linear_and_other_params(model)
+kv_per_token = cl.kvcache.kv_bytes_per_token(cfg)  # fp16 cache
+print(f"{MODEL}: {linear_params / 1e6:.1f} M parameters in decoder Linears, {other_params / 1e6:.1f} M elsewhere "
+      f"(embeddings, tied LM head, norms); KV cache {kv_per_token / 1024:.1f} KiB per token in fp16")
+
+# %% [markdown] tags=["slide"]
+# ## 1 · Prefill is compute-bound, decode is memory-bound
+#
+# **Prefill** pushes the whole prompt through the model in one pass: each weight is read once and used for every
+# prompt token — many FLOPs per byte, so the arithmetic units are the limit. **Decode** makes one token per step:
+# each step reads every weight (and the sequence's whole KV cache) to do ~2 FLOPs per weight. Its speed is set by
+# memory bandwidth. Measured on this machine:
+
+# %%
+with torch.no_grad():
+    ids = cl.data.test_windows(tok, 1, 256).to(env.device)  # (1, 256)
+    t_prefill = cl.eval.median_seconds(lambda: model(ids), repeats=3)
+    out = model(ids[:, :255], use_cache=True)
+    t_step = cl.eval.median_seconds(lambda: model(ids[:, 255:], past_key_values=copy.deepcopy(out.past_key_values)),
+                                    repeats=5)
+print(f"prefill of 256 tokens: {t_prefill * 1e3:.0f} ms = {t_prefill / 256 * 1e3:.2f} ms per token")
+print(f"one decode step:       {t_step * 1e3:.0f} ms per token — {t_step / (t_prefill / 256):.0f}x more per token, "
+      "for the same weights")
+
+# %% [markdown] tags=["slide"]
+# ## 2 · The roofline for decode
+#
+# One decode step for a batch of $b$ sequences at context $c$ reads
+# $$\text{bytes/step} = W_{\text{bytes}}(\text{bits}) + b \cdot c \cdot \text{KV bytes/token}$$
+# and produces $b$ tokens, so **tokens/s ≤ b · bandwidth / bytes/step**. Weight-only quantization shrinks only
+# the decoder Linears; a $g$-sized group adds an fp16 scale and a `bits`-bit zero point. Embeddings, the (tied)
+# LM head and norms stay fp16 — on a 135M model with a 49k vocabulary that is a fifth of the parameters.
+#
+# **Exercise 1.** Write `weight_bytes`. **Exercise 2.** Write `decode_bound` (bandwidth in GB/s = $10^9$ bytes/s).
+
+# %%
+def weight_bytes(linear_params, other_params, bits, group_size):
+    """Bytes of the weights: Linears at `bits` (+ per group an fp16 scale and a `bits`-bit zero), the rest fp16."""
+    ### BEGIN SOLUTION
+    if bits == 16:
+        return 2.0 * (linear_params + other_params)
+    groups = linear_params / group_size
+    return linear_params * bits / 8 + groups * (2 + bits / 8) + 2.0 * other_params
+    ### END SOLUTION
+
+
+weight_bytes = cl.checks.check_weight_bytes(weight_bytes)
+
+# %%
+def decode_bound(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):
+    """Upper bound on generated tokens/s for `batch` sequences at `context` tokens of cache."""
+    ### BEGIN SOLUTION
+    step_bytes = weight_bytes + batch * context * kv_bytes_per_token
+    return batch * bandwidth_GBps * 1e9 / step_bytes
+    ### END SOLUTION
+
+
+decode_bound = cl.checks.check_decode_bound(decode_bound)
+
+# %% [markdown]
+# The bound for this model at 16, 8 and 4 bits (group 64) on a T4, an A100, an H100 — and on this machine, whose
+# copy bandwidth we measure rather than look up. Batch 1, 1024 tokens of context.
+
+# %%
+cpu_bw = deploy.measure_bandwidth_GBps()
+machines = {name: spec["bandwidth_GBps"] for name, spec in deploy.GPUS.items() if name != "H200"}
+machines["this CPU (measured copy)"] = cpu_bw
+rows = []
+for bits in (16, 8, 4):
+    wb = weight_bytes(linear_params, other_params, bits, 64)
+    rows.append([f"{bits}-bit", f"{wb / 1e6:.0f} MB"] + [f"{decode_bound(wb, kv_per_token, 1024, 1, bw):,.0f}"
+                                                        for bw in machines.values()])
+print(f"{'':8s}{'weights':>10s}" + "".join(f"{m:>28s}" for m in machines))
+for r in rows:
+    print(f"{r[0]:8s}{r[1]:>10s}" + "".join(f"{v:>28s}" for v in r[2:]))
+print("tokens/s upper bounds, batch 1; each GPU at its datasheet bandwidth")
+
+# %% [markdown]
+# **Batching** shares one read of the weights among all sequences, so throughput grows almost linearly with the batch —
+# until each sequence's KV cache dominates the bytes. Every user still waits one step per token, and a step reads
+# more, so per-user speed falls. Serving engines (TensorRT-LLM, vLLM) keep the batch full with *in-flight*
+# (continuous) batching — new requests join between steps — and a *paged* KV cache that allocates blocks on demand.
+
+# %%
+wb4 = weight_bytes(linear_params, other_params, 4, 64)
+batches = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256])
+fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+for context in (512, 4096, 32768):
+    tput = [decode_bound(wb4, kv_per_token, context, int(b), deploy.GPUS["H100-SXM"]["bandwidth_GBps"]) for b in batches]
+    ax[0].plot(batches, tput, "o-", label=f"context {context}")
+    ax[1].plot(batches, np.array(tput) / batches, "o-", label=f"context {context}")
+ax[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s (all users)", title="H100 bound: throughput")
+ax[1].set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s per user", title="...and per-user speed")
+ax[0].legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Which formats have real kernels where (TensorRT-LLM's support matrix): a format without a kernel on your GPU is
+# only a storage format — the weights get dequantized to fp16 and the model is *not* faster.
+
+# %%
+for generation, formats in deploy.FORMATS_BY_GENERATION.items():
+    print(f"{generation:38s} {formats}")
+
+# %% [markdown] tags=["slide"]
+# ## 3 · Measuring latency correctly
+#
+# Serving systems report two numbers: **time to first token** (TTFT: queueing + prefill + the first token; what a
+# user feels before anything appears) and **inter-token latency** (ITL: the decode step; what sets reading speed).
+# Dividing total time by tokens mixes them. Stamp the time each token arrives (a `streamer` in transformers), then:
+#
+# **Exercise 3.** Write `latency_stats(t_request, token_times)` → `(ttft, itl, decode tokens/s)`, in seconds.
+
+# %%
+def latency_stats(t_request, token_times):
+    """TTFT, mean inter-token latency and decode tokens/s from the request time and each token's arrival time."""
+    ### BEGIN SOLUTION
+    ttft = token_times[0] - t_request
+    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+    return ttft, itl, 1.0 / itl
+    ### END SOLUTION
+
+
+latency_stats = cl.checks.check_latency_stats(latency_stats)
+
+# %%
+timed = {}
+timed["PyTorch fp32"] = deploy.timed_generate(model, tok, PROMPT, NEW_TOKENS)
+clock = deploy.TokenClock()
+t0 = time.perf_counter()
+model.generate(**tok(PROMPT, return_tensors="pt").to(env.device), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+               do_sample=False, streamer=clock, pad_token_id=tok.pad_token_id)
+total = time.perf_counter() - t0
+ttft, itl, tps = latency_stats(t0, clock.times)
+print(f"your latency_stats: TTFT {ttft * 1e3:.0f} ms, ITL {itl * 1e3:.1f} ms, decode {tps:.1f} tokens/s; "
+      f"the naive tokens / total time = {NEW_TOKENS / total:.1f} tokens/s")
+
+# %% [markdown] tags=["slide"]
+# ## 4 · Two PyTorch baselines on the CPU
+#
+# fp32 as loaded, and PyTorch's *dynamic* int8 quantization (`torch.ao.quantization.quantize_dynamic`): Linear weights
+# stored int8 per tensor, activations quantized per batch at run time. Same prompt, greedy, exactly the same number of
+# tokens; `token agreement` is the share of positions where the greedy token equals fp32's.
+
+# %%
+models = {"PyTorch fp32": model}
+if env.device == "cpu":
+    models["PyTorch dynamic int8"] = deploy.dynamic_int8(copy.deepcopy(model))
+    timed["PyTorch dynamic int8"] = deploy.timed_generate(models["PyTorch dynamic int8"], tok, PROMPT, NEW_TOKENS)
+windows = cl.data.test_windows(tok, 1, PPL_TOKENS)  # the same WikiText-2 tokens for every runtime
+ppl = {name: cl.eval.perplexity(m, tok, n_windows=1, seq_len=PPL_TOKENS, batch_size=1, progress=False)
+       for name, m in models.items()}
+read_bytes = {"PyTorch fp32": cl.eval.weight_bytes(model),
+              "PyTorch dynamic int8": linear_params * 1 + other_params * 4}  # int8 Linears, fp32 everything else
+for name, t in timed.items():
+    agree, first = deploy.token_agreement(timed["PyTorch fp32"].tokens, t.tokens)
+    print(f"{name:22s} TTFT {t.ttft_s * 1e3:6.0f} ms  ITL {t.itl_s * 1e3:6.1f} ms  {t.tokens_per_s:6.1f} tok/s  "
+          f"ppl {ppl[name]:.2f}  agreement {agree:.0%} (first difference at {first})")
+
+# %% [markdown] tags=["slide"]
+# ## 5 · ONNX Runtime: a 4-bit model with a 4-bit kernel
+#
+# [ONNX Runtime GenAI](https://onnxruntime.ai/docs/genai/)'s model builder turns the Hugging Face checkpoint into an
+# ONNX graph with fused attention and a KV cache. With `precision="int4"` every MatMul becomes **`MatMulNBits`**:
+# 4-bit symmetric RTN weights in blocks of 32 along K with an fp32 scale, read directly by the kernel. On the CPU its
+# default `accuracy_level=4` also quantizes activations to int8 on the fly to use integer dot products — so this is
+# really W4A8. We export fp32 and int4 (a few seconds each; reused when `ONNX_DIR` already holds them).
+
+# %%
+onnx_ok, why = deploy.onnx_status()
+print(why)
+onnx = {}
+if onnx_ok:
+    for precision in ("fp32", "int4"):
+        path = deploy.build_onnx(Path(ONNX_DIR) / f"{MODEL}-{precision}", precision)
+        lm = deploy.OnnxLM(path)
+        prompt_ids = tok(PROMPT).input_ids
+        lm.timed_generate(prompt_ids, 4)  # warm-up
+        name = f"ONNX Runtime {precision}"
+        timed[name] = lm.timed_generate(prompt_ids, NEW_TOKENS)
+        ppl[name] = deploy.onnx_perplexity(lm, windows)
+        read_bytes[name] = deploy.onnx_bytes(path)
+        onnx[name] = lm
+        agree, first = deploy.token_agreement(timed["PyTorch fp32"].tokens, timed[name].tokens)
+        print(f"{name:22s} {read_bytes[name] / 1e6:5.0f} MB on disk  TTFT {timed[name].ttft_s * 1e3:5.0f} ms  "
+              f"ITL {timed[name].itl_s * 1e3:5.1f} ms  {timed[name].tokens_per_s:6.1f} tok/s  ppl {ppl[name]:.2f}  "
+              f"agreement {agree:.0%} (first difference at {first})")
+
+# %% [markdown] tags=["slide"]
+# ## 6 · Measured against the roofline
+#
+# Each path's bound uses the bytes *it* reads per step (its weights as stored, plus the fp32 KV cache at the average
+# context of the run) and this machine's measured copy bandwidth. The gap between bar and bound is everything that is
+# not streaming weights: kernel launches, non-matmul ops, dequantization, Python.
+
+# %%
+context = len(tok(PROMPT).input_ids) + NEW_TOKENS // 2
+names = list(timed)
+measured = [timed[n].tokens_per_s for n in names]
+bounds = [decode_bound(read_bytes[n], 2 * kv_per_token, context, 1, cpu_bw) if env.device == "cpu" else float("nan")
+          for n in names]
+fig, ax = plt.subplots(figsize=(8, 3.6))
+x = np.arange(len(names))
+ax.bar(x - 0.2, measured, 0.4, label="measured decode tokens/s")
+ax.bar(x + 0.2, bounds, 0.4, label="roofline bound (this CPU)", alpha=0.5)
+for i, (m, b) in enumerate(zip(measured, bounds)):
+    ax.annotate(f"{m / b:.0%} of bound", (i - 0.2, m), ha="center", va="bottom", fontsize=8)
+ax.set(xticks=x, xticklabels=names, yscale="log", ylabel="tokens/s (batch 1)", title=f"{MODEL} on {env.device.upper()}")
+ax.legend(fontsize=8)
+plt.xticks(rotation=10)
+plt.show()
+for n, m, b in zip(names, measured, bounds):
+    cl.results.record(lab="06", method=n, model=MODEL, bits={"fp32": 32, "int8": 8, "int4": 4}[n.split()[-1]],
+                      weight_mb=round(read_bytes[n] / 1e6, 1), ppl=round(ppl[n], 3), tokens_per_s=m,
+                      roofline_tokens_per_s=b, ttft_ms=timed[n].ttft_s * 1e3, quick=env.quick)
+if "ONNX Runtime int4" in timed:
+    speedup = timed["ONNX Runtime int4"].tokens_per_s / timed["PyTorch fp32"].tokens_per_s
+    print(f"ONNX Runtime int4 decodes {speedup:.1f}x faster than PyTorch fp32 on this machine, at "
+          f"{measured[names.index('ONNX Runtime int4')] / bounds[names.index('ONNX Runtime int4')]:.0%} of its bound")
+cl.results.table(lab="06", model=MODEL, quick=env.quick)
+
+# %% [markdown] tags=["slide"]
+# ## 7 · On an NVIDIA GPU: TensorRT-LLM, and lab 02's checkpoint on a W4A16 kernel
+#
+# **TensorRT-LLM** (1.x; its default backend is PyTorch-based) serves Hugging Face checkpoints with in-flight
+# batching, a paged KV cache and FP8 KV cache (`KvCacheConfig(dtype="fp8")`, Ada/Hopper and newer). It needs an sm80+
+# GPU (no T4) and is easiest inside NVIDIA's container `nvcr.io/nvidia/tensorrt-llm/release`. What it does *not*
+# load in 1.x is lab 02's checkpoint: its PyTorch backend reads FP8/NVFP4 (ModelOpt) checkpoints but not
+# `quant_method: gptq`, and act-order (`desc_act`) GPTQ is unsupported in every path. Its 4-bit route is AWQ through
+# NVIDIA ModelOpt — with group size 64 on this model, since 128 does not divide 576. Lab 02's GPTQ checkpoint runs
+# instead on the package's own Triton **W4A16** kernel (`compresslab.kernels`, honouring act-order `g_idx`).
+
+# %%
+ok, why = deploy.trtllm_status()
+print(("TensorRT-LLM: " if ok else "TensorRT-LLM skipped: ") + why)
+if ok:
+    trt_dir = deploy.hf_folder(Path(ONNX_DIR) / f"{MODEL}-hf")
+    for row in deploy.trtllm_benchmark(trt_dir, [PROMPT] * 64, batch_sizes=(1, 8, 64), max_tokens=NEW_TOKENS):
+        print(row)
+    print(deploy.trtllm_serve_once(trt_dir, PROMPT, max_tokens=NEW_TOKENS))
+if env.device == "cuda":
+    from compresslab.kernels import w4a16
+
+    if Path(GPTQ_DIR, "config.json").exists():
+        qmodel, _ = w4a16.load_quantized(GPTQ_DIR, dtype=torch.float16)
+        source = f"lab 02's checkpoint ({GPTQ_DIR})"
+    else:
+        qmodel = w4a16.quantize_model(copy.deepcopy(model).half(), group_size=64)
+        source = "RTN g64 in memory (run lab 02 first for its GPTQ checkpoint)"
+    gpu_bw = deploy.measure_bandwidth_GBps(device="cuda", nbytes=2**30)
+    for name, m in {"fp16": copy.deepcopy(model).half(), "W4A16 Triton": qmodel}.items():
+        t = deploy.timed_generate(m, tok, PROMPT, NEW_TOKENS)
+        bound = decode_bound(cl.eval.weight_bytes(m), kv_per_token, context, 1, gpu_bw)
+        print(f"{name:14s} {t.tokens_per_s:7.1f} tok/s (bound {bound:,.0f} at {gpu_bw:.0f} GB/s) — {source}")
+else:
+    print("no GPU: the W4A16 kernel runs here only in Triton's interpreter (lab 02, section 10); `make bench` on a GPU")
+
+# %% [markdown]
+# ## Reflection
+# **Question 1.** The int4 ONNX model reads about 6x fewer bytes than the fp32 PyTorch model. Is its measured speedup
+# larger or smaller than 6x here, and what does the roofline plot say about why?
+
+# %% [markdown] tags=["solution"]
+# Compare the bars: neither path reaches its bound, and the smaller the model, the further off it is. A 135M model at
+# batch 1 spends a large share of each step on things that are not weight reads — ~400 small kernel launches,
+# attention and norms, sampling, the per-token Python loop — so cutting bytes 6x buys less than 6x. The speedup comes
+# partly from the bytes and partly from the better runtime (fused attention, no Python per layer): the ONNX fp32 row
+# separates the two. On a 7B model the weight bytes dominate and 4-bit gets much closer to its bound.
+
+# %% [markdown]
+# **Question 2.** You must serve 200 concurrent chat users with a 1B model on one GPU. Which matters more: batch-1
+# latency or the bound at batch 64 — and which compression from labs 01–05 helps which?
+
+# %% [markdown] tags=["solution"]
+# Throughput at a large batch, subject to an ITL target per user. At batch 64 and long contexts the KV cache dominates
+# the bytes (section 2's plot), so KV compression (lab 05: KIVI/GEAR, FP8 KV) raises the bound most, and frees memory
+# for a bigger batch; weight quantization (labs 01–02) matters most at small batches where weights dominate.
+# Pruning to 2:4 (lab 03) helps the compute-bound prefill. In-flight batching keeps the batch full.
+
+# %% [markdown] tags=["instructor"]
+# **Answers to expect.** Q1: people often expect the full 6x; push them to read "% of bound". Q2: good answers mention
+# the KV cache growing with context x batch and that latency per user *rises* with batch.
+
+# %% [markdown]
+# ## Summary
+# * Decode reads every weight and the KV cache per step: tokens/s ≤ batch × bandwidth / bytes per step.
+# * Weight bytes at b bits = Linears × b/8 + group scales/zeros + fp16 embeddings; the KV cache grows with batch × context.
+# * Report TTFT and inter-token latency separately; never total time / tokens.
+# * A 4-bit model is faster only with a 4-bit kernel: MatMulNBits (ONNX Runtime), W4A16 GEMMs (TensorRT-LLM AWQ,
+#   the package's Triton kernel); FP8 on Ada/Hopper, NVFP4 on Blackwell.
+
+# %%
+cl.checks.summary()

@@ -1,0 +1,128 @@
+"""compresslab.deploy (lab 06): the roofline arithmetic, latency bookkeeping, bad input, and the pinned ONNX Runtime
+GenAI path on the real model (export, generate, teacher-forced perplexity equal to PyTorch's for the fp32 export)."""
+
+import math
+
+import pytest
+import torch
+
+import compresslab as cl
+from compresslab import deploy
+
+
+# ----------------------------------------------------------------------------- arithmetic
+
+
+def test_weight_bytes_at_counts_codes_scales_zeros_and_fp16_rest():
+    assert deploy.weight_bytes_at(1000, 10, 16) == 2 * 1010
+    # 4-bit g64 on 6400 params: 3200 B codes + 100 groups x (2 B scale + 0.5 B zero) + 2 x 1000 others
+    assert deploy.weight_bytes_at(6400, 1000, 4, 64) == 3200 + 250 + 2000
+    assert deploy.weight_bytes_at(6400, 0, 3, 64) == 2400 + 100 * (2 + 3 / 8)
+
+
+def test_decode_bound_shares_weights_across_the_batch_but_not_the_cache():
+    one = deploy.decode_bound(1e9, 0, 0, 1, 1000)
+    assert one == pytest.approx(1000)  # 1 GB per step at 1000 GB/s: 1000 steps/s
+    assert deploy.decode_bound(1e9, 0, 0, 8, 1000) == pytest.approx(8000)  # weights shared: 8x the tokens
+    with_kv = deploy.decode_bound(1e9, 1e6, 1000, 8, 1000)  # 8 sequences x 1000 tokens x 1 MB = 8 GB more
+    assert with_kv == pytest.approx(8 * 1000 / 9)
+
+
+def test_latency_stats_separates_prefill_from_decode():
+    ttft, itl, tps = deploy.latency_stats(1.0, [1.5, 1.6, 1.7, 1.8])
+    assert ttft == pytest.approx(0.5) and itl == pytest.approx(0.1) and tps == pytest.approx(10)
+    with pytest.raises(ValueError, match="at least two"):
+        deploy.latency_stats(0.0, [0.1])
+
+
+def test_token_agreement():
+    assert deploy.token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == (0.75, 2)
+    assert deploy.token_agreement([1, 2], [1, 2, 3]) == (1.0, 2)
+
+
+def test_linear_and_other_params_of_the_real_model(smollm):
+    model, _ = smollm
+    linear, other = deploy.linear_and_other_params(model)
+    assert linear == cl.checks.SMOLLM_LINEAR and other == cl.checks.SMOLLM_OTHER
+    assert linear + other == sum(p.numel() for p in model.parameters())  # tied head counted once
+
+
+def test_token_clock_skips_the_prompt_and_stamps_each_token(smollm):
+    model, tok = smollm
+    t = deploy.timed_generate(model, tok, "One, two, three,", new_tokens=5)
+    assert len(t.tokens) == 5 and t.ttft_s > 0 and t.itl_s > 0 and t.total_s >= t.ttft_s
+    assert t.tokens_per_s == pytest.approx(1 / t.itl_s)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bits", [0, 5, 32, True, "4"])
+def test_bad_bits(bits):
+    with pytest.raises(ValueError, match="weight bits must be one of"):
+        deploy.weight_bytes_at(100, 0, bits, 64)
+
+
+def test_bad_precision_and_missing_model(tmp_path):
+    with pytest.raises(ValueError, match="precision must be"):
+        deploy.build_onnx(tmp_path / "x", "int3")
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face model folder"):
+        deploy.build_onnx(tmp_path / "x", "int4", model_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="genai_config.json"):
+        deploy.OnnxLM(tmp_path)
+
+
+def test_hf_folder_adds_architectures(tmp_path):
+    folder = deploy.hf_folder(tmp_path / "hf")
+    import json
+
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (folder / "model.safetensors").is_symlink()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="explains the CPU case")
+def test_trtllm_status_says_why_and_how_on_cpu():
+    ok, why = deploy.trtllm_status()
+    assert not ok and "no CUDA GPU" in why and "nvcr.io/nvidia/tensorrt-llm" in why
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime GenAI (pinned)
+
+
+@pytest.fixture(scope="module")
+def onnx_exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    return {p: deploy.build_onnx(root / p, p) for p in ("fp32", "int4")}
+
+
+def test_int4_export_is_matmulnbits_and_much_smaller(onnx_exports):
+    import onnx
+
+    graph = onnx.load(str(onnx_exports["int4"] / "model.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops  # every projection reads 4-bit words
+    assert deploy.onnx_bytes(onnx_exports["int4"]) < deploy.onnx_bytes(onnx_exports["fp32"]) / 5
+
+
+def test_fp32_export_scores_like_pytorch(onnx_exports, smollm):
+    """The same 48 WikiText-2 tokens, teacher-forced one at a time through ONNX Runtime's KV cache, give PyTorch's
+    perplexity: the export, the cache and the scoring loop are right."""
+    model, tok = smollm
+    windows = cl.data.test_windows(tok, 1, 48)
+    ref = cl.eval.perplexity(model, tok, n_windows=1, seq_len=48, batch_size=1, progress=False)
+    got = deploy.onnx_perplexity(deploy.OnnxLM(onnx_exports["fp32"]), windows)
+    assert got == pytest.approx(ref, rel=1e-3)
+
+
+def test_int4_generates_and_stays_close(onnx_exports, smollm):
+    model, tok = smollm
+    lm = deploy.OnnxLM(onnx_exports["int4"])
+    ids = tok("The history of the transistor").input_ids
+    t = lm.timed_generate(ids, 6)
+    assert len(t.tokens) == 6 and all(0 <= x < model.config.vocab_size for x in t.tokens)
+    windows = cl.data.test_windows(tok, 1, 48)
+    ref = cl.eval.perplexity(model, tok, n_windows=1, seq_len=48, batch_size=1, progress=False)
+    ppl = deploy.onnx_perplexity(lm, windows)
+    assert math.isfinite(ppl) and ref < ppl < 2 * ref  # 4-bit RTN costs something, not everything
+    again = deploy.build_onnx(onnx_exports["int4"], "int4")  # a complete export is reused, not rebuilt
+    assert again == onnx_exports["int4"]
