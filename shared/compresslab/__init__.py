@@ -2,7 +2,7 @@
 
 One file per concern, arrows pointing down:
     runtime (setup, device)  paths  data  models  quant  formats  gptq  checkpoint  pruning  distill  kvcache  eval
-    results  checks  widgets
+    lowrank  deploy  stack  results  checks  widgets  (kernels: the Triton W4A16 and KV-cache kernels)
 Notebooks call these; they never paste them.
 """
 
