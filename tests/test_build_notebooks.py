@@ -131,7 +131,9 @@ def test_banner(built):
         assert lines[0] == first
         if kind == "slides":
             assert len(lines) == 1
+            assert banner.metadata["slideshow"] == {"slide_type": "skip"}  # no blank first slide
         else:
+            assert "slideshow" not in banner.metadata
             assert lines[1].endswith(f"/github/{bn.REPO}/blob/main/{folder}/01_demo.ipynb)")
             assert "Open In Colab" in lines[1]
 
@@ -175,7 +177,8 @@ def test_build_then_check(tmp_path, capsys):
     assert "missing" in capsys.readouterr().out
 
     assert bn.main(["--root", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.count("wrote ") == 3
+    assert capsys.readouterr().out.count("wrote ") == 4  # three notebooks and the instructor notes
+    assert "spend 10 minutes here" in (tmp_path / bn.NOTES).read_text()
     lab = tmp_path / "labs" / "01_demo.ipynb"
     assert json.loads(lab.read_text())["cells"][0]["metadata"]["tags"] == ["banner"]
 
@@ -190,6 +193,36 @@ def test_build_then_check(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "labs/01_demo.ipynb" in out and "make notebooks" in out
     assert "edited by hand" in lab.read_text()  # --check writes nothing
+
+    notes = tmp_path / bn.NOTES
+    notes.write_text(notes.read_text() + "edited by hand\n")
+    assert bn.main(["--root", str(tmp_path), "--check"]) == 1
+    assert "slides/instructor-notes.md (differs)" in capsys.readouterr().out
+
+
+def test_explicit_sources_leave_the_notes_alone(tmp_path, capsys):
+    source = write_source(tmp_path)
+    assert bn.main(["--root", str(tmp_path), str(source)]) == 0
+    assert capsys.readouterr().out.count("wrote ") == 3
+    assert not (tmp_path / bn.NOTES).exists()  # the notes cover every lab: only a full build writes them
+
+
+# --- Instructor notes ---------------------------------------------------------------
+
+
+def test_instructor_notes_one_section_per_lab_in_order(tmp_path):
+    first = write_source(tmp_path, SOURCE.replace("# # Quantization", "# # Lab 01 · Demo\n#\n# **Time:** about 5"
+                                                   " minutes (2 min of exercises). **Hardware:** any CPU."))
+    second = write_source(tmp_path, '# %% [markdown]\n# # Lab 02 · No notes\n', name="02_other.py")
+    notes = bn.instructor_notes([first, second])
+    assert notes.startswith("<!-- generated from the cells tagged `instructor`")
+    sections = notes.split("\n## ")[1:]
+    assert [section.split("\n")[0] for section in sections] == ["Lab 01 · Demo", "Lab 02 · No notes"]
+    assert "Source: `solutions/01_demo.py` · time: about 5 minutes (2 min of exercises)." in sections[0]
+    assert "Instructor note: spend 10 minutes here." in sections[0]
+    for not_a_note in ("Rounding to nearest", "bits = 8", "Hardware"):
+        assert not_a_note not in notes
+    assert "no instructor notes in this lab yet" in sections[1]
 
 
 # --- Validation -------------------------------------------------------------------
@@ -243,6 +276,9 @@ def test_repo_notebooks_in_sync_and_labs_leak_nothing():
     real_sources = sorted((REPO_ROOT / "solutions").glob(bn.SOURCE_GLOB))
     if not real_sources:
         pytest.skip("no solutions/NN_*.py sources yet")
+    notes = REPO_ROOT / bn.NOTES
+    assert notes.exists(), f"{notes} missing: run make notebooks"
+    assert notes.read_text(encoding="utf-8") == bn.instructor_notes(real_sources), f"{notes} is stale: run make notebooks"
     for source in real_sources:
         built = bn.build(source)
         for kind, path in bn.outputs_for(source, REPO_ROOT).items():

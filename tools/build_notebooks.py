@@ -5,7 +5,9 @@ Each source ``solutions/NN_name.py`` (jupytext "percent" format) becomes:
 * ``solutions/NN_name.ipynb``: every cell, solution markers kept;
 * ``labs/NN_name.ipynb``: solution regions replaced by a stub, ``solution``
   answers replaced by a prompt, ``instructor`` cells dropped;
-* ``slides/NN_name.ipynb``: only the cells tagged ``slide``/``subslide``/``fragment``.
+* ``slides/NN_name.ipynb``: only the cells tagged ``slide``/``subslide``/``fragment`` (the banner is skipped);
+
+and all sources together give ``slides/instructor-notes.md``: every cell tagged ``instructor``, one section per lab.
 
 Usage: ``python tools/build_notebooks.py [--check] [--root DIR] [SOURCE ...]``
 """
@@ -29,6 +31,7 @@ BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 STUB = ["# YOUR CODE HERE", "raise NotImplementedError()"]
 ANSWER_PROMPT = "**Your answer:** _(write your answer here)_"
 SLIDE_TAGS = ("slide", "subslide", "fragment")
+NOTES = "slides/instructor-notes.md"  # generated from every source's 'instructor' cells (written when building all)
 
 
 class BuildError(Exception):
@@ -168,7 +171,10 @@ def _notebook(source_path: Path, kind: str, cells: list[NotebookNode]) -> Notebo
             "language_info": {"name": "python"},
         }
     )
-    header = [_banner(source_path, kind)] + ([install_cell()] if kind != "slides" else [])
+    banner = _banner(source_path, kind)
+    if kind == "slides":  # not a slide of its own: reveal.js / RISE would open on a blank page
+        banner.metadata["slideshow"] = {"slide_type": "skip"}
+    header = [banner] + ([install_cell()] if kind != "slides" else [])
     nb.cells = [*header, *cells]
     for index, cell in enumerate(nb.cells):
         cell.id = f"c{index:03d}"  # deterministic ids: regeneration is byte-identical
@@ -208,6 +214,50 @@ def render(nb: NotebookNode) -> str:
     return nbformat.writes(nb) + "\n"
 
 
+# --- Instructor notes ---------------------------------------------------------
+
+
+def _title(cells: list[NotebookNode], fallback: str) -> str:
+    """The lab's title: the first line of its first markdown cell, without the heading marks."""
+    for cell in cells:
+        if cell.cell_type == "markdown" and cell.source.strip():
+            return cell.source.strip().splitlines()[0].lstrip("#").strip()
+    return fallback
+
+
+def _time(cells: list[NotebookNode]) -> str | None:
+    """The text after '**Time:**' in the lab's introduction, up to the next bold label or the paragraph's end."""
+    for cell in cells:
+        if cell.cell_type != "markdown" or "**Time:**" not in cell.source:
+            continue
+        rest = cell.source.split("**Time:**", 1)[1].split("\n\n", 1)[0]
+        return " ".join(rest.split("**", 1)[0].split())
+    return None
+
+
+def instructor_notes(sources: list[Path]) -> str:
+    """slides/instructor-notes.md: every cell tagged 'instructor', one section per source, in order."""
+    out = [
+        "<!-- generated from the cells tagged `instructor` in solutions/NN_*.py by tools/build_notebooks.py:"
+        " edit the sources, then run make notebooks -->",
+        "",
+        "# Instructor notes",
+        "",
+        "One section per lab, in the order of the day (the agenda is `slides/agenda.md`). Each lab's slot comes from",
+        "the **Time:** line of its introduction; measured runtimes are in the README.",
+    ]
+    for source in sources:
+        source = Path(source)
+        cells = _parse(source)
+        out += ["", f"## {_title(cells, source.stem)}", ""]
+        time = _time(cells)
+        out.append(f"Source: `solutions/{source.name}`" + (f" · time: {time}" if time else ""))
+        notes = [cell.source.strip() for cell in cells if "instructor" in _tags(cell)]
+        for note in notes or ["_(no instructor notes in this lab yet)_"]:
+            out += ["", note]
+    return "\n".join(out) + "\n"
+
+
 def outputs_for(source_path: Path, root: Path) -> dict[str, Path]:
     """Where the generated notebooks of one source live under root."""
     name = Path(source_path).stem + ".ipynb"
@@ -234,22 +284,30 @@ def main(argv: list[str] | None = None) -> int:
     sources = args.sources or sorted((root / "solutions").glob(SOURCE_GLOB))
 
     stale: list[str] = []
+    outputs: list[tuple[Path, str]] = []
     for source in sources:
         try:
             notebooks = build(source)
         except BuildError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        for kind, path in outputs_for(source, root).items():
-            text = render(notebooks[kind])
-            if path.exists() and path.read_text(encoding="utf-8") == text:
-                continue
-            if args.check:
-                stale.append(f"{_shown(path, root)} ({'differs' if path.exists() else 'missing'})")
-                continue
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8", newline="\n")
-            print(f"wrote {_shown(path, root)}")
+        outputs += [(path, render(notebooks[kind])) for kind, path in outputs_for(source, root).items()]
+    if not args.sources and sources:  # the notes cover every lab: only a build of all sources rewrites them
+        try:
+            outputs.append((root / NOTES, instructor_notes(sources)))
+        except BuildError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
+    for path, text in outputs:
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            continue
+        if args.check:
+            stale.append(f"{_shown(path, root)} ({'differs' if path.exists() else 'missing'})")
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8", newline="\n")
+        print(f"wrote {_shown(path, root)}")
 
     if args.check:
         if stale:
