@@ -10,6 +10,7 @@ wrong implementations each checker must reject). Checkers live here, never in th
 
 from __future__ import annotations
 
+import numbers
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -679,6 +680,8 @@ def _factors_product(out, d_out: int, d_in: int, rank: int) -> torch.Tensor:
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise ValueError(f"return two factors (A, B), got {type(out).__name__}")
     A, B = out
+    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)):
+        raise TypeError(f"return torch tensors, got {type(A).__name__} and {type(B).__name__} (torch.from_numpy converts)")
     if tuple(A.shape) != (d_out, rank) or tuple(B.shape) != (rank, d_in):
         raise ValueError(f"A is {tuple(A.shape)} and B {tuple(B.shape)}; expected A ({d_out}, {rank}) and "
                          f"B ({rank}, {d_in}): two thin factors, or nothing is saved")
@@ -726,11 +729,22 @@ def check_break_even_rank(fn: Callable) -> Callable:
              Case("1536 x 576 (up_proj)", (1536, 576)),
              Case("192 x 576 (k_proj: 3 KV heads of 64)", (192, 576)),
              Case("4096 x 14336 (a Llama-3-8B MLP)", (4096, 14336)),
+             Case("4096 x 11008 (a Llama-2-7B MLP): 2985.2 — round up, then step below", (4096, 11008)),
              Case("3 x 6: 2 * 9 == 18 exactly", (3, 6)),
+             Case("2 x 3: 1.2 — rank 1 saves one number", (2, 3)),
              Case("1 x 1: no rank saves anything", (1, 1))]
-    return run_check("Exercise 2 · break_even_rank", fn, lowrank.break_even_rank, cases, atol=0,
+
+    def as_int(d_out, d_in):
+        r = fn(d_out, d_in)
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+            raise TypeError(f"return an int (a rank), got {type(r).__name__} {r!r}")
+        return r
+
+    as_int.__name__ = getattr(fn, "__name__", "break_even_rank")
+    chosen = run_check("Exercise 2 · break_even_rank", as_int, lowrank.break_even_rank, cases, atol=0,
                      hint="A and B store r * (d_out + d_in) numbers, W stores d_out * d_in: you need the largest "
                           "integer r with r * (d_out + d_in) < d_out * d_in (strictly: equal saves nothing).")
+    return fn if chosen is as_int else chosen
 
 
 def _channel_scale(d_in: int, seed: int) -> torch.Tensor:
