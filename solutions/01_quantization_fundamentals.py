@@ -66,7 +66,7 @@ import torch
 
 import compresslab as cl
 
-env = cl.setup(quick=QUICK, seed=SEED)
+env = cl.setup(quick=QUICK, seed=SEED, lab="01")  # prints the device, mode and this lab's runtime
 print(env)
 print(f"expected runtime of this notebook: {'~2 min' if env.quick else '~8 min on a 2-core CPU, ~1 min on a GPU'}")
 

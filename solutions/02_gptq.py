@@ -67,7 +67,7 @@ import torch
 
 import compresslab as cl
 
-env = cl.setup(quick=QUICK, seed=SEED)
+env = cl.setup(quick=QUICK, seed=SEED, lab="02")  # prints the device, mode and this lab's runtime
 print(env)
 sz = env.sizes
 n_calib = CALIB_SAMPLES or sz.calib_samples

@@ -64,7 +64,7 @@ import torch
 import compresslab as cl
 from compresslab import pruning
 
-env = cl.setup(quick=QUICK, seed=SEED)
+env = cl.setup(quick=QUICK, seed=SEED, lab="03")  # prints the device, mode and this lab's runtime
 print(env)
 sz = env.sizes
 n_calib = CALIB_SAMPLES or sz.calib_samples

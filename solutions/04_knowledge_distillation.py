@@ -71,7 +71,7 @@ import torch.nn.functional as F
 import compresslab as cl
 from compresslab import distill
 
-env = cl.setup(quick=QUICK, seed=SEED)
+env = cl.setup(quick=QUICK, seed=SEED, lab="04")  # prints the device, mode and this lab's runtime
 print(env)
 sz = env.sizes
 STEPS = STEPS or (12 if env.quick else 48 if env.device == "cpu" else 300)

@@ -68,7 +68,7 @@ import torch
 import compresslab as cl
 from compresslab import kvcache as kv
 
-env = cl.setup(quick=QUICK, seed=SEED)
+env = cl.setup(quick=QUICK, seed=SEED, lab="05")  # prints the device, mode and this lab's runtime
 print(env)
 sz = env.sizes
 N_WINDOWS = N_WINDOWS or (2 if env.quick else 4 if env.device == "cpu" else 16)

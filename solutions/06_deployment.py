@@ -72,7 +72,7 @@ import torch
 import compresslab as cl
 from compresslab import deploy
 
-env = cl.setup(quick=QUICK, seed=SEED)
+env = cl.setup(quick=QUICK, seed=SEED, lab="06")  # prints the device, mode and this lab's runtime
 print(env)
 NEW_TOKENS = NEW_TOKENS or (16 if env.quick else 64)
 PPL_TOKENS = PPL_TOKENS or (64 if env.quick else 256)

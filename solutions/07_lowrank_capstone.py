@@ -81,7 +81,7 @@ import torch
 import compresslab as cl
 from compresslab import deploy, kvcache, lowrank, stack
 
-env = cl.setup(quick=QUICK, seed=SEED)
+env = cl.setup(quick=QUICK, seed=SEED, lab="07")  # prints the device, mode and this lab's runtime
 print(env)
 sz = env.sizes
 LOWRANK_RUNS = LOWRANK_RUNS or ([("k/v", 0.8)] if env.quick else [("k/v", 0.8), ("attention", 0.9), ("all", 0.95)])

@@ -87,3 +87,21 @@ def test_readme_quick_start_and_lab_list():
 def test_ci_runs_make_test():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "COMPRESSLAB_DATA_DIR" in ci
+
+
+def test_every_lab_prints_its_device_check_with_its_own_runtime():
+    """The setup cell of each lab is its device check: what hardware, which GPU-only parts run, expected runtime."""
+    import re
+
+    from compresslab import runtime
+
+    for source in sorted((ROOT / "solutions").glob("[0-9][0-9]_*.py")):
+        number = source.name[:2]
+        assert re.search(rf'cl\.setup\([^)]*lab="{number}"', source.read_text()), f"{source.name}: setup(lab=...)"
+        assert number in runtime.LABS, f"add lab {number}'s measured runtime to compresslab.runtime.LABS"
+    env = runtime.setup(quick=True, lab="03")
+    text = str(env)
+    assert "lab 03 on a 2-core CPU (measured): quick mode" in text
+    assert ("skipped here: 2:4 sparse tensor-core speed" in text) == (env.capability is None or env.capability < (8, 0))
+    with pytest.raises(ValueError, match="lab must be one of"):
+        runtime.setup(lab="99")

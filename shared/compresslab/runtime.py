@@ -44,6 +44,29 @@ FULL_SIZES = {
 }
 
 
+@dataclass(frozen=True)
+class LabInfo:
+    """What a lab costs and which of its parts need a GPU (printed by setup(lab=...) before the heavy cells)."""
+
+    quick: str  # quick mode, papermill end to end on a 2-core CPU without a GPU (measured)
+    full_cpu: str | None  # full mode on the same CPU (measured), None if not measured
+    gpu_parts: tuple[tuple[str, tuple[int, int]], ...] = ()  # (what, minimum compute capability)
+
+
+LABS = {
+    "01": LabInfo("~2 min", "8 min"),
+    "02": LabInfo("~3 min", "16 GPTQ passes of ~2.5 min each (use a GPU)",
+                  (("timing the Triton W4A16 GEMV against cuBLAS (section 10)", (7, 0)),)),
+    "03": LabInfo("~2.5 min", "21 pruning passes of 1.5-3 min each (use a GPU)",
+                  (("2:4 sparse tensor-core speed", (8, 0)),)),
+    "04": LabInfo("~2.5 min", "CE 4 min and KD 7 min per training run"),
+    "05": LabInfo("~1 min", None, (("GSM8K through the compressed cache (a >= 0.5B instruct model)", (7, 0)),)),
+    "06": LabInfo("< 1 min", "1 min", (("TensorRT-LLM (NGC container)", (8, 0)),
+                                       ("lab 02's checkpoint on the Triton W4A16 kernel", (8, 0)))),
+    "07": LabInfo("~2 min", None, (("GSM8K for the capstone's variants (a >= 0.5B instruct model)", (7, 0)),)),
+}
+
+
 @dataclass
 class Env:
     device: str  # "cuda" or "cpu"
@@ -54,6 +77,7 @@ class Env:
     gpu_name: str | None = None
     capability: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
+    lab: str | None = None
 
     def __str__(self) -> str:
         hw = f"{self.gpu_name} (sm{self.capability[0]}{self.capability[1]})" if self.gpu_name else platform.processor() or "CPU"
@@ -61,6 +85,14 @@ class Env:
         lines = [f"compresslab: device={self.device} [{hw}], tier={self.tier}, mode={mode}, seed={self.seed}",
                  f"  sizes: {self.sizes}"]
         lines += [f"  note: {n}" for n in self.notes]
+        info = LABS.get(self.lab)
+        if info:
+            full = f"full mode {info.full_cpu}" if info.full_cpu else "full mode not timed there"
+            lines.append(f"  lab {self.lab} on a 2-core CPU (measured): quick mode {info.quick}, {full}; a GPU is faster")
+            for what, need in info.gpu_parts:
+                runs = self.capability is not None and self.capability >= need
+                lines.append(f"  {'runs here' if runs else 'skipped here'}: {what}"
+                             + ("" if runs else f" (needs a GPU with sm{need[0]}{need[1]}+)"))
         return "\n".join(lines)
 
 
@@ -114,11 +146,14 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def setup(quick: bool | None = None, seed: int = 0, threads: int | None = None) -> Env:
+def setup(quick: bool | None = None, seed: int = 0, threads: int | None = None, lab: str | None = None) -> Env:
     """Seed everything, pick the device, size the work, style the plots. Call once per notebook.
 
     quick=None reads the environment variable COMPRESSLAB_QUICK (tests set it); default False.
+    lab="07": printing the Env also says the lab's measured runtime and which of its GPU parts run here.
     """
+    if lab is not None and lab not in LABS:
+        raise ValueError(f"lab must be one of {sorted(LABS)}, got {lab!r}")
     if quick is None:
         quick = os.environ.get("COMPRESSLAB_QUICK", "0").lower() in ("1", "true", "yes")
     seed_everything(seed)
@@ -138,7 +173,7 @@ def setup(quick: bool | None = None, seed: int = 0, threads: int | None = None) 
     sizes = QUICK_SIZES if quick else FULL_SIZES[tier]
     _style_plots()
     return Env(device=device, tier=tier, quick=bool(quick), seed=seed, sizes=sizes,
-               gpu_name=gpu_name, capability=cap, notes=notes)
+               gpu_name=gpu_name, capability=cap, notes=notes, lab=lab)
 
 
 def _style_plots() -> None:
