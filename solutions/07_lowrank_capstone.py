@@ -324,7 +324,7 @@ new_tokens = 8 if env.quick else 32
 memo, rows = {}, []
 for name, steps in RECIPES.items():
     built = stack.build(name, steps, model, calib, train_ids=train_ids, memo=memo, gptq_dir=GPTQ_DIR,
-                        progress=False)
+                        act_norms=norms, progress=False)  # section 3's activation statistics, not computed again
     m = built.model
     kv = kvcache.kv_perplexity(m, tok, built.kv, n_windows=2 if env.quick else 4, prefix=192 if env.quick else 512,
                                scored=64 if env.quick else 256, progress=False)

@@ -427,3 +427,18 @@ def test_plan_rejects_bad_step_arguments_before_any_work(steps, match):
 def test_recipe_weight_bytes_rejects_bad_bits_and_patterns(teacher, bits, nm, match):
     with pytest.raises(ValueError, match=match):
         stack.recipe_weight_bytes(teacher, bits, nm)
+
+
+def test_build_reuses_the_teachers_activation_norms_only_against_the_teacher(teacher, calib):
+    norms = lr.activation_norms(teacher, calib, progress=False)
+    flat = {k: torch.ones_like(v) for k, v in norms.items()}  # plain SVD: a visibly different compensation
+    steps = [("gptq", 4), ("lowrank", 2)]
+    computed = stack.build("c", steps, teacher, calib, progress=False)
+    given = stack.build("g", steps, teacher, calib, act_norms=norms, progress=False)
+    wrong = stack.build("w", steps, teacher, calib, act_norms=flat, progress=False)
+    assert _same_weights(given.model, computed.model)
+    assert not _same_weights(wrong.model, computed.model)  # the statistics passed in are the ones used
+    student = [("student", 1), ("gptq", 4), ("lowrank", 2)]
+    s_computed = stack.build("sc", student, teacher, calib, progress=False)
+    s_given = stack.build("sg", student, teacher, calib, act_norms=flat, progress=False)
+    assert _same_weights(s_given.model, s_computed.model)  # the student's own statistics, not the teacher's

@@ -93,13 +93,14 @@ def plan(steps) -> list[tuple[str, object]]:
 
 
 def build(name: str, steps, teacher, calib: torch.Tensor, train_ids: torch.Tensor | None = None,
-          memo: dict | None = None, gptq_dir=None, progress: bool = True) -> Built:
+          memo: dict | None = None, gptq_dir=None, act_norms: dict | None = None, progress: bool = True) -> Built:
     """Apply a recipe to a copy of `teacher` (fp32, dense) -> Built.
 
     calib: (n, seq) calibration ids; train_ids: the distillation windows. memo (a dict kept across calls): recipes
     that share a prefix reuse it — [("gptq", 3), ("lowrank", 32)] starts from an earlier [("gptq", 3)] instead of
     quantizing again. gptq_dir: lab 02's exported 4-bit group-64 checkpoint; a recipe that starts with ("gptq", 4)
-    loads it instead of quantizing (its own calibration, printed) when it exists.
+    loads it instead of quantizing (its own calibration, printed) when it exists. act_norms: the teacher's
+    lowrank.activation_norms on calib, reused by ("lowrank", r) when it compensates against the teacher itself.
     """
     steps = plan(steps)
     kinds = [k for k, _ in steps]
@@ -153,7 +154,8 @@ def build(name: str, steps, teacher, calib: torch.Tensor, train_ids: torch.Tenso
                 raise RuntimeError(f"no model before the quantization step {steps[i - 1]} to compensate against: "
                                    "build the recipe in one call (or with the same memo)")
             reference = memo[ref_key].model
-            norms = lowrank.activation_norms(reference, calib, progress=progress)
+            norms = act_norms if reference is teacher and act_norms is not None else \
+                lowrank.activation_norms(reference, calib, progress=progress)
             added = lowrank.compensate_model(model, reference, arg, norms, progress=progress)
             out.extra_params = sum(added.values())
         elif kind == "kv":
