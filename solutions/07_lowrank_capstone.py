@@ -48,9 +48,10 @@
 #   forgetting to undo the scale, scaling rows instead of columns, or multiplying instead of dividing.
 # * Discussion prompts: "a 4096×4096 layer at rank 1024 stores half the numbers — is it twice as fast at batch 1?"
 #   (two launches and two reads of x; at batch 1 it is memory-bound on A and B, so yes-ish on a GPU, rarely on a CPU
-#   at these sizes); "why is the MLP harder to factorize than k/v projections?"; "the probe barely moved at 4 bits:
-#   does that refute the claim that low-bit quantization hurts reasoning?" (n is small — look at the error bars; the
-#   probe is 2-digit addition, not GSM8K chains).
+#   at these sizes); "why is the MLP harder to factorize than k/v projections?"; "the probe collapsed at 4 bits
+#   (33 % → 3 % in full mode) while perplexity rose 14 % — what does that say about perplexity as a proxy, and what
+#   would you check before generalising?" (error bars; 2-digit addition is not GSM8K; this model's weights were
+#   already dequantized from a 4-bit GGUF; a 1B+ model may differ).
 # * If the room has GPUs, set `MODEL = "qwen2.5-0.5b"` for the capstone: the GSM8K row then runs.
 
 # %% tags=["parameters"]
@@ -445,8 +446,10 @@ else:
 # (a) The smallest weights + KV within the quality budget — typically the 4-bit model with a compressed KV cache, or
 # the student at 4 bits if its perplexity is acceptable; the KV column decides at long contexts. (b) The highest bound
 # tokens/s, i.e. the fewest bytes per step: 4-bit weights first (the student also removes layers, so it is faster per
-# token even in PyTorch). (c) The variant with the best probe accuracy at acceptable size — often 4-bit GPTQ rather than
-# 3-bit or 2:4; change your mind if the probe's error bars overlap (run more questions) or if a GSM8K run disagrees.
+# token even in PyTorch). (c) The variant with the best probe accuracy: on this model every 4-bit recipe loses most of
+# the probe (33 % → 3–7 % in full mode; the rank fix gives a few points back), so the honest answer here is the dense
+# model or 8-bit weights. Change your mind if the error bars overlap (run more questions) or a GSM8K run on a bigger
+# model disagrees.
 
 # %% [markdown] tags=["instructor"]
 # **Answers to expect.** Q1: the word "spectrum" or "energy" — if people say "the residual is smaller", ask why a
