@@ -74,8 +74,9 @@ env = cl.setup(quick=QUICK, seed=SEED, lab="02")  # prints the device, mode and 
 print(env)
 sz = env.sizes
 n_calib = CALIB_SAMPLES or sz.calib_samples
-print("expected runtime: " + ("~3 min" if env.quick else "full mode runs 16 whole-model GPTQ passes; one pass with 32 "
-      "calibration windows took ~2.5 min on a 2-core CPU (128 windows: several times longer), far less on a GPU"))
+print("expected runtime: " + ("~3.5 min" if env.quick else "full mode runs 19 whole-model GPTQ passes (two followed by ~9.5 min "
+      "of scale tuning); one pass with 32 calibration windows took ~2.5 min on a 2-core CPU (128 windows: several times "
+      "longer), far less on a GPU"))
 
 model, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)
 calib = cl.data.calibration_batches(tok, n_samples=n_calib, seq_len=sz.calib_len, seed=SEED)  # (n, len) token ids

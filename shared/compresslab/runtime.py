@@ -55,11 +55,11 @@ class LabInfo:
 
 LABS = {
     "01": LabInfo("~2 min", "8 min"),
-    "02": LabInfo("~3 min", "16 GPTQ passes of ~2.5 min each (use a GPU)",
+    "02": LabInfo("~3.5 min", "19 GPTQ passes of ~2.5 min each, 2 scale-tuning runs of ~9.5 min (use a GPU)",
                   (("timing the Triton W4A16 GEMV against cuBLAS (section 10)", (7, 0)),)),
-    "03": LabInfo("~2.5 min", "21 pruning passes of 1.5-3 min each (use a GPU)",
+    "03": LabInfo("~2.5 min", "23 pruning passes of 1.5-3 min each and 2 recovery runs of ~9 min (use a GPU)",
                   (("2:4 sparse tensor-core speed", (8, 0)),)),
-    "04": LabInfo("~2.5 min", "CE 4 min and KD 7 min per training run"),
+    "04": LabInfo("~2.5 min", "4 training runs: CE 4.5 min, KD 6.5-7 min each"),
     "05": LabInfo("~1 min", None, (("GSM8K through the compressed cache (a >= 0.5B instruct model)", (7, 0)),)),
     "06": LabInfo("< 1 min", "1 min", (("TensorRT-LLM (NGC container)", (8, 0)),
                                        ("lab 02's checkpoint on the Triton W4A16 kernel", (8, 0)))),
