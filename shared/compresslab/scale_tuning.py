@@ -42,7 +42,6 @@ class TunableQuantLinear(nn.Module):
         self.register_buffer("g_idx", g_idx)
         self.gain = nn.Parameter(torch.ones_like(self.scales0))  # (out, G): scale = scales0 * gain
         self.bias = linear.bias
-        self.out_dtype = linear.weight.dtype
         drift = (self.weight() - linear.weight.float()).abs().max().item()
         if drift > 1e-4 * max(1.0, linear.weight.abs().max().item()):
             raise ValueError(f"the GPTQ report does not describe this Linear's weights (largest difference {drift:.3g}):"
