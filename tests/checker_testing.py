@@ -1,4 +1,5 @@
-"""Helpers shared by the checker tests (tests/test_checks.py for lab 01, tests/test_checks_lab02.py for lab 02).
+"""Helpers shared by the checker tests (tests/test_checks.py for lab 01, tests/test_checks_labNN.py for the others),
+and `CheckerSuite`: the tests every lab's exercise checkers get, which each of those modules subclasses once.
 
 A plain module, not collected (its name does not start with test_). tests/ has no __init__.py, so pytest's default
 "prepend" import mode puts tests/ on sys.path and the test files import it as `checker_testing`.
@@ -171,3 +172,104 @@ def assert_same(result, expected) -> None:
             assert r.dtype == torch.bool and torch.equal(r, e)
         else:
             torch.testing.assert_close(r, e, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the suite every lab's checkers get
+
+
+class CheckerSuite:
+    """The tests every lab's checkers must pass. A checker test module defines its lab's solutions (good_*), correct
+    alternatives, wrong answers and mutating answers, then subclasses this once:
+
+        class TestEveryChecker(CheckerSuite):
+            TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES,
+                                                                           WRONG, MUTATING)
+            sample_calls = staticmethod(_sample_calls)
+
+    Tests that only one lab needs stay plain functions in its module. Parametrization comes from the class attributes
+    (pytest_generate_tests below, by argument name); a method that carries its own @pytest.mark.parametrize keeps it.
+    """
+
+    TEST_FILE: str  # the module's __file__: its good_<name> functions are copies of the lab's <name> solutions
+    LAB: Path  # the lab's single source, solutions/NN_*.py
+    GOOD: dict  # checker -> (exercise name, the lab's solution copied as good_*, the lab's function name)
+    CORRECT_ALTERNATIVES: list  # (checker, exercise name, a correct function written another way): must pass
+    WRONG: list  # (checker, exercise name, a wrong function, a fragment of the failure message or None): must fail
+    MUTATING: list  # (checker, exercise name, a correct function that mutates its inputs after computing): must pass
+    ORDER: list | None = None  # the order in which the lab checks its exercises; None: GOOD's order
+    NAMESPACE: dict | None = None  # what the lab's solutions use besides torch (the lab's imports)
+    TENSOR_CHECKERS: list | None = None  # checkers whose cases take tensors (a numpy-style typo raises); None: all
+
+    @staticmethod
+    def sample_calls() -> dict:
+        """checker -> (args of one sample call, an independent computation of what the reference must return)."""
+        raise NotImplementedError
+
+    def assert_sample(self, checker, got) -> None:
+        """What a checker handed back (the reference) computes the sample call's expected result."""
+        args, expected = self.sample_calls()[checker]
+        assert_same(got(*args), expected)
+
+    def pytest_generate_tests(self, metafunc):
+        if metafunc.definition.get_closest_marker("parametrize"):
+            return  # the method parametrizes itself
+        values = {
+            "checker": (list(self.GOOD), lambda c: c.__name__),
+            "tensor_checker": (self.TENSOR_CHECKERS or list(self.GOOD), lambda c: c.__name__),
+            "alternative": (self.CORRECT_ALTERNATIVES, lambda a: f"{a[0].__name__}-{a[2].__name__}"),
+            "wrong": (self.WRONG, lambda w: w[2].__name__),
+            "mutating": (self.MUTATING, lambda m: f"{m[0].__name__}-{m[2].__name__}"),
+        }
+        for arg, (params, ids) in values.items():
+            if arg in metafunc.fixturenames:
+                metafunc.parametrize(arg, params, ids=ids)
+
+    # ------------------------------------------------------------------------- the lab's own solutions
+
+    def test_good_copies_match_the_lab_solutions(self):
+        assert_good_copies_match(self.TEST_FILE, self.LAB, [fn_name for _, _, fn_name in self.GOOD.values()])
+
+    def test_the_lab_solution_code_passes_every_checker(self, capsys):
+        """Compiled straight from the lab source, checked in the order the lab checks them."""
+        assert_lab_solutions_pass(self.LAB, self.GOOD, self.ORDER or list(self.GOOD), capsys, self.NAMESPACE)
+
+    def test_lab_checks_each_exercise_with_its_checker(self):
+        assert_lab_calls_its_checkers(self.LAB, self.GOOD)
+
+    # ------------------------------------------------------------------------- passed
+
+    def test_solution_passes(self, checker, capsys):
+        name, good, _ = self.GOOD[checker]
+        assert_passed(checker, name, good, capsys)
+
+    def test_correct_alternatives_pass(self, alternative, capsys):
+        assert_accepted(*alternative, capsys)
+
+    def test_correct_answer_that_mutates_its_inputs_afterwards_passes(self, mutating, capsys):
+        checker, name, fn = mutating
+        assert_mutating_answer_passes(checker, name, fn, self.GOOD[checker][1], capsys)
+
+    # ------------------------------------------------------------------------- not done
+
+    def test_not_implemented_is_not_done(self, checker, capsys):
+        """A stub is "not done", and the checker hands back the reference, which computes the right thing."""
+        got = assert_not_done(checker, self.GOOD[checker][0], capsys)
+        self.assert_sample(checker, got)
+
+    # ------------------------------------------------------------------------- failed
+
+    def test_wrong_answer_is_rejected(self, wrong, capsys):
+        checker, name, fn, message = wrong
+        assert_failed(checker, name, fn, capsys, message)
+
+    def test_at_least_four_wrong_answers_per_checker(self, checker):
+        assert sum(c is checker for c, _, _, _ in self.WRONG) >= 4
+
+    def test_the_reference_is_handed_back_after_a_failure(self, checker, capsys):
+        wrong = next(fn for c, _, fn, _ in self.WRONG if c is checker)
+        got = checker(wrong)
+        capsys.readouterr()
+        self.assert_sample(checker, got)
+
+    def test_other_exceptions_are_failures_not_crashes(self, tensor_checker, capsys):
+        assert_other_exception_fails(tensor_checker, self.GOOD[tensor_checker][0], capsys)

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_lab_solutions_pass,
-                             assert_mutating_answer_passes, assert_not_done, assert_other_exception_fails,
-                             assert_passed, summary_lines)
+from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
 from compresslab import checks, quant
 
@@ -64,8 +62,6 @@ GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_fake_quantize_groups: (GROUPS, good_fake_quantize_groups, "fake_quantize_groups"),
     checks.check_pack_int4: (PACK, good_pack_int4, "pack_int4"),
 }
-LAB_FUNCTIONS = [fn_name for _, _, fn_name in GOOD.values()]
-CHECKER_IDS = lambda c: c.__name__  # noqa: E731
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 1
@@ -335,33 +331,6 @@ CORRECT_ALTERNATIVES = [
 ]
 
 
-# ----------------------------------------------------------------------------- the lab's own solutions
-
-
-def test_good_copies_match_the_lab_solutions():
-    """The good_* copies above are the lab's solution code (up to the good_ prefix of the helpers they call)."""
-    assert_good_copies_match(__file__, LAB, LAB_FUNCTIONS)
-
-
-def test_the_lab_solution_code_passes_every_checker(capsys):
-    """Compiled straight from the lab source, in the order the lab defines and checks them."""
-    assert_lab_solutions_pass(LAB, GOOD, list(GOOD), capsys)
-
-
-# ----------------------------------------------------------------------------- passed
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_solution_passes(checker, capsys):
-    name, good, _ = GOOD[checker]
-    assert_passed(checker, name, good, capsys)
-
-
-@pytest.mark.parametrize("checker, name, fn", CORRECT_ALTERNATIVES, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_alternatives_pass(checker, name, fn, capsys):
-    assert_accepted(checker, name, fn, capsys)
-
-
 # ----------------------------------------------------------------------------- not done
 
 
@@ -378,31 +347,7 @@ def _reference_outputs():
     }
 
 
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_not_implemented_is_not_done(checker, capsys):
-    got = assert_not_done(checker, GOOD[checker][0], capsys)
-    args, expected = _reference_outputs()[checker]
-    result = got(*args)
-    for r, e in zip(result if isinstance(result, tuple) else (result,), expected if isinstance(expected, tuple) else (expected,)):
-        assert torch.equal(r, e)
-
-
 # ----------------------------------------------------------------------------- failed
-
-
-@pytest.mark.parametrize("checker, name, fn, message", WRONG, ids=[w[2].__name__ for w in WRONG])
-def test_wrong_answer_is_rejected(checker, name, fn, message, capsys):
-    assert_failed(checker, name, fn, capsys, message)
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_at_least_four_wrong_answers_per_checker(checker):
-    assert sum(c is checker for c, _, _, _ in WRONG) >= 4
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_other_exceptions_are_failures_not_crashes(checker, capsys):
-    assert_other_exception_fails(checker, GOOD[checker][0], capsys)
 
 
 def test_exception_in_a_later_case_is_a_failure(capsys):
@@ -483,14 +428,27 @@ MUTATING = [(checks.check_qparams, QPARAMS, mut_qparams), (checks.check_quant_de
             (checks.check_fake_quantize_groups, GROUPS, mut_groups), (checks.check_pack_int4, PACK, mut_pack)]
 
 
-@pytest.mark.parametrize("checker, name, fn", MUTATING, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_answer_that_mutates_its_inputs_afterwards_passes(checker, name, fn, capsys):
-    """Each call gets clones of the case tensors: zeroing them after computing cannot corrupt later cases."""
-    assert_mutating_answer_passes(checker, name, fn, GOOD[checker][1], capsys)
-
-
 def test_mutating_before_computing_is_still_caught(capsys):
     def abs_in_place(x, bits):  # x.abs_() changes the data it then measures
         return good_compute_qparams(x.abs_(), bits)
 
     assert_failed(checks.check_qparams, QPARAMS, abs_in_place, capsys)
+
+
+# ----------------------------------------------------------------------------- the tests every lab's checkers get
+
+
+class TestEveryChecker(CheckerSuite):
+    """tests/checker_testing.py's suite on this lab's checkers."""
+
+    TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
+                                                                   MUTATING)
+    sample_calls = staticmethod(_reference_outputs)
+
+    def assert_sample(self, checker, got):
+        """Exactly what the package's reference returns (lab 01's references are the package's functions)."""
+        args, expected = _reference_outputs()[checker]
+        result = got(*args)
+        for r, e in zip(result if isinstance(result, tuple) else (result,),
+                        expected if isinstance(expected, tuple) else (expected,)):
+            assert torch.equal(r, e)

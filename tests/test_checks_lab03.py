@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_lab_calls_its_checkers,
-                             assert_lab_solutions_pass, assert_mutating_answer_passes, assert_not_done,
-                             assert_other_exception_fails, assert_passed, assert_same, summary_lines)
+from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
 from compresslab import checks, gptq, pruning
 
@@ -73,8 +71,6 @@ GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_nm_mask: (NM, good_nm_mask, "nm_mask"),
     checks.check_sparsegpt_step: (SPARSEGPT, good_sparsegpt_step, "sparsegpt_step"),
 }
-LAB_FUNCTIONS = [fn_name for _, _, fn_name in GOOD.values()]
-CHECKER_IDS = lambda c: c.__name__  # noqa: E731
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 1
@@ -439,38 +435,6 @@ CORRECT_ALTERNATIVES = [
 ]
 
 
-# ----------------------------------------------------------------------------- the lab's own solutions
-
-
-def test_good_copies_match_the_lab_solutions():
-    """The good_* copies above are the lab's solution code (up to the good_ prefix)."""
-    assert_good_copies_match(__file__, LAB, LAB_FUNCTIONS)
-
-
-def test_the_lab_solution_code_passes_every_checker(capsys):
-    """Compiled straight from the lab source, checked in the order the lab checks them (1, 2, 3, 4)."""
-    assert_lab_solutions_pass(LAB, GOOD, list(GOOD), capsys)
-
-
-def test_lab_checks_each_exercise_with_its_checker():
-    """The lab source calls the four lab-03 checkers on the four solution functions."""
-    assert_lab_calls_its_checkers(LAB, GOOD)
-
-
-# ----------------------------------------------------------------------------- passed
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_solution_passes(checker, capsys):
-    name, good, _ = GOOD[checker]
-    assert_passed(checker, name, good, capsys)
-
-
-@pytest.mark.parametrize("checker, name, fn", CORRECT_ALTERNATIVES, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_alternatives_pass(checker, name, fn, capsys):
-    assert_accepted(checker, name, fn, capsys)
-
-
 # ----------------------------------------------------------------------------- not done
 
 
@@ -507,13 +471,6 @@ def _sample_calls():
     }
 
 
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_not_implemented_is_not_done(checker, capsys):
-    got = assert_not_done(checker, GOOD[checker][0], capsys)
-    args, expected = _sample_calls()[checker]
-    assert_same(got(*args), expected)
-
-
 def test_not_done_sparsegpt_reference_leaves_the_callers_block_alone(capsys):
     """The reference handed back for exercise 4 returns the updated block; the caller's block is not touched."""
     def todo(*args):
@@ -531,30 +488,6 @@ def test_not_done_sparsegpt_reference_leaves_the_callers_block_alone(capsys):
 
 
 # ----------------------------------------------------------------------------- failed
-
-
-@pytest.mark.parametrize("checker, name, fn, message", WRONG, ids=[w[2].__name__ for w in WRONG])
-def test_wrong_answer_is_rejected(checker, name, fn, message, capsys):
-    assert_failed(checker, name, fn, capsys, message)
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_at_least_four_wrong_answers_per_checker(checker):
-    assert sum(c is checker for c, _, _, _ in WRONG) >= 4
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_the_reference_is_handed_back_after_a_failure(checker, capsys):
-    wrong = next(fn for c, _, fn, _ in WRONG if c is checker)
-    got = checker(wrong)
-    capsys.readouterr()
-    args, expected = _sample_calls()[checker]
-    assert_same(got(*args), expected)
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_other_exceptions_are_failures_not_crashes(checker, capsys):
-    assert_other_exception_fails(checker, GOOD[checker][0], capsys)
 
 
 def test_returning_none_is_a_failure(capsys):
@@ -612,12 +545,6 @@ MUTATING = [(checks.check_accumulate_act_norm, ACT_NORM, mut_act_norm), (checks.
             (checks.check_nm_mask, NM, mut_nm), (checks.check_sparsegpt_step, SPARSEGPT, mut_sparsegpt)]
 
 
-@pytest.mark.parametrize("checker, name, fn", MUTATING, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_answer_that_mutates_its_inputs_afterwards_passes(checker, name, fn, capsys):
-    """Each call gets clones of the case tensors: zeroing them after computing cannot corrupt later cases."""
-    assert_mutating_answer_passes(checker, name, fn, GOOD[checker][1], capsys)
-
-
 def test_summary_of_the_lab03_exercises(capsys):
     checks.check_accumulate_act_norm(good_accumulate_act_norm)
     checks.check_wanda_mask(wm_layer_threshold)
@@ -630,3 +557,14 @@ def test_summary_of_the_lab03_exercises(capsys):
     result, lines = summary_lines(capsys)
     assert result == {ACT_NORM: "passed", WANDA: "failed", NM: "passed", SPARSEGPT: "not done"}
     assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
+
+
+# ----------------------------------------------------------------------------- the tests every lab's checkers get
+
+
+class TestEveryChecker(CheckerSuite):
+    """tests/checker_testing.py's suite on this lab's checkers."""
+
+    TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
+                                                                   MUTATING)
+    sample_calls = staticmethod(_sample_calls)

@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_lab_calls_its_checkers,
-                             assert_lab_solutions_pass, assert_mutating_answer_passes, assert_not_done,
-                             assert_other_exception_fails, assert_passed, assert_same, summary_lines)
+from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
 from compresslab import checks
 
@@ -72,8 +70,6 @@ GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_reverse_kl: (REVERSE_KL, good_reverse_kl, "reverse_kl"),
     checks.check_kd_loss: (KD_LOSS, good_kd_loss, "kd_loss"),
 }
-LAB_FUNCTIONS = [fn_name for _, _, fn_name in GOOD.values()]
-CHECKER_IDS = lambda c: c.__name__  # noqa: E731
 
 
 def _log_probs(student_logits, teacher_logits, T):
@@ -513,39 +509,6 @@ CORRECT_ALTERNATIVES = [
 ]
 
 
-# ----------------------------------------------------------------------------- the lab's own solutions
-
-
-def test_good_copies_match_the_lab_solutions():
-    """The good_* copies above are the lab's solution code (up to the good_ prefix)."""
-    assert_good_copies_match(__file__, LAB, LAB_FUNCTIONS)
-
-
-def test_the_lab_solution_code_passes_every_checker(capsys):
-    """Compiled straight from the lab source, checked in the order the lab checks them (1, 2, 3, 4). The lab's kd_loss
-    uses F (the lab imports torch.nn.functional as F) and its own soft_loss (compiled into the same namespace)."""
-    assert_lab_solutions_pass(LAB, GOOD, list(GOOD), capsys, namespace={"F": F})
-
-
-def test_lab_checks_each_exercise_with_its_checker():
-    """The lab source calls the four lab-04 checkers on the four solution functions."""
-    assert_lab_calls_its_checkers(LAB, GOOD)
-
-
-# ----------------------------------------------------------------------------- passed
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_solution_passes(checker, capsys):
-    name, good, _ = GOOD[checker]
-    assert_passed(checker, name, good, capsys)
-
-
-@pytest.mark.parametrize("checker, name, fn", CORRECT_ALTERNATIVES, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_alternatives_pass(checker, name, fn, capsys):
-    assert_accepted(checker, name, fn, capsys)
-
-
 # ----------------------------------------------------------------------------- not done
 
 
@@ -581,13 +544,6 @@ def _sample_calls():
     }
 
 
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_not_implemented_is_not_done(checker, capsys):
-    got = assert_not_done(checker, GOOD[checker][0], capsys)
-    args, expected = _sample_calls()[checker]
-    assert_same(got(*args), expected)
-
-
 def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
     """The lab calls softmax_T on one (V,) position with an int T, soft_loss and reverse_kl on 2-D logits (the toy fit's
     (1, 200), kd_loss's (n, V)) and backpropagates through them: the references handed back must allow all of it."""
@@ -609,30 +565,6 @@ def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
 
 
 # ----------------------------------------------------------------------------- failed
-
-
-@pytest.mark.parametrize("checker, name, fn, message", WRONG, ids=[w[2].__name__ for w in WRONG])
-def test_wrong_answer_is_rejected(checker, name, fn, message, capsys):
-    assert_failed(checker, name, fn, capsys, message)
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_at_least_four_wrong_answers_per_checker(checker):
-    assert sum(c is checker for c, _, _, _ in WRONG) >= 4
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_the_reference_is_handed_back_after_a_failure(checker, capsys):
-    wrong = next(fn for c, _, fn, _ in WRONG if c is checker)
-    got = checker(wrong)
-    capsys.readouterr()
-    args, expected = _sample_calls()[checker]
-    assert_same(got(*args), expected)
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_other_exceptions_are_failures_not_crashes(checker, capsys):
-    assert_other_exception_fails(checker, GOOD[checker][0], capsys)
 
 
 def test_returning_none_is_a_failure(capsys):
@@ -698,12 +630,6 @@ MUTATING = [(checks.check_softmax_T, SOFTMAX_T, mut_softmax_T), (checks.check_so
             (checks.check_reverse_kl, REVERSE_KL, mut_reverse_kl), (checks.check_kd_loss, KD_LOSS, mut_kd_loss)]
 
 
-@pytest.mark.parametrize("checker, name, fn", MUTATING, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_answer_that_mutates_its_inputs_afterwards_passes(checker, name, fn, capsys):
-    """Each call gets clones of the case tensors: zeroing them after computing cannot corrupt later cases."""
-    assert_mutating_answer_passes(checker, name, fn, GOOD[checker][1], capsys)
-
-
 def test_summary_of_the_lab04_exercises(capsys):
     checks.check_softmax_T(good_softmax_T)
     checks.check_soft_loss(sl_kl_div_batchmean_3d)
@@ -716,3 +642,15 @@ def test_summary_of_the_lab04_exercises(capsys):
     result, lines = summary_lines(capsys)
     assert result == {SOFTMAX_T: "passed", SOFT_LOSS: "failed", REVERSE_KL: "not done", KD_LOSS: "passed"}
     assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
+
+
+# ----------------------------------------------------------------------------- the tests every lab's checkers get
+
+
+class TestEveryChecker(CheckerSuite):
+    """tests/checker_testing.py's suite on this lab's checkers."""
+
+    TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
+                                                                   MUTATING)
+    NAMESPACE = {"F": F}  # the lab imports torch.nn.functional as F
+    sample_calls = staticmethod(_sample_calls)

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_lab_calls_its_checkers,
-                             assert_lab_solutions_pass, assert_mutating_answer_passes, assert_not_done,
-                             assert_other_exception_fails, assert_passed, assert_same, summary_lines)
+from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
 from compresslab import checks
 from compresslab import kvcache as kv
@@ -83,9 +81,7 @@ GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_lowrank: (LOWRANK, good_lowrank_residual, "lowrank_residual"),
     checks.check_gear_nbytes: (GEAR_NBYTES, good_gear_nbytes, "gear_nbytes"),
 }
-LAB_FUNCTIONS = [fn_name for _, _, fn_name in GOOD.values()]
 TENSOR_CHECKERS = [checks.check_quantize_keys, checks.check_outlier_mask, checks.check_lowrank]  # gear_nbytes: ints
-CHECKER_IDS = lambda c: c.__name__  # noqa: E731
 
 
 def _token_groups(k, group_size):
@@ -567,39 +563,6 @@ CORRECT_ALTERNATIVES = [
 ]
 
 
-# ----------------------------------------------------------------------------- the lab's own solutions
-
-
-def test_good_copies_match_the_lab_solutions():
-    """The good_* copies above are the lab's solution code (up to the good_ prefix)."""
-    assert_good_copies_match(__file__, LAB, LAB_FUNCTIONS)
-
-
-def test_the_lab_solution_code_passes_every_checker(capsys):
-    """Compiled straight from the lab source, checked in the order the lab checks them (1, 2, 3, 4). The lab's
-    outlier_mask uses kv (the lab imports compresslab.kvcache as kv)."""
-    assert_lab_solutions_pass(LAB, GOOD, list(GOOD), capsys, namespace={"kv": kv})
-
-
-def test_lab_checks_each_exercise_with_its_checker():
-    """The lab source calls the four lab-05 checkers on the four solution functions."""
-    assert_lab_calls_its_checkers(LAB, GOOD)
-
-
-# ----------------------------------------------------------------------------- passed
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_solution_passes(checker, capsys):
-    name, good, _ = GOOD[checker]
-    assert_passed(checker, name, good, capsys)
-
-
-@pytest.mark.parametrize("checker, name, fn", CORRECT_ALTERNATIVES, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_alternatives_pass(checker, name, fn, capsys):
-    assert_accepted(checker, name, fn, capsys)
-
-
 # ----------------------------------------------------------------------------- not done
 
 
@@ -654,13 +617,6 @@ def _sample_calls():
     }
 
 
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_not_implemented_is_not_done(checker, capsys):
-    got = assert_not_done(checker, GOOD[checker][0], capsys)
-    args, expected = _sample_calls()[checker]
-    assert_same(got(*args), expected)
-
-
 def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
     """The lab calls the references on real cache shapes: quantize_keys on (1, heads, tokens, head_dim) keys,
     outlier_mask along the tokens (dim=-2) with ratio 0 too, lowrank_residual on (1, heads, tokens, head_dim)
@@ -685,30 +641,6 @@ def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
 
 
 # ----------------------------------------------------------------------------- failed
-
-
-@pytest.mark.parametrize("checker, name, fn, message", WRONG, ids=[w[2].__name__ for w in WRONG])
-def test_wrong_answer_is_rejected(checker, name, fn, message, capsys):
-    assert_failed(checker, name, fn, capsys, message)
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_at_least_four_wrong_answers_per_checker(checker):
-    assert sum(c is checker for c, _, _, _ in WRONG) >= 4
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_the_reference_is_handed_back_after_a_failure(checker, capsys):
-    wrong = next(fn for c, _, fn, _ in WRONG if c is checker)
-    got = checker(wrong)
-    capsys.readouterr()
-    args, expected = _sample_calls()[checker]
-    assert_same(got(*args), expected)
-
-
-@pytest.mark.parametrize("checker", TENSOR_CHECKERS, ids=CHECKER_IDS)
-def test_other_exceptions_are_failures_not_crashes(checker, capsys):
-    assert_other_exception_fails(checker, GOOD[checker][0], capsys)
 
 
 def test_other_exceptions_in_gear_nbytes_are_failures_not_crashes(capsys):
@@ -799,12 +731,6 @@ MUTATING = [(checks.check_quantize_keys, QUANTIZE_KEYS, mut_quantize_keys),
             (checks.check_lowrank, LOWRANK, mut_lowrank)]  # gear_nbytes gets ints: nothing to mutate
 
 
-@pytest.mark.parametrize("checker, name, fn", MUTATING, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_answer_that_mutates_its_inputs_afterwards_passes(checker, name, fn, capsys):
-    """Each call gets clones of the case tensors: changing them after computing cannot corrupt later cases."""
-    assert_mutating_answer_passes(checker, name, fn, GOOD[checker][1], capsys)
-
-
 def test_summary_of_the_lab05_exercises(capsys):
     checks.check_quantize_keys(good_quantize_keys_per_channel)
     checks.check_outlier_mask(om_largest_abs)
@@ -817,3 +743,16 @@ def test_summary_of_the_lab05_exercises(capsys):
     result, lines = summary_lines(capsys)
     assert result == {QUANTIZE_KEYS: "passed", OUTLIER_MASK: "failed", LOWRANK: "not done", GEAR_NBYTES: "passed"}
     assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
+
+
+# ----------------------------------------------------------------------------- the tests every lab's checkers get
+
+
+class TestEveryChecker(CheckerSuite):
+    """tests/checker_testing.py's suite on this lab's checkers."""
+
+    TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
+                                                                   MUTATING)
+    NAMESPACE = {"kv": kv}  # the lab's outlier_mask uses kv (the lab imports compresslab.kvcache as kv)
+    TENSOR_CHECKERS = TENSOR_CHECKERS
+    sample_calls = staticmethod(_sample_calls)

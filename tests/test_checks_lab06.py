@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_lab_calls_its_checkers,
-                             assert_lab_solutions_pass, assert_mutating_answer_passes, assert_not_done, assert_passed,
-                             summary_lines)
+from checker_testing import (CheckerSuite, assert_accepted, assert_failed, summary_lines)
 
 from compresslab import checks
 from compresslab import deploy
@@ -61,8 +59,6 @@ GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_decode_bound: (DECODE_BOUND, good_decode_bound, "decode_bound"),
     checks.check_latency_stats: (LATENCY_STATS, good_latency_stats, "latency_stats"),
 }
-LAB_FUNCTIONS = [fn_name for _, _, fn_name in GOOD.values()]
-CHECKER_IDS = lambda c: c.__name__  # noqa: E731
 
 SMOLLM_HIDDEN = 576  # SmolLM2-135M's hidden size: the in_features of most of its Linears
 
@@ -358,39 +354,6 @@ CORRECT_ALTERNATIVES = [
 ]
 
 
-# ----------------------------------------------------------------------------- the lab's own solutions
-
-
-def test_good_copies_match_the_lab_solutions():
-    """The good_* copies above are the lab's solution code (up to the good_ prefix)."""
-    assert_good_copies_match(__file__, LAB, LAB_FUNCTIONS)
-
-
-def test_the_lab_solution_code_passes_every_checker(capsys):
-    """Compiled straight from the lab source, checked in the order the lab checks them (1, 2, 3). The solutions use
-    no module (plain arithmetic)."""
-    assert_lab_solutions_pass(LAB, GOOD, list(GOOD), capsys)
-
-
-def test_lab_checks_each_exercise_with_its_checker():
-    """The lab source calls the three lab-06 checkers on the three solution functions."""
-    assert_lab_calls_its_checkers(LAB, GOOD)
-
-
-# ----------------------------------------------------------------------------- passed
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_solution_passes(checker, capsys):
-    name, good, _ = GOOD[checker]
-    assert_passed(checker, name, good, capsys)
-
-
-@pytest.mark.parametrize("checker, name, fn", CORRECT_ALTERNATIVES, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_alternatives_pass(checker, name, fn, capsys):
-    assert_accepted(checker, name, fn, capsys)
-
-
 # ----------------------------------------------------------------------------- not done
 
 
@@ -412,13 +375,6 @@ def _sample_calls():
         checks.check_decode_bound: ((1e6, 1000, 500, 4, 300.0), tokens_per_s),
         checks.check_latency_stats: ((1.0, times), latency),
     }
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_not_implemented_is_not_done(checker, capsys):
-    got = assert_not_done(checker, GOOD[checker][0], capsys)
-    args, expected = _sample_calls()[checker]
-    _assert_same_numbers(got(*args), expected)
 
 
 def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
@@ -445,25 +401,6 @@ def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
 # ----------------------------------------------------------------------------- failed
 
 
-@pytest.mark.parametrize("checker, name, fn, message", WRONG, ids=[w[2].__name__ for w in WRONG])
-def test_wrong_answer_is_rejected(checker, name, fn, message, capsys):
-    assert_failed(checker, name, fn, capsys, message)
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_at_least_four_wrong_answers_per_checker(checker):
-    assert sum(c is checker for c, _, _, _ in WRONG) >= 4
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_the_reference_is_handed_back_after_a_failure(checker, capsys):
-    wrong = next(fn for c, _, fn, _ in WRONG if c is checker)
-    got = checker(wrong)
-    capsys.readouterr()
-    args, expected = _sample_calls()[checker]
-    _assert_same_numbers(got(*args), expected)
-
-
 def _typo_weight_bytes(linear_params, other_params, bits, group_size):
     return math.prod(linear_params, bits) / 8 + 2 * other_params  # math.prod takes one iterable
 
@@ -482,14 +419,6 @@ OTHER_EXCEPTIONS = [
     (checks.check_decode_bound, _typo_decode_bound, "raised TypeError", "math.fsum(weight_bytes,"),
     (checks.check_latency_stats, _typo_latency_stats, "raised AttributeError", "token_times.diff().mean()"),
 ]
-
-
-@pytest.mark.parametrize("checker, fn, message, line", OTHER_EXCEPTIONS, ids=lambda v: getattr(v, "__name__", ""))
-def test_other_exceptions_are_failures_not_crashes(checker, fn, message, line, capsys):
-    """Plain numbers and a list (the shared helper's x.amin typo needs a tensor): errors from plain Python, named,
-    with the offending line shown."""
-    out = assert_failed(checker, GOOD[checker][0], fn, capsys, message)
-    assert line in out
 
 
 def test_returning_none_is_a_failure(capsys):
@@ -543,13 +472,6 @@ def mut_latency_stats(t_request, token_times):  # right, then empties the list i
     return out
 
 
-def test_correct_answer_that_mutates_its_inputs_afterwards_passes(capsys):
-    """The reference runs before the participant's function on each case, and each checker call builds its cases
-    afresh: emptying the token_times list after computing cannot corrupt a comparison or a later call."""
-    assert_mutating_answer_passes(checks.check_latency_stats, LATENCY_STATS, mut_latency_stats, good_latency_stats,
-                                  capsys)
-
-
 def test_summary_of_the_lab06_exercises(capsys):
     checks.check_weight_bytes(good_weight_bytes)
     checks.check_decode_bound(db_no_kv_cache)
@@ -588,3 +510,27 @@ def ls_as_tensor(t_request, token_times):
                          ids=lambda v: getattr(v, "__name__", ""))
 def test_numpy_and_torch_numbers_are_accepted(checker, name, fn, capsys):
     assert_accepted(checker, name, fn, capsys)
+
+
+# ----------------------------------------------------------------------------- the tests every lab's checkers get
+
+
+class TestEveryChecker(CheckerSuite):
+    """tests/checker_testing.py's suite on this lab's checkers."""
+
+    TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG = __file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG
+    # the reference runs before the participant's function on each case, and each checker call builds its cases
+    # afresh: emptying the token_times list after computing cannot corrupt a comparison or a later call
+    MUTATING = [(checks.check_latency_stats, LATENCY_STATS, mut_latency_stats)]
+    sample_calls = staticmethod(_sample_calls)
+
+    def assert_sample(self, checker, got):
+        args, expected = _sample_calls()[checker]
+        _assert_same_numbers(got(*args), expected)
+
+    @pytest.mark.parametrize("checker, fn, message, line", OTHER_EXCEPTIONS, ids=lambda v: getattr(v, "__name__", ""))
+    def test_other_exceptions_are_failures_not_crashes(self, checker, fn, message, line, capsys):
+        """Plain numbers and a list (the shared helper's x.amin typo needs a tensor): errors from plain Python,
+        named, with the offending line shown."""
+        out = assert_failed(checker, GOOD[checker][0], fn, capsys, message)
+        assert line in out

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checker_testing import (assert_accepted, assert_failed, assert_good_copies_match, assert_lab_calls_its_checkers,
-                             assert_lab_solutions_pass, assert_mutating_answer_passes, assert_not_done,
-                             assert_other_exception_fails, assert_passed, summary_lines)
+from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
 from compresslab import checks
 from compresslab import lowrank
@@ -63,9 +61,7 @@ GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_break_even_rank: (BREAK_EVEN, good_break_even_rank, "break_even_rank"),
     checks.check_asvd_factors: (ASVD, good_asvd_factors, "asvd_factors"),
 }
-LAB_FUNCTIONS = [fn_name for _, _, fn_name in GOOD.values()]
 FACTOR_CHECKERS = [checks.check_truncated_svd, checks.check_asvd_factors]  # break_even_rank gets ints
-CHECKER_IDS = lambda c: c.__name__  # noqa: E731
 
 
 def _svd(W):
@@ -368,39 +364,6 @@ CORRECT_ALTERNATIVES = [
 ]
 
 
-# ----------------------------------------------------------------------------- the lab's own solutions
-
-
-def test_good_copies_match_the_lab_solutions():
-    """The good_* copies above are the lab's solution code (up to the good_ prefix)."""
-    assert_good_copies_match(__file__, LAB, LAB_FUNCTIONS)
-
-
-def test_the_lab_solution_code_passes_every_checker(capsys):
-    """Compiled straight from the lab source, checked in the order the lab checks them (1, 2, 3). The lab's
-    asvd_factors calls its truncated_svd, compiled into the same namespace just before; break_even_rank uses math."""
-    assert_lab_solutions_pass(LAB, GOOD, list(GOOD), capsys, namespace={"math": math})
-
-
-def test_lab_checks_each_exercise_with_its_checker():
-    """The lab source calls the three lab-07 checkers on the three solution functions."""
-    assert_lab_calls_its_checkers(LAB, GOOD)
-
-
-# ----------------------------------------------------------------------------- passed
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_solution_passes(checker, capsys):
-    name, good, _ = GOOD[checker]
-    assert_passed(checker, name, good, capsys)
-
-
-@pytest.mark.parametrize("checker, name, fn", CORRECT_ALTERNATIVES, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_alternatives_pass(checker, name, fn, capsys):
-    assert_accepted(checker, name, fn, capsys)
-
-
 # ----------------------------------------------------------------------------- not done
 
 
@@ -442,12 +405,6 @@ def _assert_sample(checker, fn) -> None:
         _assert_factors(fn(*args), *expected)
 
 
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_not_implemented_is_not_done(checker, capsys):
-    got = assert_not_done(checker, GOOD[checker][0], capsys)
-    _assert_sample(checker, got)
-
-
 def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
     """The lab calls truncated_svd and asvd_factors on a float32 CPU weight (d_out > d_in, up_proj's orientation) at
     several ranks with ASVD's mean-1 activation scale, and break_even_rank(*W.shape) whose int it formats with :10d
@@ -473,29 +430,6 @@ def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
 
 
 # ----------------------------------------------------------------------------- failed
-
-
-@pytest.mark.parametrize("checker, name, fn, message", WRONG, ids=[w[2].__name__ for w in WRONG])
-def test_wrong_answer_is_rejected(checker, name, fn, message, capsys):
-    assert_failed(checker, name, fn, capsys, message)
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_at_least_four_wrong_answers_per_checker(checker):
-    assert sum(c is checker for c, _, _, _ in WRONG) >= 4
-
-
-@pytest.mark.parametrize("checker", list(GOOD), ids=CHECKER_IDS)
-def test_the_reference_is_handed_back_after_a_failure(checker, capsys):
-    wrong = next(fn for c, _, fn, _ in WRONG if c is checker)
-    got = checker(wrong)
-    capsys.readouterr()
-    _assert_sample(checker, got)
-
-
-@pytest.mark.parametrize("checker", FACTOR_CHECKERS, ids=CHECKER_IDS)
-def test_other_exceptions_are_failures_not_crashes(checker, capsys):
-    assert_other_exception_fails(checker, GOOD[checker][0], capsys)
 
 
 def test_other_exceptions_in_break_even_rank_are_failures_not_crashes(capsys):
@@ -702,12 +636,6 @@ MUTATING = [(checks.check_truncated_svd, TRUNCATED_SVD, mut_truncated_svd),
             (checks.check_asvd_factors, ASVD, alt_asvd_in_place)]  # break_even_rank gets ints: nothing to mutate
 
 
-@pytest.mark.parametrize("checker, name, fn", MUTATING, ids=lambda v: getattr(v, "__name__", ""))
-def test_correct_answer_that_mutates_its_inputs_afterwards_passes(checker, name, fn, capsys):
-    """Each call gets clones of the case tensors: changing them after computing cannot corrupt later cases."""
-    assert_mutating_answer_passes(checker, name, fn, GOOD[checker][1], capsys)
-
-
 def test_summary_of_the_lab07_exercises(capsys):
     checks.check_truncated_svd(good_truncated_svd)
     checks.check_break_even_rank(be_floor)
@@ -719,3 +647,19 @@ def test_summary_of_the_lab07_exercises(capsys):
     result, lines = summary_lines(capsys)
     assert result == {TRUNCATED_SVD: "passed", BREAK_EVEN: "failed", ASVD: "not done"}
     assert len(lines) == 4 and lines[-1] == "1/3 exercises passed"
+
+
+# ----------------------------------------------------------------------------- the tests every lab's checkers get
+
+
+class TestEveryChecker(CheckerSuite):
+    """tests/checker_testing.py's suite on this lab's checkers."""
+
+    TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
+                                                                   MUTATING)
+    NAMESPACE = {"math": math}  # the lab's break_even_rank uses math
+    TENSOR_CHECKERS = FACTOR_CHECKERS
+    sample_calls = staticmethod(_sample_calls)
+
+    def assert_sample(self, checker, got):
+        _assert_sample(checker, got)
