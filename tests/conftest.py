@@ -15,6 +15,7 @@ pytest.register_assert_rewrite("checker_testing")
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("COMPRESSLAB_QUICK", "1")
+    os.environ.pop("COMPRESSLAB_SIZES", None)  # a dry-run override (tools/check_full_mode.py) would change the figures
     # Triton decides at @triton.jit time whether a kernel is compiled or interpreted: without a GPU, every kernel a
     # test module defines (before or after importing compresslab.kernels) must run in the interpreter
     import torch

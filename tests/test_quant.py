@@ -561,6 +561,20 @@ def test_setup_reads_compresslab_quick(restore_env, value, quick):
     assert runtime.setup(quick=False).quick is False  # an explicit argument wins over the variable
 
 
+def test_setup_sizes_override(restore_env):
+    restore_env.setenv("COMPRESSLAB_SIZES", "quick")
+    env = runtime.setup(quick=False)
+    assert env.quick is False and env.sizes == runtime.QUICK_SIZES
+    assert "COMPRESSLAB_SIZES=quick" in str(env) and "dry run" in str(env)
+    restore_env.setenv("COMPRESSLAB_SIZES", "a100+")
+    assert runtime.setup(quick=True).sizes == runtime.FULL_SIZES["a100+"]
+    restore_env.setenv("COMPRESSLAB_SIZES", "")
+    assert runtime.setup(quick=False).sizes == runtime.FULL_SIZES[runtime.device_tier()[1]]
+    restore_env.setenv("COMPRESSLAB_SIZES", "tiny")
+    with pytest.raises(ValueError, match="COMPRESSLAB_SIZES must be one of .*'quick'.*got 'tiny'"):
+        runtime.setup(quick=False)
+
+
 def test_setup_seeds_everything(restore_env):
     runtime.setup(quick=True, seed=3)
     a = (torch.randn(5), np.random.rand(3), random.random())

@@ -150,6 +150,8 @@ def setup(quick: bool | None = None, seed: int = 0, threads: int | None = None, 
     """Seed everything, pick the device, size the work, style the plots. Call once per notebook.
 
     quick=None reads the environment variable COMPRESSLAB_QUICK (tests set it); default False.
+    COMPRESSLAB_SIZES=quick|cpu|t4|a100+ sizes the work as that tier does, whatever the mode and device: a dry run of
+    full mode's cells at quick sizes (tools/check_full_mode.py) takes minutes instead of hours.
     lab="07": printing the Env also says the lab's measured runtime and which of its GPU parts run here.
     """
     if lab is not None and lab not in LABS:
@@ -171,6 +173,14 @@ def setup(quick: bool | None = None, seed: int = 0, threads: int | None = None, 
     elif tier == "t4":
         notes.append("pre-Ampere GPU: TensorRT-LLM and 2:4 sparse kernels are unavailable (need sm80+)")
     sizes = QUICK_SIZES if quick else FULL_SIZES[tier]
+    override = os.environ.get("COMPRESSLAB_SIZES", "").strip()
+    if override:  # a dry run: this mode's code paths with another tier's sizes (tools/check_full_mode.py)
+        table = {"quick": QUICK_SIZES} | FULL_SIZES
+        if override not in table:
+            raise ValueError(f"COMPRESSLAB_SIZES must be one of {sorted(table)} (or unset), got {override!r}")
+        sizes = table[override]
+        notes.append(f"COMPRESSLAB_SIZES={override}: {'quick' if quick else 'full'} mode's cells with the "
+                     f"{override} sizes (a dry run: its numbers are not this mode's figures)")
     _style_plots()
     return Env(device=device, tier=tier, quick=bool(quick), seed=seed, sizes=sizes,
                gpu_name=gpu_name, capability=cap, notes=notes, lab=lab)
