@@ -449,14 +449,19 @@ else:
                 secs += time.perf_counter() - t0
             beyond_rows.append(evaluate(qm, name, bits, secs, group_size=opts.get("group_size", GROUP_SIZE)))
             del qm, report
-fig, ax = plt.subplots(figsize=(9, 3.8))
+quantized = [r for r in rows + beyond_rows if r["bits"] in (4, 3)]
+methods = list(dict.fromkeys(r["method"] for r in quantized))  # one line per method, in the order they ran
+fig, ax = plt.subplots(figsize=(8, 1.2 + 0.3 * len(methods)))
 for bits, marker in ((4, "o"), (3, "s")):
-    pts = [r for r in rows + beyond_rows if r["bits"] == bits]
-    ax.scatter(range(len(pts)), [r["ppl"] for r in pts], marker=marker, label=f"{bits}-bit")
-    for x, r in enumerate(pts):
-        ax.annotate(r["method"], (x, r["ppl"]), fontsize=6, rotation=30)
-ax.axhline(rows[0]["ppl"], color="k", ls="--", lw=1, label="fp32")
-ax.set(yscale="log", ylabel="perplexity", xticks=[], title="every variant, one evaluation")
+    pts = [(r["ppl"], methods.index(r["method"])) for r in quantized if r["bits"] == bits]
+    if pts:
+        ax.scatter(*zip(*pts), marker=marker, label=f"{bits}-bit")
+ax.axvline(rows[0]["ppl"], color="k", ls="--", lw=1, label="fp32")
+ax.set(xscale="log", xlabel="WikiText-2 perplexity (log)", yticks=range(len(methods)), yticklabels=methods,
+       title="every variant, one evaluation")
+ax.xaxis.set_major_formatter("{x:g}")  # plain numbers on the log axis
+ax.xaxis.set_minor_formatter("{x:g}")
+ax.invert_yaxis()
 ax.legend(fontsize=8)
 plt.show()
 cl.results.table(lab="02", model=MODEL, quick=env.quick)
