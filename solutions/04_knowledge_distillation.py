@@ -47,14 +47,14 @@
 
 # %% tags=["parameters"]
 MODEL = "smollm2-135m"  # the teacher; offline default. The student is this model with layers removed
-STUDENT = None  # None: prune MODEL into the student. On a GPU: STUDENT="smollm2-135m" with MODEL="smollm2-360m"
+STUDENT = None  # None: prune MODEL into the student. Or a model name (on a GPU: smollm2-135m, with MODEL smollm2-360m)
 DTYPE = "float32"
 QUICK = False  # True: few, short training steps for CI or a laptop in a hurry (the tests set it)
 SEED = 0
 STUDENT_LAYERS = 20  # the pruned student keeps this many of the teacher's decoder layers (SmolLM2-135M has 30)
 STEPS = None  # optimizer steps per student; None: from the mode (12 quick; full: 48 on CPU, 300 on a GPU)
 T = 2.0  # the raised temperature of sections 3-6 (and of the extra full-mode run in section 7)
-TRAIN_T = 1.0  # temperature of section 7's KD students (T = 1 measured best here, as in MiniLLM and Minitron)
+TRAIN_T = 1.0  # temperature of the KD students of section 7 (1 measured best here, as in MiniLLM and Minitron)
 ALPHA = 0.5  # weight of the hard-label CE in the KD runs (Hinton's mix; 0 is pure distillation, as Minitron)
 
 # %% [markdown]

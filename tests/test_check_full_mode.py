@@ -27,3 +27,18 @@ def test_shortening_parameters_are_the_notebooks_own():
     for lab, (dep, names) in check_full_mode.USES.items():
         assert set(names) <= set(pm.inspect_notebook(str(next((ROOT / "solutions").glob(f"{lab}_*.ipynb")))))
         assert set(names.values()) <= set(pm.inspect_notebook(str(next((ROOT / "solutions").glob(f"{dep}_*.ipynb")))))
+
+
+def test_papermill_reads_every_parameter_of_every_notebook():
+    """papermill skips (with only a log line) a parameter whose comment it cannot parse, e.g. one with an = sign or
+    quotes; then `papermill --help-notebook` and Jupyter's parameter lists miss it. Every assignment in each
+    parameters cell must be one papermill reads."""
+    import ast
+
+    import nbformat
+
+    for path in sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb")):
+        cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        assigned = {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)}
+        assert assigned == set(pm.inspect_notebook(str(path))), path.name
