@@ -11,6 +11,7 @@ Python and small matmuls, so two one-thread kernels use a 2-core machine better 
 slowest notebooks start first.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -27,22 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.py"))
 # quick-mode minutes per run on a 2-core CPU (measured), to start the longest first; unknown notebooks go first
 MINUTES = {"01": 2.5, "02": 3.5, "03": 3.5, "04": 2.3, "05": 1.0, "06": 1.0, "07": 2.0}
-# Later labs reuse earlier labs' artifacts, as a participant's would: lab 07's GPTQ_DIR is the 4-bit checkpoint that
-# lab 02's solution run exported (its EXPORT_DIR), so both lab 07 runs load the same file instead of re-quantizing.
-USES = {"07": ("02", {"GPTQ_DIR": "EXPORT_DIR"})}
+# Later labs reuse earlier labs' artifacts, as a participant's would (USES: lab 07 loads the checkpoint lab 02's
+# solution run exported instead of re-quantizing); tools/check_full_mode.py runs full mode the same way and is the
+# one place these facts, and how a notebook's printed output is read, live.
+_spec = importlib.util.spec_from_file_location("check_full_mode", ROOT / "tools" / "check_full_mode.py")
+_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tool)
+USES, _outputs_text = _tool.USES, _tool.outputs_text
 
 
 def _exercises(source: Path) -> list[str]:
     """Names of the checkers a lab calls, in order (cl.checks.check_xxx)."""
     return re.findall(r"cl\.checks\.(check_\w+)\(", source.read_text())
-
-
-def _outputs_text(nb) -> str:
-    parts = []
-    for cell in nb.cells:
-        for out in cell.get("outputs", []):
-            parts.append(out.get("text", "") or "".join(out.get("data", {}).get("text/plain", "")))
-    return "\n".join(parts)
 
 
 def _param_dir(out_dir: Path, name: str) -> Path:

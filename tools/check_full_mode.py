@@ -35,8 +35,15 @@ SHORT = {
     "06": {"NEW_TOKENS": 8, "PPL_TOKENS": 64},
     "07": {"DISTILL_STEPS": 4, "PROBE_N": 16},
 }
-# lab 07 reuses the checkpoint lab 02 exported, as a participant's run would
+# Later labs reuse earlier labs' artifacts, as a participant's would: lab 07's GPTQ_DIR is the 4-bit checkpoint that
+# lab 02 exported (its EXPORT_DIR). tests/test_notebooks.py uses this too.
 USES = {"07": ("02", {"GPTQ_DIR": "EXPORT_DIR"})}
+
+
+def outputs_text(nb) -> str:
+    """Everything a notebook's cells printed (streams and text/plain results), one string."""
+    return "\n".join(o.get("text", "") or "".join(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells for o in c.get("outputs", []))
 
 
 def run(lab: str, work: Path, dirs: dict[str, dict[str, str]], threads: int) -> tuple[float, str]:
@@ -60,8 +67,7 @@ def run(lab: str, work: Path, dirs: dict[str, dict[str, str]], threads: int) -> 
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         return seconds, f"FAILED (executed copy: {executed})\n{proc.stderr[-3000:]}"
-    text = "\n".join(o.get("text", "") or "".join(o.get("data", {}).get("text/plain", ""))
-                     for c in nbformat.read(executed, as_version=4).cells for o in c.get("outputs", []))
+    text = outputs_text(nbformat.read(executed, as_version=4))
     if "mode=FULL" not in text or "COMPRESSLAB_SIZES=quick" not in text:
         return seconds, "FAILED: the notebook did not run full mode at quick sizes (see its setup cell)"
     if "FAILED" in text or "NOT DONE" in text:
