@@ -315,7 +315,22 @@ def test_build_kv_only_configures_the_cache(built, teacher):
     assert isinstance(b.kv, KVConfig) and b.kv.method == "kivi"
     assert (b.bits, b.nm, b.extra_params) == (16, None, 0)
     assert _checksum(b.model) == _checksum(teacher)
-    assert out["gptq4"].kv is None
+    # a recipe without a "kv" step runs with (and is counted as) the fp16 cache a deployment stores, not the fp32
+    # DynamicCache of the CPU model, which doubled the capstone's "KV MB @4k" (issue 24, item 1)
+    assert out["gptq4"].kv == KVConfig("fp16") and stack.Built("x", teacher, []).kv == KVConfig("fp16")
+
+
+def test_a_recipe_without_kv_counts_the_fp16_cache_bytes(built, tiny_llama):
+    """Issue 24, item 1: the capstone's "KV MB @4k" is kv_bytes_per_token x context x the measured ratio; a recipe
+    without a "kv" step measured through the CPU model's fp32 DynamicCache gave ratio 2.0 (188.7 MB, not 94.4)."""
+    from compresslab import kvcache
+
+    out, _, _ = built
+    _, tok = tiny_llama
+    b = out["gptq4"]
+    r = kvcache.kv_perplexity(b.model, tok, b.kv, n_windows=1, prefix=32, scored=16, progress=False)
+    assert r["ratio"] == 1.0 and r["parts"] == {"fp16 buffer": r["fp16_bytes"]}
+    assert kvcache.kv_perplexity(b.model, tok, None, n_windows=1, prefix=32, scored=16, progress=False)["ratio"] == 2.0
 
 
 def test_build_needs_train_ids_to_distill(teacher, calib):

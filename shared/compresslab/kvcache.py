@@ -433,7 +433,8 @@ class CompressedLayer(DynamicLayer):
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        _check_group(d, self.config.group_size, "head_dim (values are grouped along channels)")
+        if self.config.method != "fp16":  # the fp16 cache groups nothing
+            _check_group(d, self.config.group_size, "head_dim (values are grouped along channels)")
         self.keys = key_states.new_zeros((b, h, 0, d), dtype=STORE)  # the fp16 streaming buffer
         self.values = value_states.new_zeros((b, h, 0, d), dtype=STORE)
         self.is_initialized = True
@@ -504,7 +505,8 @@ def make_cache(model, config: KVConfig | None = None) -> Cache:
         return DynamicCache(config=model.config)
     check_model_supported(model)
     n_layers, _, head_dim = _attention_dims(model.config)
-    _check_group(head_dim, config.group_size, "head_dim (values are grouped along channels)")
+    if config.method != "fp16":  # the fp16 cache groups nothing
+        _check_group(head_dim, config.group_size, "head_dim (values are grouped along channels)")
     return Cache(layers=[CompressedLayer(config) for _ in range(n_layers)])
 
 

@@ -5,12 +5,13 @@ A recipe is an ordered list of steps, each a (kind, argument) pair, e.g.
     [("student", 20), ("distill", 12), ("gptq", 4), ("kv", KVConfig(method="gear", bits=2))]
 
     student  n_layers  drop the teacher's lowest-Block-Influence layers (lab 04)
-    distill  steps     KD from the teacher at T = 2 (lab 04); directly after "student"
+    distill  steps     KD from the teacher at T = 1 (lab 04's winner); directly after "student"
     prune    "2:4"     SparseGPT N:M pruning (lab 03); followed by "gptq" it becomes SparseGPT's joint
                        prune-and-quantize pass, so the quantizer never refills the pruned zeros
     gptq     bits      GPTQ, act-order, group 64 (lab 02)
     lowrank  rank      rank-r error compensation of the quantized weights (lab 07); right after "gptq"
-    kv       KVConfig  compressed KV cache at run time (lab 05); last
+    kv       KVConfig  compressed KV cache at run time (lab 05); last. Without it a recipe runs (and is counted)
+                       with the fp16 cache a deployment stores, KVConfig("fp16"), never the model's fp32 states
 
 The order is part of the recipe: `plan` rejects what the code cannot do (or would do wrongly) and says why.
 """
@@ -39,7 +40,7 @@ class Built:
     bits: int = 16
     nm: tuple[int, int] | None = None
     extra_params: int = 0  # fp16 low-rank factors
-    kv: kvcache.KVConfig | None = None
+    kv: kvcache.KVConfig = field(default_factory=lambda: kvcache.KVConfig("fp16"))  # what the cache stores
     info: dict = field(default_factory=dict)
 
     def weight_bytes(self) -> float:
@@ -111,7 +112,7 @@ def build(name: str, steps, teacher, calib: torch.Tensor, train_ids: torch.Tenso
         done = memo[tuple(steps[:start])]
         runtime_only = all(k == "kv" for k in kinds[start:])  # nothing left changes the weights: share them
         out = Built(name, done.model if runtime_only else copy.deepcopy(done.model), steps, done.bits, done.nm,
-                    done.extra_params, None, dict(done.info, reused=" + ".join(map(str, steps[:start]))))
+                    done.extra_params, info=dict(done.info, reused=" + ".join(map(str, steps[:start]))))
     else:
         model = teacher if kinds[:1] == ["student"] else copy.deepcopy(teacher)  # make_student copies the teacher
         out = Built(name=name, model=model, steps=steps)
@@ -125,7 +126,7 @@ def build(name: str, steps, teacher, calib: torch.Tensor, train_ids: torch.Tenso
             if train_ids is None:
                 raise ValueError("a 'distill' step needs train_ids (token windows to train on)")
             hist = distill.distill(model, train_ids, teacher=teacher, steps=arg, lr=2e-4, batch_size=2,
-                                   warmup=max(1, arg // 10), progress=progress)
+                                   T=1.0, warmup=max(1, arg // 10), progress=progress)
             model.eval()
             out.info["distill_loss"] = hist["loss"][-1]
         elif kind == "prune":
@@ -139,7 +140,7 @@ def build(name: str, steps, teacher, calib: torch.Tensor, train_ids: torch.Tenso
                 memo[()] = Built("teacher", teacher, [])  # the reference a later ("lowrank", r) compensates against
             elif "lowrank" in kinds or keep_references:  # a later recipe may add ("lowrank", r) to this one
                 memo[tuple(steps[:i])] = Built(name, copy.deepcopy(model), steps[:i], out.bits, out.nm,
-                                               out.extra_params, None, dict(out.info))
+                                               out.extra_params, info=dict(out.info))
             if out.nm is None:  # after ("prune", ...) the joint SparseGPT pass has quantized already
                 loaded = _load_lab02(gptq_dir, arg) if i == 0 else None
                 if loaded is not None:
