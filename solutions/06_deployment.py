@@ -96,8 +96,9 @@ with torch.no_grad():
     ids = cl.data.test_windows(tok, 1, 256).to(env.device)  # (1, 256)
     t_prefill = cl.eval.median_seconds(lambda: model(ids), repeats=3)
     out = model(ids[:, :255], use_cache=True)
-    t_step = cl.eval.median_seconds(lambda: model(ids[:, 255:], past_key_values=copy.deepcopy(out.past_key_values)),
-                                    repeats=5)
+    # a step extends the cache it is given: each timed call gets a fresh copy, made outside the timed region
+    t_step = cl.eval.median_seconds(lambda cache: model(ids[:, 255:], past_key_values=cache), repeats=5,
+                                    setup=lambda: copy.deepcopy(out.past_key_values))
 print(f"prefill of 256 tokens: {t_prefill * 1e3:.0f} ms = {t_prefill / 256 * 1e3:.2f} ms per token")
 print(f"one decode step:       {t_step * 1e3:.0f} ms per token — {t_step / (t_prefill / 256):.0f}x more per token, "
       "for the same weights")
@@ -231,12 +232,27 @@ if env.device == "cpu":
 windows = cl.data.test_windows(tok, 1, PPL_TOKENS)  # the same WikiText-2 tokens for every runtime
 ppl = {name: cl.eval.perplexity(m, tok, n_windows=1, seq_len=PPL_TOKENS, batch_size=1, progress=False)
        for name, m in models.items()}
-read_bytes = {"PyTorch fp32": cl.eval.weight_bytes(model),
-              "PyTorch dynamic int8": linear_params * 1 + other_params * 4}  # int8 Linears, fp32 everything else
+read_bytes = {name: deploy.decode_read_bytes(m) for name, m in models.items()}  # what one decode step reads
 for name, t in timed.items():
     agree, first = deploy.token_agreement(timed["PyTorch fp32"].tokens, t.tokens)
     print(f"{name:22s} TTFT {t.ttft_s * 1e3:6.0f} ms  ITL {t.itl_s * 1e3:6.1f} ms  {t.tokens_per_s:6.1f} tok/s  "
           f"ppl {ppl[name]:.2f}  agreement {agree:.0%} (first difference at {first})")
+if env.device == "cpu":  # quantize_dynamic takes every nn.Linear: the tied LM head gets an int8 copy of its own
+    head_fp32 = deploy.dynamic_int8(copy.deepcopy(model), lm_head=False)
+    p_head = cl.eval.perplexity(head_fp32, tok, n_windows=1, seq_len=PPL_TOKENS, batch_size=1, progress=False)
+    print(f"dynamic int8 reads {read_bytes['PyTorch dynamic int8'] / 1e6:.0f} MB per step (LM head int8 included); "
+          f"with the LM head kept fp32 it reads {deploy.decode_read_bytes(head_fp32) / 1e6:.0f} MB at ppl "
+          f"{p_head:.2f}: the int8 head's share of the increase over fp32 is "
+          f"{(ppl['PyTorch dynamic int8'] - p_head) / (ppl['PyTorch dynamic int8'] - ppl['PyTorch fp32']):.0%}")
+    del head_fp32
+
+# %% [markdown]
+# `deploy.decode_read_bytes` counts what one decode step reads at the dtype each tensor is stored in: the int8
+# Linears (the LM head included: `quantize_dynamic` converts every `nn.Linear`, so the tied head gets its own int8
+# copy), the fp32 norms, and one row of the fp32 embedding table. In RAM the model also keeps that whole fp32 table,
+# so "bytes in memory" and "bytes per step" differ; the roofline needs the second. Most of the perplexity jump comes
+# from the *decoder* Linears at one scale per tensor (compare lab 01's per-channel and per-group results), not from
+# the head.
 
 # %% [markdown] tags=["slide"]
 # ## 5 · ONNX Runtime: a 4-bit model with a 4-bit kernel
@@ -261,7 +277,6 @@ if onnx_ok:
         path = deploy.build_onnx(Path(ONNX_DIR) / f"{MODEL}-{precision}", precision)
         lm = deploy.OnnxLM(path)
         prompt_ids = tok(PROMPT).input_ids
-        lm.timed_generate(prompt_ids, 4)  # warm-up
         name = f"ONNX Runtime {precision}"
         timed[name] = lm.timed_generate(prompt_ids, NEW_TOKENS)
         ppl[name] = deploy.onnx_perplexity(lm, windows)

@@ -52,6 +52,7 @@ def test_token_clock_skips_the_prompt_and_stamps_each_token(smollm):
     t = deploy.timed_generate(model, tok, "One, two, three,", new_tokens=5)
     assert len(t.tokens) == 5 and t.ttft_s > 0 and t.itl_s > 0 and t.total_s >= t.ttft_s
     assert t.tokens_per_s == pytest.approx(1 / t.itl_s)
+    assert t.runs == deploy.TIMING_REPEATS == 5 and len(t.itl_runs) == 5 and t.itl_s == sorted(t.itl_runs)[2]
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -126,3 +127,52 @@ def test_int4_generates_and_stays_close(onnx_exports, smollm):
     assert math.isfinite(ppl) and ref < ppl < 2 * ref  # 4-bit RTN costs something, not everything
     again = deploy.build_onnx(onnx_exports["int4"], "int4")  # a complete export is reused, not rebuilt
     assert again == onnx_exports["int4"]
+
+
+def test_decode_read_bytes_counts_what_each_path_stores(tiny_llama):
+    """Issue 24, item 2: PyTorch's dynamic int8 quantizes the tied LM head too; the lab counted it (and every other
+    non-decoder tensor) as fp32, ~220 MB instead of the ~135 MB one step reads. Counted here independently."""
+    import copy
+
+    model, _ = tiny_llama
+    cfg = model.config
+    # fp32, tied: everything once, the embedding table through the LM head
+    assert deploy.decode_read_bytes(model) == cl.eval.weight_bytes(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    n_linear = sum(m.weight.numel() for m in linears)  # includes the LM head (vocab x hidden)
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    bufs = sum(b.numel() * b.element_size() for b in model.buffers())
+    q8 = deploy.dynamic_int8(copy.deepcopy(model))
+    assert deploy.decode_read_bytes(q8) == n_linear * 1 + norms * 4 + bufs + cfg.hidden_size * 4  # + 1 embedding row
+    # the LM head kept fp32: its vocab x hidden weights at 4 bytes, the decoder Linears at 1
+    head = model.lm_head.weight.numel()
+    q8h = deploy.dynamic_int8(copy.deepcopy(model), lm_head=False)
+    assert isinstance(q8h.lm_head, torch.nn.Linear)
+    assert deploy.decode_read_bytes(q8h) == (n_linear - head) * 1 + head * 4 + norms * 4 + bufs
+    with torch.no_grad():
+        ids = torch.randint(0, cfg.vocab_size, (1, 8))
+        assert torch.isfinite(q8h(ids).logits).all()
+
+
+def test_median_seconds_times_only_the_step_not_its_setup():
+    """Issue 24, item 5: lab 06 timed a deepcopy of the cache inside the decode step. setup runs untimed."""
+    import time
+
+    calls = []
+    t = cl.eval.median_seconds(lambda x: calls.append(x), repeats=5, warmup=1,
+                               setup=lambda: time.sleep(0.05) or len(calls))
+    assert t < 0.01 and calls == [0, 1, 2, 3, 4, 5]  # 6 calls (1 warm-up), each handed its own setup result
+    assert cl.eval.median_seconds(lambda: time.sleep(0.02), repeats=3, warmup=0) >= 0.02
+
+
+def test_median_timed_warms_up_then_takes_medians_of_every_run():
+    seq = iter([9.0, 9.0, 1.0, 3.0, 2.0, 5.0, 4.0])  # the first (warm-up) run is slow and not counted
+    fake = lambda: (lambda v: deploy.Timed([1, 2], v, v / 10, 10 / v, v))(next(seq))  # noqa: E731
+    t = deploy.median_timed(fake, repeats=5, warmup=2)
+    assert t.runs == 5 and t.ttft_runs == [1.0, 3.0, 2.0, 5.0, 4.0] and t.ttft_s == 3.0
+    assert t.itl_s == pytest.approx(0.3) and t.tokens_per_s == pytest.approx(1 / 0.3) and t.itl_spread == "100.0–500.0 ms"
+    with pytest.raises(ValueError, match="repeats must be an int >= 1"):
+        deploy.median_timed(fake, repeats=0)
+    other = iter([[1], [1], [2]])
+    with pytest.raises(RuntimeError, match="different tokens"):
+        deploy.median_timed(lambda: deploy.Timed(next(other), 1, 1, 1, 1), repeats=2, warmup=1)

@@ -158,14 +158,18 @@ def tokens_per_second(model, tokenizer, prompt: str = "The history of data compr
     return new_tokens * batch_size / best
 
 
-def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() over `repeats` calls after `warmup` untimed ones, synchronising CUDA around each."""
+def median_seconds(fn, repeats: int = 5, warmup: int = 1, setup=None) -> float:
+    """Median wall time of fn() over `repeats` calls after `warmup` untimed ones, synchronising CUDA around each.
+
+    setup: called untimed before each call, its result passed to fn — e.g. a fresh copy of a KV cache that fn
+    extends: `median_seconds(lambda c: model(ids, past_key_values=c), setup=lambda: copy.deepcopy(cache))`."""
     times = []
     for _ in range(warmup + repeats):
+        arg = setup() if setup is not None else None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fn()
+        fn(arg) if setup is not None else fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
