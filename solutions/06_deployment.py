@@ -39,7 +39,8 @@
 #   quantizing the embeddings too; forgetting the KV cache, or reading it once per step instead of once per
 #   sequence; GiB instead of GB; TTFT measured between the first two tokens; dividing the whole generation time by the
 #   number of tokens (prefill counted as decode) or by n instead of n − 1 intervals.
-# * Discussion prompts: "why does batch 64 give ~50x the throughput of batch 1 but not faster tokens for each user?";
+# * Discussion prompts: "why does batch 64 give only ~9x the throughput of batch 1 on section 2's H100 plot (4-bit,
+#   context 512), and no faster tokens for each user?" (each sequence adds its own KV cache to every step's bytes);
 #   "the int4 ONNX model is 6x smaller but only N x faster here — where does the rest go?" (dequantization work,
 #   activations quantized to int8 on the fly, non-matmul ops, Python overhead per token; a 135M model is
 #   latency-bound, not bandwidth-bound, at batch 1); "what would you deploy on a T4?" (no TensorRT-LLM, no FP8: ONNX
@@ -110,7 +111,9 @@ print(f"one decode step:       {t_step * 1e3:.0f} ms per token — {t_step / (t_
 # $$\text{bytes/step} = W_{\text{bytes}}(\text{bits}) + b \cdot c \cdot \text{KV bytes/token}$$
 # and produces $b$ tokens, so **tokens/s ≤ b · bandwidth / bytes/step**. Weight-only quantization shrinks only
 # the decoder Linears; a $g$-sized group adds an fp16 scale and a `bits`-bit zero point. Embeddings, the (tied)
-# LM head and norms stay fp16 — on a 135M model with a 49k vocabulary that is a fifth of the parameters.
+# LM head and norms stay fp16 — on a 135M model with a 49k vocabulary that is a fifth of the parameters. Keeping the
+# head fp16 is this section's assumption, not every runtime's: ONNX Runtime's int4 export (section 5) quantizes the
+# LM head too, so section 6's bound counts the LM head as the export stores it.
 #
 # **Exercise 1.** Write `weight_bytes`. **Exercise 2.** Write `decode_bound` (bandwidth in GB/s = $10^9$ bytes/s).
 
@@ -290,8 +293,9 @@ if onnx_ok:
 # %% [markdown] tags=["slide"]
 # ## 6 · Measured against the roofline
 #
-# Each path's bound uses the bytes *it* reads per step (its weights as stored, plus the fp32 KV cache at the average
-# context of the run) and this machine's measured copy bandwidth. The gap between bar and bound is everything that is
+# Each path's bound uses the bytes *it* reads per step (its weights as stored — the bound counts the LM head as the
+# export stores it, int4 in the int4 export — plus the fp32 KV cache at the average context of the run) and this
+# machine's measured copy bandwidth. The gap between bar and bound is everything that is
 # not streaming weights: kernel launches, non-matmul ops, dequantization, Python.
 
 # %%
@@ -324,7 +328,8 @@ cl.results.table(lab="06", model=MODEL, quick=env.quick)
 # ## 7 · On an NVIDIA GPU: TensorRT-LLM, and lab 02's checkpoint on a W4A16 kernel
 #
 # **TensorRT-LLM** (1.x; its default backend is PyTorch-based) serves Hugging Face checkpoints with in-flight
-# batching, a paged KV cache and FP8 KV cache (`KvCacheConfig(dtype="fp8")`, Ada/Hopper and newer). It needs an sm80+
+# batching, a paged KV cache and an FP8 KV cache (`KvCacheConfig(dtype="fp8")`: a storage format, so on every sm80+
+# GPU, A100 included; FP8 *GEMMs* need Ada/Hopper and newer — `deploy.fp8_support`). It needs an sm80+
 # GPU (no T4) and is easiest inside NVIDIA's container `nvcr.io/nvidia/tensorrt-llm/release`. What it does *not*
 # load in 1.x is lab 02's checkpoint: its PyTorch backend reads FP8/NVFP4 (ModelOpt) checkpoints but not
 # `quant_method: gptq`, and act-order (`desc_act`) GPTQ is unsupported in every path. Its 4-bit route is AWQ through
@@ -334,6 +339,10 @@ cl.results.table(lab="06", model=MODEL, quick=env.quick)
 # %%
 ok, why = deploy.trtllm_status()
 print(("TensorRT-LLM: " if ok else "TensorRT-LLM skipped: ") + why)
+if torch.cuda.is_available():
+    fp8 = deploy.fp8_support(torch.cuda.get_device_capability())
+    print(f"FP8 KV cache: {'yes' if fp8['kv_cache'] else 'no (needs sm80+)'}; "
+          f"FP8 GEMMs (W8A8): {'yes' if fp8['gemm'] else 'no (need sm89+: Ada, Hopper, Blackwell)'}")
 if ok:
     trt_dir = deploy.hf_folder(Path(ONNX_DIR) / f"{MODEL}-hf")
     for row in deploy.trtllm_benchmark(trt_dir, [PROMPT] * 64, batch_sizes=(1, 8, 64), max_tokens=NEW_TOKENS):

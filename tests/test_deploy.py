@@ -176,3 +176,12 @@ def test_median_timed_warms_up_then_takes_medians_of_every_run():
     other = iter([[1], [1], [2]])
     with pytest.raises(RuntimeError, match="different tokens"):
         deploy.median_timed(lambda: deploy.Timed(next(other), 1, 1, 1, 1), repeats=2, warmup=1)
+
+
+@pytest.mark.parametrize("cap, kv, gemm", [((7, 5), False, False), ((8, 0), True, False), ((8, 6), True, False),
+                                           ((8, 9), True, True), ((9, 0), True, True), ((10, 0), True, True)])
+def test_fp8_kv_cache_is_not_gated_to_fp8_tensor_cores(cap, kv, gemm):
+    """Issue 24, item 10: the FP8 KV cache was gated to sm89+, so an A100 silently skipped it."""
+    assert deploy.fp8_support(cap) == {"kv_cache": kv, "gemm": gemm}
+    with pytest.raises(ValueError, match="capability must be"):
+        deploy.fp8_support("sm80")

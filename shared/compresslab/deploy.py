@@ -400,6 +400,16 @@ def onnx_perplexity(lm: OnnxLM, windows: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- TensorRT-LLM (sm80+ GPU)
 
 
+def fp8_support(capability: tuple[int, int]) -> dict[str, bool]:
+    """What FP8 buys on a GPU of this compute capability in TensorRT-LLM: an FP8 *KV cache* is a storage format
+    (attention dequantizes it), supported from Ampere (sm80) on; FP8 *GEMMs* (W8A8 weights and activations) need
+    FP8 tensor cores, Ada/Hopper (sm89/sm90) and newer. An A100 therefore keeps the FP8 KV cache."""
+    cap = tuple(capability)
+    if len(cap) != 2 or not all(isinstance(c, int) for c in cap):
+        raise ValueError(f"capability must be (major, minor), e.g. torch.cuda.get_device_capability(); got {capability!r}")
+    return {"kv_cache": cap >= (8, 0), "gemm": cap >= (8, 9)}
+
+
 def trtllm_status() -> tuple[bool, str]:
     """Whether the TensorRT-LLM path can run here, and if not exactly why and how to get it."""
     if not torch.cuda.is_available():
@@ -423,13 +433,13 @@ def trtllm_benchmark(model_dir, prompts: list[str], batch_sizes=(1, 8, 64), max_
     """Throughput and TTFT of TensorRT-LLM's LLM API over batches of concurrent requests (greedy, fixed length).
 
     Written against TensorRT-LLM 1.x (PyTorch backend): LLM, SamplingParams(return_perf_metrics=True) and
-    KvCacheConfig(dtype="fp8") on sm89+. Not executed in this repository's CI (no GPU); the lab calls it only when
+    KvCacheConfig(dtype="fp8") on every sm80+ GPU (see fp8_support). Not executed in this repository's CI (no GPU); the lab calls it only when
     trtllm_status() says it can run."""
     from tensorrt_llm import LLM, SamplingParams
     from tensorrt_llm.llmapi import KvCacheConfig
 
     if fp8_kv is None:
-        fp8_kv = torch.cuda.get_device_capability() >= (8, 9)
+        fp8_kv = fp8_support(torch.cuda.get_device_capability())["kv_cache"]
     kv = KvCacheConfig(free_gpu_memory_fraction=0.3, enable_block_reuse=False, dtype="fp8" if fp8_kv else "auto")
     llm = LLM(model=str(model_dir), dtype="bfloat16", kv_cache_config=kv, max_batch_size=max(batch_sizes))
     sp = SamplingParams(max_tokens=max_tokens, top_k=1, ignore_eos=True, return_perf_metrics=True)
