@@ -39,8 +39,9 @@
 #   counting codes in bytes instead of bits, forgetting the minima, the indices or one of the two factors.
 # * Discussion prompts: "where does the KV cache of a chat session with 100 users live?"; "why is decode
 #   memory-bound?" (every step reads all weights and the whole cache to produce one token per sequence); "GEAR's
-#   low-rank part costs as much as a bit per element here — when does it pay?" (bigger heads: at head_dim 128 a
-#   rank-4 factor costs half as much per element).
+#   low-rank part costs as much as a bit per element here — when does it pay?" (bigger heads and longer blocks: the
+#   factors store r·(T + d) numbers for T·d entries, so for a 64-token block at rank 4, head_dim 128 instead of 64
+#   cuts them from 0.125 to 0.094 fp16 numbers per entry, 2 → 1.5 bits: a quarter less, not half).
 # * If time is short: skip section 7's built-in transformers cache (it is slow on CPU) by setting `BUILTIN = False`.
 
 # %% tags=["parameters"]
@@ -137,8 +138,11 @@ print(f"keys: largest channel {ch_k.max():.1f} vs median channel {ch_k.median():
       f"({ch_k.max() / ch_k.median():.0f}x); values: {ch_v.max():.1f} vs {ch_v.median():.1f} ({ch_v.max() / ch_v.median():.0f}x)")
 
 # %% [markdown]
-# Keys have **outlier channels**: horizontal stripes that stay large for every token (RoPE leaves the low-frequency
-# channels nearly constant). Values have no such structure. So KIVI quantizes keys **per channel** (one scale for
+# Keys have **outlier channels**: horizontal stripes that stay large for every token. RoPE does not create them — they
+# are already in the keys before the rotation (KVQuant, Hooper et al. 2024) — but it decides where they survive: RoPE
+# turns each pair of channels by an angle that grows with the position, fast in the high-frequency pairs and barely at
+# all over a few hundred tokens in the slow-rotating, low-frequency ones, so there a large channel stays large for
+# every token. Values have no such structure. So KIVI quantizes keys **per channel** (one scale for
 # a group of tokens of one channel: the stripe gets its own range) and values **per token** (a group is channels of
 # one token, as for weights). Both are asymmetric b-bit with the group minimum as zero point:
 # $\hat x = q \cdot s + m$, $s = (\max - \min)/(2^b - 1)$, $q = \mathrm{round}((x - m)/s)$.
@@ -326,7 +330,7 @@ gear_nbytes = cl.checks.check_gear_nbytes(gear_nbytes)
 
 # %% [markdown]
 # The package's compressor against your formula, and the error of each variant on this layer's keys (2-bit, g64,
-# rank 4, 2 % outliers):
+# rank 4, outlier ratio 0.02 — which keeps 3.1 % of a 64-entry vector, see below):
 
 # %%
 variants = {"KIVI 2-bit": dict(rank=0, outlier_ratio=0.0), "GEAR-L (D + L)": dict(rank=4, outlier_ratio=0.0),
@@ -343,8 +347,10 @@ for name, kw in variants.items():
           + ", ".join(f"{p} {b / fp16_bytes:.3f}" for p, b in parts.items()))
 
 # %% [markdown]
-# On this model every part is expensive relative to a 64-wide head: rank 4 costs 4 × (tokens + 64) fp16 numbers,
-# about one bit per entry; 2 % outliers cost 2 % × 4 bytes ≈ 0.6 bits per entry. Budget accordingly.
+# On this model every part is expensive relative to a 64-wide head: rank r costs r × (tokens + 64) fp16 numbers —
+# about one bit per entry for rank 4 on a 512-token prefill block, two on a 64-token block. "2 % outliers" is
+# rounded up to at least one per side: a 64-entry vector keeps 1 + 1 = **3.1 %** (`kv.outlier_share(64, 0.02)`), at
+# 3 bytes each (fp16 value + 1-byte position) ≈ 0.75 bits per entry. Budget accordingly.
 
 # %% [markdown] tags=["slide"]
 # ## 6 · A compressed cache inside transformers
@@ -453,10 +459,13 @@ plt.show()
 #   and rotate after dequantizing.
 # * **Attention sinks**: the first tokens draw most of the attention; keeping them in fp16 (like the residual buffer
 #   at the other end) is cheap and helps 2-bit caches.
-# * **Bigger heads**: with head_dim 128 (Llama-3.1-8B, Qwen2.5-1.5B) a rank-4 factor costs half as much per entry —
-#   try `MODEL = "qwen2.5-1.5b"` on a GPU (SmolLM2, Qwen2.5-0.5B and Llama-3.2-1B all have 64-wide heads).
+# * **Bigger heads**: the factors store r·(T + d) fp16 numbers for a block of T tokens × d channels. With head_dim 128
+#   (Llama-3.1-8B, Qwen2.5-1.5B) a rank-4 factor of a 64-token block costs a quarter less per entry than at 64 (1.5
+#   instead of 2 bits); the saving nears half only for blocks much longer than the head. Try
+#   `MODEL = "qwen2.5-1.5b"` on a GPU (SmolLM2, Qwen2.5-0.5B and Llama-3.2-1B all have 64-wide heads).
 # * **Fused kernels**: this cache dequantizes every block at every step (simple, exact, slow). Real KIVI/GEAR fuse
-#   dequantization into the attention kernel — the package's Triton kernels (issue 8) are where that lives.
+#   dequantization into the attention kernel. The package's Triton kernel `compresslab.kernels.kv_quant` fuses the
+#   KIVI quantize and dequantize passes (one read of the block each), but not the dequantization into attention.
 
 # %% [markdown]
 # ## Reflection

@@ -827,3 +827,13 @@ def test_power_iteration_and_bits_reject_bad_arguments():
         K.KVConfig("kivi", bits=4.0)
     with pytest.raises(ValueError, match="bits"):
         K.quantize_values(torch.randn(1, 1, 4, 16), 4.0, 16)
+
+
+def test_outlier_share_is_what_is_kept_not_what_is_asked():
+    """Issue 24, item 9: "2 %" GEAR outliers keep 1 + 1 of every 64-entry vector, 3.125 %; the bits follow."""
+    assert K.outlier_share(64, 0.02) == 2 / 64 == 0.03125
+    assert K.outlier_share(512, 0.02) == 10 / 512 and K.outlier_share(64, 0.0) == 0.0
+    x = torch.randn(3, 64)
+    assert K.outlier_mask(x, 0.02, -1).float().mean().item() == K.outlier_share(64, 0.02)
+    bits = K.outlier_share(64, 0.02) * (2 + K.index_bytes(64)) * 8  # fp16 value + position, per entry
+    assert bits == 0.75
