@@ -837,3 +837,62 @@ def test_outlier_share_is_what_is_kept_not_what_is_asked():
     assert K.outlier_mask(x, 0.02, -1).float().mean().item() == K.outlier_share(64, 0.02)
     bits = K.outlier_share(64, 0.02) * (2 + K.index_bytes(64)) * 8  # fp16 value + position, per entry
     assert bits == 0.75
+
+
+# ----------------------------------------------------------------------------- batches through a compressed cache
+
+
+def test_unpadded_batches_group_equal_lengths():
+    from compresslab.eval import unpadded_batches
+
+    assert unpadded_batches([5, 7, 5, 5, 7, 9], 2) == [[0, 2], [3], [1, 4], [5]]
+    assert unpadded_batches([], 4) == []
+
+
+def test_batched_generation_never_puts_padding_into_a_compressed_cache(smollm):
+    """Issue 24, item 3: left padding put pad tokens into the groups (min/max, outliers, low-rank fit) of the
+    compressed cache. With a cache_factory, generate_batch batches prompts of one length only: every real token's
+    compressed state equals the prompt's state generated alone; the old left-padded batch's differs."""
+    from compresslab.eval import generate_batch
+
+    model, tok = smollm
+    cfg = K.KVConfig("kivi", bits=2)
+    prompts = [tok.decode(wikitext_windows(tok, 1, n)[0]) for n in (80, 70)]
+    lengths = [len(tok(p).input_ids) for p in prompts]
+    assert lengths[0] > lengths[1] >= 64  # the first block (64 tokens) is compressed at prefill
+    caches, masks = [], []
+    generate = model.generate
+
+    def recording(**kw):
+        masks.append(kw["attention_mask"])
+        return generate(**kw)
+
+    def factory():
+        caches.append(K.make_cache(model, cfg))
+        return caches[-1]
+
+    model.generate = recording
+    try:
+        batched = generate_batch(model, tok, prompts + prompts[:1], 3, batch_size=4, progress=False,
+                                 cache_factory=factory)
+    finally:
+        del model.generate
+    assert all(bool(m.all()) for m in masks) and [m.shape[0] for m in masks] == [2, 1]  # no padding anywhere
+    alone = [generate_batch(model, tok, [p], 3, progress=False, cache_factory=factory) for p in prompts]
+    assert batched == [a[0] for a in alone] + [alone[0][0]]
+
+    def first_keys(cache, row):  # layer 0's first compressed key block, one sequence (h, 64, d)
+        return cache.layers[0].key_blocks[0].reconstruct(torch.float32)[row]
+
+    torch.testing.assert_close(first_keys(caches[0], 0), first_keys(caches[2], 0), atol=1e-4, rtol=0)
+    # the old way: a left-padded batch of both prompts; the shorter one's first block mixes pads and real tokens
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    padded = K.make_cache(model, cfg)
+    model.generate(**enc, max_new_tokens=1, do_sample=False, past_key_values=padded, pad_token_id=tok.pad_token_id)
+    pad = lengths[0] - lengths[1]
+    ref = K.make_cache(model, cfg)
+    model.generate(**tok(prompts[1:], return_tensors="pt"), max_new_tokens=1, do_sample=False, past_key_values=ref,
+                   pad_token_id=tok.pad_token_id)
+    got = padded.layers[0].key_blocks[0].reconstruct(torch.float32)[1][:, pad:]  # its real tokens in block 0
+    want = ref.layers[0].key_blocks[0].reconstruct(torch.float32)[0][:, : 64 - pad]
+    assert (got - want).abs().max() > 1e-2  # contaminated: why the batches above hold one length only

@@ -48,16 +48,32 @@ def perplexity(model, tokenizer, n_windows: int = 16, seq_len: int = 512, batch_
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
                    desc: str = "generate", progress: bool = True, cache_factory=None) -> list[str]:
-    """Greedy completions of prompts (left-padded batches), decoded without the prompt.
-    cache_factory: a callable returning a fresh KV cache per batch (lab 05's compressed caches); None: the default."""
-    outputs = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(_device(model))
+    """Greedy completions of prompts, decoded without the prompt, in the order given.
+
+    cache_factory: a callable returning a fresh KV cache per batch (lab 05's compressed caches); None: the default
+    cache, with left-padded batches. A compressed cache groups tokens for its min/max, outliers and low-rank fit, and
+    cannot see the attention mask: left padding would put pad tokens into a sequence's groups. So with a
+    cache_factory every batch holds prompts of one token length only (no padding at all), up to batch_size each."""
+    batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+    if cache_factory is not None:
+        batches = unpadded_batches([len(ids) for ids in tokenizer(list(prompts)).input_ids], batch_size)
+    outputs = [None] * len(prompts)
+    for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(_device(model))
         cache = {} if cache_factory is None else {"past_key_values": cache_factory()}
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, **cache)  # (b, prompt + new)
-        outputs += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        for i, text in zip(idx, tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)):
+            outputs[i] = text
     return outputs
+
+
+def unpadded_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of equal token length (at most batch_size each), in first-seen order."""
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    return [group[j : j + batch_size] for group in by_length.values() for j in range(0, len(group), batch_size)]
 
 
 # ----------------------------------------------------------------------------- the arithmetic probe
