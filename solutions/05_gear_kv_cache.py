@@ -370,9 +370,13 @@ for config in (None, kv.KVConfig("kivi", bits=2), kv.KVConfig("gear", bits=2)):
 #
 # Perplexity must *exercise* the cache: `kv.kv_perplexity` prefills `PREFIX` tokens, then feeds the next `SCORED`
 # tokens `CHUNK` at a time against the cache (teacher forcing), so every scored token attends to compressed keys and
-# values. The arithmetic probe runs 4-shot prompts (~98 tokens: the first 64, three worked examples, are compressed
-# into a block; the rest stays in the fp16 buffer) through `generate` with the same cache, one prompt at a time (no
-# padding tokens inside the quantization groups). Bytes are measured: the sum of every tensor the cache holds at the end.
+# values. The arithmetic probe runs 6-shot prompts through `generate` with the same cache. A cache compresses only
+# whole 64-token blocks, so a 136–141-token prompt would leave its last 8–13 tokens — the question — in the fp16 buffer
+# and the probe would never read a compressed question. `align=64` keeps the last 128 tokens of each prompt (cutting
+# into the first worked example, the same prompts for every cache): the whole prompt, question included, is
+# compressed at prefill, and only the generated answer sits in the buffer. Prompts of one length are batched together
+# (never padded: pad tokens would enter the quantization groups). Bytes are measured: the sum of every tensor the
+# cache holds at the end.
 
 # %%
 CONFIGS = {
@@ -391,7 +395,7 @@ results = {}
 for name, config in CONFIGS.items():
     t0 = time.perf_counter()
     r = kv.kv_perplexity(model, tok, config, n_windows=N_WINDOWS, prefix=PREFIX, scored=SCORED, chunk=CHUNK)
-    r["probe_acc"] = cl.eval.arithmetic_probe(model, tok, PROBE_N, shots=4, seed=SEED, batch_size=1, progress=False,
+    r["probe_acc"] = cl.eval.arithmetic_probe(model, tok, PROBE_N, shots=6, seed=SEED, align=64, progress=False,
                                               cache_factory=lambda c=config: kv.new_cache(model, c))
     r["seconds"] = time.perf_counter() - t0
     results[name] = r

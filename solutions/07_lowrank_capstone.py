@@ -20,10 +20,10 @@
 # (and when it cannot), when it saves time, why looking at the *activations* (ASVD) beats plain SVD, and how a small
 # low-rank term repairs quantization error — the idea GEAR used on the KV cache in lab 05.
 #
-# The second half **stacks** what the day built on one model and measures every recipe on one table: a distilled
-# student (lab 04), GPTQ (lab 02), 2:4 sparsity (lab 03), a low-rank fix (this lab), a GEAR KV cache (lab 05), against
-# the decode roofline (lab 06). You finish with a quality-vs-size Pareto front and a "which recipe for which constraint"
-# card built from *your* measurements.
+# The second half **stacks** what the day built on one model and measures every recipe on one table: a student
+# distilled at T = 1, the KD lab's winner (lab 04), GPTQ (lab 02), 2:4 sparsity (lab 03), a low-rank fix (this lab), a
+# GEAR KV cache (lab 05), against the decode roofline (lab 06). You finish with a quality-vs-size Pareto front and a
+# "which recipe for which constraint" card built from *your* measurements.
 #
 # **Learning objectives.** By the end you can
 # 1. truncate a matrix with the SVD and say what rank breaks even on parameters and on time;
@@ -128,8 +128,9 @@ plt.show()
 
 # %% [markdown]
 # The spectra fall slowly: to keep 90 % of the energy, most projections need well over half their full rank. Trained
-# LLM weights are *not* low-rank (unlike their gradients, which LoRA exploits, or the KV cache's quantization residual
-# in lab 05). Keep that in mind for what follows.
+# LLM weights are *not* low-rank (unlike the *updates* fine-tuning makes to them, which LoRA exploits — GaLore
+# exploits low-rank *gradients* — or the KV cache's quantization residual in lab 05). Keep that in mind for what
+# follows.
 #
 # **Exercise 1.** Write `truncated_svd(W, rank)` returning $A$ ($d_{out}\times r$) and $B$ ($r\times d_{in}$) with
 # $AB$ the best rank-$r$ approximation. Split $\Sigma$ as you like (e.g. $\sqrt{\Sigma}$ into each factor).
@@ -255,8 +256,10 @@ plt.show()
 #
 # Now replace Linears of every decoder layer by their factors, each keeping the same share of its parameters, with
 # plain SVD and with ASVD — starting gently: only the key and value projections (the lowest-rank ones in section 2's
-# table) at 80 %. No fine-tuning afterwards (ASVD and SVD-LLM fine-tune or update the factors; we measure the raw
-# effect).
+# table) at 80 %. No fine-tuning afterwards, and none in ASVD either: it is training-free. What we leave out is its
+# other ingredient, a sensitivity-based search that gives each layer its own rank (sensitive layers keep more) where
+# we cut every Linear by one uniform ratio; SVD-LLM also updates the factors after truncation. We measure the raw
+# effect.
 
 # %%
 LINEAR_SETS = {"k/v": ("self_attn.k_proj", "self_attn.v_proj"),
@@ -285,10 +288,14 @@ for which, ratio in LOWRANK_RUNS:
 # ## 5 · Low rank as error compensation
 #
 # Quantize $W$ to $Q(W)$, then store a rank-$r$ approximation of the residual $W - Q(W)$ in fp16 beside the codes:
-# $W \approx Q(W) + AB$ (LQER, EoRA; lab 05's GEAR did the same for the KV cache). Cost: $2r(d_{out}+d_{in})$ bytes
-# per Linear — at $r = 32$ on this model, 9.8 M parameters: 19.5 MB, about 7 % of the fp16 model, but a sixth of a
-# 4-bit one. It goes into the capstone below as `GPTQ 4-bit + rank-COMP_RANK fix` (and, in full mode, on 3 bits).
-# Whether it earns its bytes is the Pareto plot's question.
+# $W \approx Q(W) + AB$ (lab 05's GEAR did the same for the KV cache). Here $AB$ is section 3's recipe applied to the
+# residual: the rank-$r$ SVD of $(W - Q(W))\,\mathrm{diag}(s)$ with $\mathrm{diag}(s)^{-1}$ folded back — an
+# activation-scaled low-rank fix, LQER/ASVD-style (LQER: Zhang et al., 2024). EoRA (Liu et al., 2024) weights the
+# residual by the full activation statistics instead: it projects it onto the eigenspace of $X^\top X$, not a diagonal
+# scale. Cost: $2r(d_{out}+d_{in})$ bytes per Linear — at $r = 32$ on this model, 9.8 M parameters: 19.5 MB, about
+# 7 % of the fp16 model, but a sixth of a 4-bit one. It goes into the capstone below as
+# `GPTQ 4-bit + rank-COMP_RANK fix` (and, in full mode, on 3 bits). Whether it earns its bytes is the Pareto plot's
+# question.
 
 # %% [markdown] tags=["slide"]
 # ## 6 · The capstone: stack the day's methods, measure every recipe
@@ -330,7 +337,8 @@ for name, steps in RECIPES.items():
     kv = kvcache.kv_perplexity(m, tok, built.kv, n_windows=2 if env.quick else 4, prefix=192 if env.quick else 512,
                                scored=64 if env.quick else 256, progress=False)
     factory = lambda m=m, c=built.kv: kvcache.make_cache(m, c)  # noqa: E731  (fp16 cache without a "kv" step)
-    acc = cl.eval.arithmetic_probe(m, tok, n=PROBE_N, progress=False, cache_factory=factory)
+    # align=64: the last 64k tokens of each 6-shot prompt, so the question itself is compressed (see lab 05 §7)
+    acc = cl.eval.arithmetic_probe(m, tok, n=PROBE_N, shots=6, align=64, progress=False, cache_factory=factory)
     weight_b = built.weight_bytes()
     kv_b = kvcache.kv_bytes_per_token(m.config) * CONTEXT * kv["ratio"]  # fp16 cache x the measured ratio
     timed = deploy.timed_generate(m, tok, prompt, new_tokens)

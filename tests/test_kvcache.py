@@ -896,3 +896,31 @@ def test_batched_generation_never_puts_padding_into_a_compressed_cache(smollm):
     got = padded.layers[0].key_blocks[0].reconstruct(torch.float32)[1][:, pad:]  # its real tokens in block 0
     want = ref.layers[0].key_blocks[0].reconstruct(torch.float32)[0][:, : 64 - pad]
     assert (got - want).abs().max() > 1e-2  # contaminated: why the batches above hold one length only
+
+
+def test_probe_with_align_compresses_the_question_too(smollm):
+    """Issue 24, item 4: a ~98-token 4-shot prompt left its last 34 tokens (the question) in the fp16 buffer, so
+    the probe "through the cache" never read a compressed question. align=64 keeps the last 64k prompt tokens: the
+    whole prompt is compressed at prefill and only the generated tokens sit in the buffer."""
+    from compresslab.eval import arithmetic_prompts, arithmetic_probe
+
+    model, tok = smollm
+    caches = []
+
+    def factory():
+        caches.append(K.make_cache(model, K.KVConfig("kivi", bits=4)))
+        return caches[-1]
+
+    acc, details = arithmetic_probe(model, tok, n=3, shots=4, progress=False, cache_factory=factory, align=64,
+                                    return_details=True)
+    lengths = [len(tok(p).input_ids) for p, _ in arithmetic_prompts(3, shots=4)]
+    assert all(n % 64 > 0 for n in lengths)  # unaligned, the question would have stayed in the buffer
+    for cache in caches:
+        layer = cache.layers[0]
+        compressed = sum(b.reconstruct().shape[-2] for b in layer.key_blocks)
+        assert compressed >= 64 and layer.keys.shape[-2] <= 4 - 1  # the buffer holds generated tokens only
+    assert 0 <= acc <= 1 and len(details) == 3
+    with pytest.raises(ValueError, match="shorter than align=512"):
+        arithmetic_probe(model, tok, n=1, shots=1, progress=False, align=512)
+    with pytest.raises(ValueError, match="align must be a positive int"):
+        arithmetic_probe(model, tok, n=1, progress=False, align=0)

@@ -47,19 +47,31 @@ def perplexity(model, tokenizer, n_windows: int = 16, seq_len: int = 512, batch_
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
-                   desc: str = "generate", progress: bool = True, cache_factory=None) -> list[str]:
+                   desc: str = "generate", progress: bool = True, cache_factory=None,
+                   align: int | None = None) -> list[str]:
     """Greedy completions of prompts, decoded without the prompt, in the order given.
 
     cache_factory: a callable returning a fresh KV cache per batch (lab 05's compressed caches); None: the default
     cache, with left-padded batches. A compressed cache groups tokens for its min/max, outliers and low-rank fit, and
     cannot see the attention mask: left padding would put pad tokens into a sequence's groups. So with a
-    cache_factory every batch holds prompts of one token length only (no padding at all), up to batch_size each."""
+    cache_factory every batch holds prompts of one token length only (no padding at all), up to batch_size each.
+
+    align: keep only the last align * (n // align) tokens of each n-token prompt (cutting into its first worked
+    example). A compressed cache whose fp16 buffer holds `align` tokens then compresses the *whole* prompt, question
+    included, at prefill; otherwise the newest n % align tokens, the question among them, stay in full precision."""
+    if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
+        raise ValueError(f"align must be a positive int (the cache's residual_length, e.g. 64), got {align!r}")
+    ids = tokenizer(list(prompts)).input_ids
+    if align is not None:
+        if any(len(x) < align for x in ids):
+            raise ValueError(f"a prompt is shorter than align={align} tokens: use more shots (longer prompts)")
+        ids = [x[len(x) % align:] for x in ids]
     batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
-    if cache_factory is not None:
-        batches = unpadded_batches([len(ids) for ids in tokenizer(list(prompts)).input_ids], batch_size)
+    if cache_factory is not None or align is not None:
+        batches = unpadded_batches([len(x) for x in ids], batch_size)
     outputs = [None] * len(prompts)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(_device(model))
+        enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(_device(model))
         cache = {} if cache_factory is None else {"past_key_values": cache_factory()}
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, **cache)  # (b, prompt + new)
@@ -98,16 +110,18 @@ def arithmetic_prompts(n: int, digits: int = 2, shots: int = 3, seed: int = 0) -
 
 
 def arithmetic_probe(model, tokenizer, n: int = 100, digits: int = 2, shots: int = 3, seed: int = 0,
-                     batch_size: int = 16, progress: bool = True, return_details: bool = False, cache_factory=None):
+                     batch_size: int = 16, progress: bool = True, return_details: bool = False, cache_factory=None,
+                     align: int | None = None):
     """Exact-match accuracy on few-shot `digits`-digit addition: a cheap numerical-fragility test.
 
     Quantization that leaves perplexity almost unchanged can still break exact arithmetic; this probe
-    runs in seconds on a CPU and a 135M model scores well above zero.
+    runs in seconds on a CPU and a 135M model scores well above zero. cache_factory / align: see generate_batch
+    (align = the cache's residual_length puts the question itself into compressed blocks).
     """
     items = arithmetic_prompts(n, digits, shots, seed)
     completions = generate_batch(model, tokenizer, [p for p, _ in items], max_new_tokens=digits + 2,
                                  batch_size=batch_size, desc="arithmetic probe", progress=progress,
-                                 cache_factory=cache_factory)
+                                 cache_factory=cache_factory, align=align)
     preds = [extract_number(c.strip().split("\n")[0]) for c in completions]
     correct = [p == a for p, (_, a) in zip(preds, items)]
     acc = sum(correct) / max(len(items), 1)
