@@ -177,3 +177,24 @@ def test_results_upsert_table_and_plot(tmp_path, monkeypatch):
     assert len(results.table(lab="02")) == 0
     ax = results.plot(lab="01")
     assert len(ax.collections) == 1
+
+
+def test_wilson_interval_and_paired_test():
+    """Issue 24, item 11: the probe's uncertainty (binomial) and the paired comparison of two models."""
+    from compresslab.eval import paired_test, wilson_interval
+
+    lo, hi = wilson_interval(8, 16)
+    assert lo == pytest.approx(0.2800, abs=1e-3) and hi == pytest.approx(0.7200, abs=1e-3)
+    assert wilson_interval(0, 16)[0] == 0.0 and wilson_interval(0, 16)[1] > 0.15  # not zero-width at 0 %
+    assert wilson_interval(16, 16)[1] == 1.0 and wilson_interval(16, 16)[0] < 0.85
+    for bad in ((5, 0), (17, 16), (-1, 4), (0.5, 2)):
+        with pytest.raises(ValueError, match="counts, not rates"):
+            wilson_interval(*bad)
+    # 10 discordant pairs all one way: p = 2 / 2^10; 3 vs 2 discordant: nowhere near significant
+    assert paired_test([True] * 10 + [False] * 5, [False] * 10 + [False] * 5) == {"a_only": 10, "b_only": 0,
+                                                                                  "p": pytest.approx(2 / 1024)}
+    r = paired_test([True, True, True, False, False, True], [False, False, False, True, True, True])
+    assert (r["a_only"], r["b_only"]) == (3, 2) and r["p"] == 1.0
+    assert paired_test([True], [True])["p"] == 1.0
+    with pytest.raises(ValueError, match="equal, non-zero length"):
+        paired_test([True], [True, False])
