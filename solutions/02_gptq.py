@@ -18,7 +18,7 @@
 # Lab 01 rounded every weight to its nearest grid point on its own (RTN). At 4 bits that cost SmolLM2 a third more
 # perplexity, at 3 bits it tripled it. GPTQ (Frantar et al., 2022) rounds the *same* grid, but column by column,
 # letting the weights not yet rounded absorb each rounding error. You will build its core, run it on the whole
-# model, and write a real GPTQ checkpoint that inference engines load.
+# model, and write a real checkpoint in the standard GPTQ layout (section 8 says which engines read what).
 #
 # **Learning objectives.** By the end you can
 # 1. explain why independent rounding is suboptimal: the layer's error is $e^\top H e$, and $H$ couples columns;
@@ -104,9 +104,9 @@ print(f"integer-zero 4-bit g32 error (GPTQ's grid): {(cl.quant.fake_quantize(W, 
 
 # %% [markdown]
 # So 4-bit results on this model are special: a 4-bit grid with float zero points and g32 is lossless, while the
-# integer-zero grid that GPTQ checkpoints use (and g64, and 3 bits) is not. Keep this in mind when you compare with the
-# GPTQ paper's LLaMA numbers: there is less "hidden" precision left for GPTQ to exploit at 4 bits than in a model
-# trained and stored in bf16.
+# integer-zero grid that GPTQ checkpoints use (and g64, and 3 bits) is not. Keep this in mind when you compare with
+# published LLaMA numbers (section 5): there is less "hidden" precision left for GPTQ to exploit at 4 bits than in a
+# model trained and stored in bf16.
 
 # %% [markdown] tags=["slide"]
 # ## 2 · Why RTN is not optimal: the layer's error is $e^\top H e$
@@ -183,9 +183,12 @@ plt.show()
 # GPTQ makes this practical for billions of weights:
 # 1. **Arbitrary order.** Quantize the columns in one fixed order for all rows (left to right), so every row shares the
 #    same sequence of $H^{-1}$ updates.
-# 2. **Cholesky.** The rows of the shrinking $H_F^{-1}$ needed at each step are exactly the rows of the upper
-#    Cholesky factor $U$ of $H^{-1}$: compute it once. The step for column $i$ becomes
-#    $\text{err} = (w_i - q_i)/U_{ii}$, then $W_{:, i:} \mathrel{-}= \text{err} \cdot U_{i, i:}$.
+# 2. **Cholesky.** The row of the shrinking $H_F^{-1}$ needed at step $i$ ($F$ = columns $i$ and later) is, up to a
+#    scale, row $i$ of the upper Cholesky factor $U$ of $H^{-1}$:
+#    $U_{i, i:} = (H_F^{-1})_{i,:} / \sqrt{[H_F^{-1}]_{ii}}$, so $U_{ii} = \sqrt{[H_F^{-1}]_{ii}}$ (GPTQ §3.3).
+#    Compute $U$ once. The step for column $i$ becomes $\text{err} = (w_i - q_i)/U_{ii}$, then
+#    $W_{:, i:} \mathrel{-}= \text{err} \cdot U_{i, i:}$: the two square roots multiply back to the OBS update's
+#    $[H_F^{-1}]_{ii}$.
 # 3. **Lazy batches.** Apply the updates inside a block of 128 columns immediately, and to the rest of the matrix
 #    once per block (one matmul instead of 128 rank-1 updates): memory-bound becomes compute-bound.
 #
@@ -286,9 +289,13 @@ for bits in (4, 3):
 #
 # It has a cost. With **dynamic groups** (qparams computed when a group starts, in quantization order), a group is a
 # set of columns *scattered* over the original order. The checkpoint records each original column's group in `g_idx`,
-# and a kernel must gather a scale per column instead of one per 64 contiguous columns (AutoGPTQ measured 5.5 vs 28.6
-# tokens/s on OPT-30B for this). **Static groups** compute all qparams on the original weights in the original order
-# before GPTQ starts: `g_idx` is the trivial `j // group_size` and kernels need no change, at a small accuracy cost.
+# and a kernel that walks the columns in their original order must look up a scale per column instead of one per 64
+# contiguous columns. That was slow in early kernels: AutoGPTQ's CUDA kernel of May 2023 ran a g128 OPT-30B at 5.5
+# tokens/s with act-order against 28.6 without, on an H100 (AutoGPTQ#77). Current engines avoid it: ExLlamaV2 and
+# the Marlin kernels (in vLLM) sort the weight's input rows by `g_idx` once at load, so every group is contiguous
+# again, and gather the activation columns into the same order on each call — a cheap permutation of $x$, not of
+# $W$. **Static groups** compute all qparams on the original weights in the original order before GPTQ starts:
+# `g_idx` is the trivial `j // group_size` and no kernel needs any of this, at a small accuracy cost.
 #
 # ### Exercise 4 — the act-order permutation and `g_idx`
 # Complete `act_order(H, group_size)`: return `perm` (column indices by diag(H), descending) and `g_idx`, the group of
@@ -336,7 +343,8 @@ def evaluate(m, method: str, bits: int, seconds: float | None = None, group_size
     """Perplexity + arithmetic probe, recorded in the shared results table."""
     ppl = cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
     acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
-    row = cl.results.record(lab="02", method=method, model=MODEL, bits=bits, group_size=group_size, ppl=round(ppl, 3),
+    stored = cl.results.describe(m, bits if bits < 16 else None, group_size)  # bits, group, deployable weight MB
+    row = cl.results.record(lab="02", method=method, model=MODEL, **stored, ppl=round(ppl, 3),
                             probe_acc=acc, quick=env.quick, quant_seconds=seconds and round(seconds, 1), **extra)
     print(f"{method:34s} {bits}-bit  ppl {ppl:8.2f}  probe {acc:4.0%}" + (f"  ({seconds:.0f} s)" if seconds else ""))
     return row
@@ -381,9 +389,13 @@ cl.results.table(lab="02", model=MODEL, quick=env.quick)
 # %% [markdown]
 # Reference figures (full mode: 16 × 512 windows; 32 calibration windows of 512 tokens; measured independently with a
 # GPTQ that follows the reference repository): FP 36.63; 4-bit RTN 48.81, GPTQ + act-order 45.19 (42.69 with 128
-# calibration windows); 3-bit RTN 116.6, GPTQ + act-order 82.64. On this small, heavily trained, Q4_1-distributed model
-# plain GPTQ closes a third to a half of RTN's gap — less than on LLaMA-7B in the paper (4-bit: 6.29 → 6.09 vs FP 5.68)
-# and strongly dependent on the calibration size. That is a finding, not a failure.
+# calibration windows); 3-bit RTN 116.6, GPTQ + act-order 82.64. On this small, heavily trained, Q4_1-distributed
+# model GPTQ closes a third to a half of RTN's 4-bit gap, strongly dependent on the calibration size. The LLaMA
+# figures people quote for GPTQ come from the reference repository's README (IST-DASLab/gptq), not from the paper's
+# tables (OPT and BLOOM), and so does act-order: LLaMA-7B WikiText-2 FP16 5.68, 4-bit RTN 6.29, 4-bit GPTQ 6.09 with
+# act-order and true-sequential (7.15 without them). Those are **per-channel** results (one scale per row, no groups)
+# on a 7B model stored in fp16: compare the fraction of RTN's gap closed (a third there), never the perplexities, and
+# not as if they were g64 results like ours.
 #
 # This package, full mode on a 2-core CPU (`python tools/lab02_figures.py`): GPTQ 4-bit 45.69; GPTQ + act-order 4-bit
 # 42.95 and 3-bit 89.03; with static groups 4-bit 43.26. Calibration windows are drawn at random, so a few percent
@@ -398,7 +410,9 @@ cl.results.table(lab="02", model=MODEL, quick=env.quick)
 # * **MSE clip search**: shrink each group's range to the one that minimises its error (the reference quantizer's
 #   `mse` option) — a few clipped outliers buy a finer step for everyone;
 # * **more calibration**: 128 windows instead of 32 (GPTQ's Hessians are estimates);
-# * **symmetric** quantization (one multiply less at inference; static groups were measured in section 5);
+# * **symmetric** quantization (no zero point: what integer W8A8 GEMMs want, since zero points add cross terms to
+#   every dot product — lab 01, section 3 — and what vLLM's Marlin GPTQ kernels require; static groups were
+#   measured in section 5);
 # * **group 32** for comparison, which *does* cost extra bits (24/32 instead of 24/64 per weight);
 # * **tuned scales and norms**: GPTQ fits each layer to its own inputs and never looks at the model's output. After
 #   it, freeze every integer code and zero point, and train what the checkpoint stores in floating point anyway — the
@@ -484,13 +498,23 @@ print(f"probe accuracy: WikiText calibration {row_wiki['probe_acc']:.0%}, GSM8K 
 # %% [markdown] tags=["slide"]
 # ## 8 · A deployable checkpoint
 #
-# Fake-quantized weights are for measuring. To deploy, write the integer codes in the GPTQ checkpoint layout that
-# transformers, vLLM and TensorRT-LLM read: per Linear, `qweight` (codes packed 8 per int32 along `in_features`),
-# `qzeros` (zero points packed along `out_features`, **stored minus one** in the original "v1" format — a zero of 0
-# wraps to 15), `scales` (fp16) and `g_idx`, plus a `quantization_config` in `config.json`.
+# Fake-quantized weights are for measuring. To deploy, write the integer codes in a layout engines know. We write the
+# GPTQ "v1" layout (`quant_method: gptq`, `checkpoint_format: gptq`): per Linear, `qweight` (codes packed 8 per int32
+# along `in_features`), `qzeros` (zero points packed along `out_features`, **stored minus one** — a zero of 0 wraps to
+# 15), `scales` (fp16) and `g_idx`, plus a `quantization_config` in `config.json`. That is the layout transformers'
+# GPTQ integration (through GPTQModel and optimum, neither installed here) and vLLM read.
 #
-# We export the 4-bit act-order model, reload it with a reader that shares no code with the writer, and check the
-# reloaded model is the same model.
+# What this repository proves is narrower: the checkpoint round-trips through the package's own readers — below,
+# `cl.checkpoint.load_gptq`, which shares no code with the writer, and the Triton W4A16 kernel's `load_quantized`
+# (tested in Triton's interpreter, run on a GPU in lab 06) — and no test loads it with an engine. It is also the
+# least portable variant: asymmetric, with act-order, and `in_features` 576. GPTQModel refuses an asymmetric v1
+# checkpoint that GPTQModel did not produce; vLLM's Marlin kernels want symmetric weights and `in_features`
+# divisible by 128, which 576 is not (the hub models' hidden sizes 896, 1536 and 2048 are); TensorRT-LLM does not
+# read `quant_method: gptq` at all (lab 06, section 7). For an engine, quantize a hub model with `sym=True` and load
+# the result in that engine before you trust it.
+#
+# We export the 4-bit act-order model, reload it with the independent reader, and check the reloaded model is the
+# same model.
 
 # %%
 path = cl.checkpoint.save_gptq(q4, report4, EXPORT_DIR, bits=4, group_size=GROUP_SIZE, sym=False, desc_act=True,
@@ -531,9 +555,11 @@ else:
 #
 # Write that kernel in [Triton](https://triton-lang.org): one program computes `BLOCK_N` outputs of $y = Wx$ for one
 # token, walking $K$ in steps of `BLOCK_K`. Everything is in the checkpoint layout of section 8 (contiguous groups
-# here; act-order's `g_idx` adds one gather per row). On CPU, Triton runs through its interpreter (numpy underneath:
-# exact, ~1 s per call); on a GPU the same code compiles. The package's full version, `compresslab.kernels.w4a16`
-# (split-K GEMV for decode, tensor-core GEMM for prefill, autotuned), is what `make bench` times.
+# here; act-order's `g_idx` adds a group lookup per row of $K$, which the package's kernel does, or a reordering of
+# the weight at load plus a gather of $x$, which engines do). On CPU, Triton runs through its interpreter (numpy
+# underneath: exact, ~1 s per call); on a GPU the same code compiles. The package's full version,
+# `compresslab.kernels.w4a16` (split-K GEMV for decode, tensor-core GEMM for prefill, autotuned), is what `make bench`
+# times.
 
 # %%
 import triton
@@ -613,12 +639,14 @@ else:
 
 # %% [markdown] tags=["solution"]
 # Static groups (or no act-order). With dynamic groups `g_idx` is a scattered permutation: a kernel that assumes
-# contiguous groups would apply the wrong scale to most columns (garbage), and one that honours `g_idx` must gather a
-# scale and zero per column, which costs bandwidth and breaks the tiled dequantization (the AutoGPTQ measurement:
-# 5.5 vs 28.6 tokens/s). Static groups keep act-order's column *order* for error compensation, but their groups are the
-# contiguous original ones, so `g_idx = j // group_size` and the fast kernel applies unchanged; the accuracy cost is
-# small (measure it in the table above). Alternatively, permute the weight rows of the previous layer offline
-# (possible for some layers only).
+# contiguous groups would apply the wrong scale to most columns (garbage). Static groups keep act-order's column
+# *order* for error compensation, but their groups are the contiguous original ones, so `g_idx = j // group_size` and
+# that kernel applies unchanged; the accuracy cost is small (measure it in the table above). Dynamic groups are an
+# option only if the engine handles `g_idx`. Current ones do, at little cost: ExLlamaV2 and Marlin (vLLM) sort the
+# weight's input rows by `g_idx` once at load, so groups are contiguous again, and gather the activation's columns
+# into that order on every call. The 5.5 vs 28.6 tokens/s often quoted against act-order (AutoGPTQ#77, OPT-30B)
+# measured AutoGPTQ's CUDA kernel of May 2023, which looked scales and zeros up through `g_idx` in its inner loop:
+# not what engines do today.
 
 # %% [markdown]
 # **Question 2.** GPTQ's weights are further from the original weights than RTN's (section 3), yet the model is better.
@@ -634,7 +662,8 @@ else:
 
 # %% [markdown] tags=["instructor"]
 # **Answers to expect and follow-ups.** Q1: make sure people connect g_idx to kernel memory access, not just to file
-# format. Q2: ask what happens with calibration data unlike the deployment data (section 6: GSM8K vs WikiText).
+# format, and know the fix engines use (reorder W once at load, gather x's columns per call). Q2: ask what happens
+# with calibration data unlike the deployment data (section 6: GSM8K vs WikiText).
 
 # %% [markdown]
 # ## Summary

@@ -39,8 +39,9 @@
 #   vocabulary size, or `"batchmean"` on (batch, seq, vocab), which divides by the batch only; the KL arguments swapped
 #   (`kl_div` wants the student's *log*-probabilities first); in the combined loss, masking the CE but averaging the
 #   KL over every position (padding included), or swapping alpha and 1 − alpha.
-# * Discussion prompts: "the teacher is 85 % sure of the next token — what does the other 15 % teach?"; "why would
-#   reverse KL suit a small student generating text?" (it does not have the capacity to cover every mode, so it had
+# * Discussion prompts: "at T = 1 the teacher gives *Paris* only about half its mass — what does the other half
+#   teach?" (section 1's plot); "why would reverse KL suit a small student generating text?" (it does not have the
+#   capacity to cover every mode, so it had
 #   better not put mass between them); "Minitron used < 3 % of the original training tokens — what makes
 #   prune-then-distil so cheap?" (the student starts from the teacher's weights and only has to repair the damage).
 # * If time is short: run section 7 in QUICK mode and show the full-mode table from the README.
@@ -131,8 +132,11 @@ fig.suptitle(f"…{text[-40:]!r} → next token", y=1.05)
 plt.show()
 
 # %% [markdown]
-# At T = 1 the teacher is nearly sure; at T = 4 the runner-up tokens become visible — the ranking among the *wrong*
-# answers (other places, prepositions) is what the student can learn from them and not from the label.
+# Read the titles. Even at T = 1 the teacher hedges: on SmolLM2-135M *Paris* gets about half the mass, *the* about a
+# fifth, and the top-10 together ~88 % (entropy ~2 nats). Raising T flattens it fast: at T = 2 the top-10 hold ~15 %,
+# and by T = 4 the distribution is close to uniform over 49,152 tokens. The ranking among the *wrong* answers (other
+# places, prepositions) is what the student can learn from them and not from the label — and an LLM shows much of it
+# already at T = 1 (section 7 comes back to this).
 
 # %% [markdown] tags=["slide"]
 # ## 2 · The student: the teacher with a third of its layers removed
@@ -401,15 +405,16 @@ def mean_entropy(m) -> float:
 
 def record(name, m, ppl, **extra):
     acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
-    cl.results.record(lab="04", method=name, model=MODEL, bits=32, ppl=round(ppl, 3), probe_acc=acc,
-                      quick=env.quick, weight_mb=round(cl.eval.weight_bytes(m) / 1e6, 1),
+    cl.results.record(lab="04", method=name, model=MODEL, **cl.results.describe(m), ppl=round(ppl, 3),
+                      probe_acc=acc, quick=env.quick,
                       params_m=round(sum(p.numel() for p in m.parameters()) / 1e6, 1), steps=STEPS,
                       entropy=round(mean_entropy(m), 3), **extra)
     return acc
 
 
 record("teacher", teacher, ppl_teacher)
-record(f"pruned {STUDENT_LAYERS} layers, untrained", student0, ppl_pruned)
+STUDENT_NAME = f"pruned {STUDENT_LAYERS} layers" if STUDENT is None else STUDENT  # what the student really is
+record(f"{STUDENT_NAME}, untrained", student0, ppl_pruned)
 gap = math.log(ppl_pruned) - math.log(ppl_teacher)
 for name, m in students.items():
     ppl = histories[name]["eval"][-1]

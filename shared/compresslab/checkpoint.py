@@ -1,7 +1,13 @@
-"""GPTQ checkpoints on disk: the format transformers, vLLM and TensorRT-LLM (W4A16 GPTQ) consume (lab 02).
+"""GPTQ checkpoints on disk, in the "v1" layout (quant_method: gptq) (lab 02).
 
     save_gptq(qmodel, report, "out/smollm2-gptq-4bit", bits=4, group_size=64, sym=False, desc_act=True)
     model, tok = load_gptq("out/smollm2-gptq-4bit")        # an independent reader: dequantizes to float
+
+This is the layout transformers' GPTQ integration (through GPTQModel + optimum, not installed here) and vLLM read.
+The tests load it only with this package's readers (load_gptq here, kernels.w4a16.load_quantized), never with an
+engine. Lab 02's export (asymmetric, desc_act, in_features 576) is the least portable variant: GPTQModel refuses
+an asymmetric v1 checkpoint it did not produce, vLLM's Marlin kernels want sym=True and in_features divisible by
+128, and TensorRT-LLM does not read quant_method "gptq".
 
 Per quantized Linear `<name>`, model.safetensors holds (AutoGPTQ / GPTQModel "v1" layout, int32 words):
     <name>.qweight  (in * bits / 32, out)  int32   codes packed along in_features, lowest bits first

@@ -7,9 +7,11 @@
     history = distill(student, train_ids, teacher=teacher, steps=100)   # the small, honest training loop
 
 The idea: the teacher's whole next-token distribution ("dark knowledge": which wrong answers are nearly right) is a
-richer training signal than the one-hot label. Softening both distributions with a temperature T > 1 exposes it; the
-soft loss's gradient shrinks as 1/T^2, so it is multiplied by T^2 to keep its weight against the hard loss when T
-changes. D is forward KL (mode-covering, Hinton), reverse KL (mode-seeking, MiniLLM) or skew KL (DistiLLM).
+richer training signal than the one-hot label. Softening both distributions with a temperature T > 1 exposes it
+(Hinton's classifiers); an LLM's next-token distribution is already broad at T = 1, and lab 04's students trained
+best at T = 1 (T = 2 fell behind plain CE). The soft loss's gradient shrinks as 1/T^2, so it is multiplied by T^2 to
+keep its weight against the hard loss when T changes. D is forward KL (mode-covering, Hinton), reverse KL
+(mode-seeking, MiniLLM) or skew KL (DistiLLM).
 Prune-then-distil (Minitron): the student is the teacher with layers removed, initialised from the teacher's weights.
 """
 

@@ -3,12 +3,18 @@
     grid("fp8_e4m3")          # every finite value of float8 e4m3fn, sorted (253 values, max 448)
     grid("nf4")               # the 16 NormalFloat-4 levels in [-1, 1] (bitsandbytes)
     codebook_quantize(w, grid("fp4_e2m1"), block_size=64)    # absmax-scaled round-to-nearest-level
+    nvfp4_quantize(w).dequantize()    # E2M1 + an E4M3 scale per 16 + an fp32 scale per tensor (4.5 bits/weight)
+    mxfp4_quantize(w).dequantize()    # E2M1 + a power-of-two (E8M0) scale per 32 (OCP MX, 4.25 bits/weight)
+    bits_per_element("nvfp4")         # 4.5: element bits + block metadata bits / block size
 
-Integer grids are uniform; floating-point grids are dense near zero and sparse far out, which suits
-bell-shaped weights (the LLM-FP4 / NF4 argument).
+Integer grids are uniform; floating-point grids and NF4 are dense near zero and sparse far out. Whether that beats
+a uniform grid on bell-shaped weights depends on the scaling around it: QLoRA's claim is NF4 against INT4 with the
+same absmax scale (symmetric), not against INT4 with a min/max scale and zero point (lab 01, section 6 measures both).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -58,15 +64,19 @@ def grid(name: str) -> torch.Tensor:
     return torch.unique(values[torch.isfinite(values)])  # sorted, -0 merged with 0
 
 
-def codebook_quantize(w: torch.Tensor, levels: torch.Tensor, block_size=64) -> torch.Tensor:
+def codebook_quantize(w: torch.Tensor, levels: torch.Tensor, block_size=64,
+                      scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Absmax-scale each block to the codebook's range, snap to the nearest level, scale back.
 
-    w (..., in) -> same shape and dtype. The scale maps max|w| of a block to max|levels| (NF4/FP4 style).
+    w (..., in) -> same shape and dtype. The scale maps max|w| of a block to max|levels| (NF4/FP4 style). It is
+    kept in float32 (bitsandbytes stores an fp32 absmax), or rounded to `scale_dtype` (e.g. torch.float16) first.
     """
     check_float(w, "w")
     blocks = group_view(w, block_size).float()  # (n_blocks, block)
     levels = levels.to(blocks)
     scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / levels.abs().max()  # (n_blocks, 1)
+    if scale_dtype is not None:  # the scale a checkpoint would store
+        scale = scale.to(scale_dtype).float().clamp(min=1e-12)
     idx = torch.bucketize(blocks / scale, (levels[1:] + levels[:-1]) / 2)  # nearest level by midpoints
     return (levels[idx] * scale).reshape(w.shape).to(w.dtype)
 
@@ -75,3 +85,119 @@ def int_levels(bits: int) -> torch.Tensor:
     """Symmetric integer levels -(2^(b-1)-1) .. 2^(b-1)-1 (absmax style, as codebook_quantize expects)."""
     q = 2 ** (bits - 1) - 1
     return torch.arange(-q, q + 1, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- bits per weight, metadata counted
+
+# name: (element bits, block size, metadata bits per block, what each block stores besides its elements)
+STORAGE = {
+    "int4 sym g64": (4, 64, 16, "an fp16 scale"),
+    "fp4 e2m1 g64": (4, 64, 16, "an fp16 scale"),
+    "nf4 g64": (4, 64, 16, "an fp16 scale"),
+    "nf4 g64 (bitsandbytes)": (4, 64, 32, "an fp32 absmax (double quantization: 8 bits, 4.127 bits/weight)"),
+    "mxfp4": (4, 32, 8, "an E8M0 (power-of-two) scale"),
+    "int4 asym g64, 4-bit zero": (4, 64, 20, "an fp16 scale + a 4-bit zero (GPTQ's packed qzeros)"),
+    "int4 asym g64": (4, 64, 24, "an fp16 scale + an 8-bit zero (lab 01's QuantLinear and packed_mb)"),
+    "int4 asym g64, fp16 zero": (4, 64, 32, "an fp16 scale + an fp16 zero"),
+    "nvfp4": (4, 16, 8, "an E4M3 scale (+ one fp32 scale per tensor: ~0 bits per weight)"),
+    "int4 sym g32": (4, 32, 16, "an fp16 scale"),
+    "nf4 g32": (4, 32, 16, "an fp16 scale"),
+}
+
+
+def bits_per_element(fmt: str) -> float:
+    """Storage bits per weight with the block metadata counted: bits_per_element("nvfp4") -> 4 + 8/16 = 4.5.
+
+    `fmt` is a key of STORAGE (lab 01, section 6). Per-tensor scalars (NVFP4's fp32 scale) are left out.
+    """
+    if fmt not in STORAGE:
+        raise ValueError(f"unknown format {fmt!r}; choose from {list(STORAGE)}")
+    element_bits, block_size, metadata_bits, _ = STORAGE[fmt]
+    return element_bits + metadata_bits / block_size
+
+
+# ----------------------------------------------------------------------------- microscaled FP4: NVFP4 and MXFP4
+
+E2M1_MAX = 6.0  # largest E2M1 magnitude (1.5 * 2^2)
+E4M3_MAX = 448.0  # largest float8_e4m3fn value (no inf)
+
+
+@dataclass
+class BlockFP4:
+    """E2M1 elements in blocks with one scale each: w ≈ elements * block_scales * tensor_scale.
+
+    elements (n_blocks, block) float32, each an E2M1 value in [-6, 6]; block_scales (n_blocks, 1) float32 holding
+    exact E4M3 values (NVFP4) or powers of two (MXFP4); tensor_scale: NVFP4's fp32 scale per tensor (1.0 for MXFP4).
+    """
+
+    elements: torch.Tensor
+    block_scales: torch.Tensor
+    tensor_scale: float
+    shape: torch.Size
+
+    def dequantize(self) -> torch.Tensor:
+        """-> float32 tensor of the original shape."""
+        return (self.elements * self.block_scales * self.tensor_scale).reshape(self.shape)
+
+
+def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 value of each x, saturating at ±6; a tie goes to the even code, as hardware conversion does."""
+    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=x.device)  # (8,): codes 0 .. 7
+    mids = (mags[1:] + mags[:-1]) / 2  # (7,) decision boundaries
+    a = x.float().abs().clamp(max=E2M1_MAX)
+    code = torch.bucketize(a, mids)  # a value on a boundary gets the lower code ...
+    tie = (code < len(mids)) & (a == mids[code.clamp(max=len(mids) - 1)])
+    code = code + (tie & (code % 2 == 1)).long()  # ... unless that code is odd: round half to even
+    return torch.copysign(mags[code], x.float())
+
+
+def _fp4_blocks(w: torch.Tensor, block: int, fmt: str) -> torch.Tensor:
+    """w (..., n) -> (n_blocks, block) float32, refusing what the format cannot hold."""
+    check_float(w, "w")
+    n = w.shape[-1] if w.dim() else 0
+    if n % block or n == 0:
+        raise ValueError(f"{fmt} scales blocks of {block} consecutive values along the last dim, which must be a "
+                         f"positive multiple of {block}; got {n}. Pad the last dim with zeros to a multiple of {block} "
+                         "(as hardware kernels do), or keep this tensor in a higher precision.")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"w holds inf or NaN: {fmt} has no encoding for them (check the weights first)")
+    return w.detach().float().reshape(-1, block)
+
+
+def nvfp4_quantize(w: torch.Tensor) -> BlockFP4:
+    """NVFP4: E2M1 elements, an E4M3 scale per 16 values, an fp32 scale per tensor (4.5 bits/weight; lab 01).
+
+        w_hat = nvfp4_quantize(w).dequantize()      # w (..., n), n a multiple of 16
+
+    The tensor scale s_t = amax / (448 * 6) maps the largest block scale onto E4M3's largest value, so the block
+    scales use E4M3's whole range whatever the weights' magnitude (without it, small weights' scales fall into E4M3's
+    coarse subnormals and large ones saturate at 448). Block scale = e4m3(block amax / 6 / s_t), cast with
+    torch.float8_e4m3fn after clamping to 448; elements = nearest E2M1 value of w / (block scale * s_t), clamped to
+    ±6. A block whose scale rounds to 0 (tiny next to the tensor's largest block) comes back as zeros.
+    """
+    blocks = _fp4_blocks(w, 16, "NVFP4")  # (n_blocks, 16)
+    amax = blocks.abs().max()
+    s_t = amax / (E4M3_MAX * E2M1_MAX) if amax > 0 else torch.ones(())  # fp32, one per tensor
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)  # (n_blocks, 1)
+    scales = (block_amax / E2M1_MAX / s_t).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float()  # exact E4M3 values
+    denom = scales * s_t  # (n_blocks, 1)
+    x = torch.where(denom > 0, blocks / denom, torch.zeros_like(blocks))  # (n_blocks, 16) in E2M1's range
+    return BlockFP4(round_to_e2m1(x), scales, s_t.item(), w.shape)
+
+
+def mxfp4_quantize(w: torch.Tensor) -> BlockFP4:
+    """MXFP4 (OCP Microscaling v1.0): E2M1 elements, an E8M0 power-of-two scale per 32 values (4.25 bits/weight).
+
+        w_hat = mxfp4_quantize(w).dequantize()      # w (..., n), n a multiple of 32 (lab 01)
+
+    The spec's shared scale is X = 2^(floor(log2(block amax)) - 2), 2 being E2M1's largest exponent (6 = 1.5 * 2^2);
+    elements = nearest E2M1 value of w / X, clamped to ±6. So a block's largest value lands in [4, 8) * X and one in
+    (6, 8) * X is clipped to 6 * X: the price of a scale that is only a power of two. Exponents are clamped to E8M0's
+    -127 .. 127; an all-zero block gets an arbitrary scale and zero elements.
+    """
+    blocks = _fp4_blocks(w, 32, "MXFP4")  # (n_blocks, 32)
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)  # (n_blocks, 1)
+    _, exponent = torch.frexp(block_amax)  # amax = m * 2^exponent, m in [0.5, 1): floor(log2 amax) = exponent - 1
+    shared = (exponent - 1 - 2).clamp(-127, 127)  # (n_blocks, 1) int
+    scales = torch.ldexp(torch.ones_like(block_amax), shared)  # 2^shared, exact
+    return BlockFP4(round_to_e2m1(blocks / scales), scales, 1.0, w.shape)

@@ -8,7 +8,8 @@
 The idea: quantize W one column at a time; after each column, spread its rounding error over the columns not yet
 quantized, weighted by the inverse Hessian of the layer's reconstruction loss ||W X - W_hat X||^2 (the OBS update).
 Three tricks make it fast: any column order works nearly as well as the greedy one, so every row shares one order;
-updates are applied lazily in blocks of 128 columns; and the rows of H^-1 needed are read off one Cholesky factor.
+updates are applied lazily in blocks of 128 columns; and the row of the shrinking H_F^-1 needed at step i is row i
+of the upper Cholesky factor U of H^-1 times sqrt([H_F^-1]_ii) (GPTQ section 3.3), so one factorisation serves all.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class GPTQResult:
     g_idx: torch.Tensor  # (in,) group of each original column
     perm: torch.Tensor | None  # act-order permutation (None without act-order)
     damp_used: float  # the dampening that made H positive definite (fraction of mean diag)
-    loss: float  # sum over columns of (w - q)^2 / [H^-1]_jj / 2, GPTQ's own error estimate
+    loss: float  # sum over columns of (w - q)^2 / [H_F^-1]_jj / 2 (= / U_jj^2), GPTQ's own error estimate
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 10) -> tuple[torch.Tensor, float]:

@@ -11,8 +11,10 @@
    input channels with large activations amplify weight error. Scale W's columns by s_j = ||X_j||^alpha, truncate
    W diag(s), then fold 1/s back into B: B = B' diag(1/s).
 4. Low-rank error compensation: quantize W, then add a rank-r correction of the residual W - Q(W) (what GEAR does
-   for the KV cache in lab 05 and EoRA / LQER for weights). The correction is stored in 16 bits next to the 4-bit
-   codes: it costs 2 r (d_out + d_in) bytes per Linear.
+   for the KV cache in lab 05). With act_norms it is activation-scaled, LQER/ASVD-style: the SVD of
+   (W - Q(W)) diag(s) with the same diagonal scale as 3. EoRA proper projects the residual onto the eigenspace of
+   X^T X instead (a full, not diagonal, activation metric); that is not implemented here. The correction is stored
+   in 16 bits next to the 4-bit codes: it costs 2 r (d_out + d_in) bytes per Linear.
 
 Public API: check_rank, break_even_rank, lowrank_params, rank_for_ratio, rank_for_energy, svd_factors,
 activation_scale, activation_norms, LowRankLinear, lowrank_model, compensate_model, relative_error.
@@ -214,8 +216,9 @@ def lowrank_model(model, ratio: float, act_norms: dict | None = None, alpha: flo
 @torch.no_grad()
 def compensate_model(quantized, reference, rank: int, act_norms: dict | None = None, alpha: float = 0.5,
                      names=DECODER_LINEARS, progress: bool = True) -> dict[str, int]:
-    """Low-rank error compensation, in place: W_q += A B with A B the rank-r (activation-aware when act_norms are
-    given) approximation of W - W_q, per decoder Linear of `quantized` (a fake-quantized copy of `reference`).
+    """Low-rank error compensation, in place: W_q += A B with A B the rank-r approximation of W - W_q, per decoder
+    Linear of `quantized` (a fake-quantized copy of `reference`). With act_norms it is activation-scaled,
+    LQER/ASVD-style (the diagonal scale of activation_scale), not EoRA's eigenspace projection.
 
     Adding A B into W_q is the same function as running the rank-r branch beside the 4-bit kernel; the bytes are
     counted as that branch in fp16. -> {name: parameters added}."""
