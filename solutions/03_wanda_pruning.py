@@ -25,7 +25,8 @@
 # 2. build per-row unstructured masks and N:M (2:4, 4:8) semi-structured masks;
 # 3. implement SparseGPT's prune-and-compensate step and relate it to GPTQ's column step;
 # 4. prune a whole model layer by layer and compare methods over sparsity on perplexity and arithmetic;
-# 5. say what actually gets faster: unstructured (nothing), 2:4 (sparse tensor cores, sm80+), structured (anything).
+# 5. say what actually gets faster: unstructured (only in sparse runtimes, never in PyTorch's dense kernels), 2:4
+#    (sparse tensor cores, sm80+), structured (anything).
 #
 # **Time:** about 75 minutes (35 min of exercises). **Hardware:** CPU is fine in quick mode; the 2:4 speed section
 # needs an Ampere-or-newer NVIDIA GPU and explains itself elsewhere.
@@ -42,7 +43,8 @@
 # * Discussion prompts: "why is the Wanda comparison made per output row?" (each output is a weighted sum: within a row
 #   the scores are comparable, across rows they are not); "2:4 is 50 % sparse but Wanda 2:4 is 3× worse than Wanda 50 %
 #   unstructured here — why accept it?" (section 7); "structured pruning hurts most per removed weight, yet it is the
-#   only one that is faster on a CPU — when would you pick it?".
+#   only one that is faster in PyTorch on a CPU — when would you pick it?" (a CPU sparse engine such as DeepSparse
+#   would also speed up unstructured zeros).
 # * If time is short, run section 5 in QUICK mode and show the full-mode table from the README.
 
 # %% tags=["parameters"]
@@ -261,16 +263,32 @@ sparsegpt_step = cl.checks.check_sparsegpt_step(sparsegpt_step)
 
 # %% [markdown]
 # The package's `sparsegpt_prune` is this step inside GPTQ's block loop (it calls `cl.gptq.propagate_error`, the
-# same function lab 02's `column_step` calls). On our layer, with the Hessian of the same inputs:
+# same function lab 02's `column_step` calls). A fair comparison on our layer gives both methods the **same** tokens
+# to fit on — the first half of the calibration windows: Wanda's norms and SparseGPT's Hessian — and scores both on
+# the **other** half, windows neither has seen. SparseGPT *solves* for the weights on its tokens, so its error on
+# those tokens flatters it (most with few tokens for 576 inputs, as in quick mode); the held-out column is the one
+# to compare.
 
 # %%
+half = len(X_rows) // 2
+X_fit, X_held = torch.cat(X_rows[:half]).float(), torch.cat(X_rows[half:]).float()  # (tokens, in): other windows
 H = cl.gptq.Hessian(lin.in_features)
-H.add_batch(X)
+H.add_batch(X_fit)
+norm_fit = X_fit.norm(dim=0)  # (in,) Wanda's norms from the same tokens as SparseGPT's Hessian
+
+
+def error_on(W_hat, X_eval):
+    zero = cl.gptq.reconstruction_error(W, torch.zeros_like(W), X_eval)
+    return (cl.gptq.reconstruction_error(W, W_hat, X_eval) / zero).item()
+
+
+print(f"fitted on {X_fit.shape[0]} tokens, scored on {X_held.shape[0]} tokens of other windows")
 for label, kw in (("50 %", dict(sparsity=0.5)), ("2:4", dict(n=2, m=4))):
     sgpt = pruning.sparsegpt_prune(W, H.H, **kw)
-    wanda = W * pruning.wanda_mask(W, act_norm, **kw)
-    print(f"{label:5s} relative output error: Wanda {output_error(wanda):.4f} | SparseGPT {output_error(sgpt):.4f} "
-          f"(sparsity {pruning.sparsity_of(sgpt):.2f})")
+    wanda = W * pruning.wanda_mask(W, norm_fit, **kw)
+    print(f"{label:5s} relative output error, fit tokens: Wanda {error_on(wanda, X_fit):.4f} | SparseGPT "
+          f"{error_on(sgpt, X_fit):.4f};  held-out: Wanda {error_on(wanda, X_held):.4f} | SparseGPT "
+          f"{error_on(sgpt, X_held):.4f}  (sparsity {pruning.sparsity_of(sgpt):.2f})")
 
 # %% [markdown] tags=["slide"]
 # ## 5 · The whole model, layer by layer
@@ -280,15 +298,17 @@ for label, kw in (("50 %", dict(sparsity=0.5)), ("2:4", dict(n=2, m=4))):
 # it, as lab 02's GPTQ. We sweep sparsity for magnitude and Wanda, add 2:4 and 4:8, and SparseGPT at 50 % and 2:4.
 
 # %%
-def evaluate(m, method: str, sparsity: float, seconds: float | None = None, **extra) -> dict:
-    """Perplexity + arithmetic probe, recorded in the shared results table."""
+def evaluate(m, method: str, sparsity: float, seconds: float | None = None, bits: int | None = None,
+             nm: tuple[int, int] | None = None, **extra) -> dict:
+    """Perplexity + arithmetic probe, recorded in the shared results table. sparsity: the share of zeros among the
+    remaining weights; bits/nm: how the row is deployed (None: as stored, zeros included)."""
     ppl = cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
     acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
-    row = cl.results.record(lab="03", method=method, model=MODEL, bits=32, group_size=None, ppl=round(ppl, 3),
+    stored = cl.results.describe(m, bits, 64, nm)  # bits, group, deployable weight MB of *this* model
+    row = cl.results.record(lab="03", method=method, model=MODEL, **stored, ppl=round(ppl, 3),
                             probe_acc=acc, quick=env.quick, sparsity=sparsity,
-                            weight_mb=round(cl.eval.weight_bytes(m) / 1e6, 1),
                             prune_seconds=seconds and round(seconds, 1), **extra)
-    print(f"{method:24s} sparsity {sparsity:4.0%}  ppl {ppl:9.2f}  probe {acc:4.0%}"
+    print(f"{method:24s} sparsity {sparsity:4.0%}  ppl {ppl:9.2f}  probe {acc:4.0%}  {stored['weight_mb']:6.1f} MB"
           + (f"  ({seconds:.0f} s)" if seconds else ""))
     return row
 
@@ -378,8 +398,9 @@ for r in RATIOS:
     secs = time.perf_counter() - t0
     ms = 1000 * cl.eval.prefill_seconds(sm, tok, sz.seq_len, 1)
     share = 1 - pruning.count_parameters(sm) / pruning.count_parameters(model)
-    struct_rows.append(evaluate(sm, f"structured MLP {r:.0%}", share, secs, prefill_ms=round(ms, 1),
-                                intermediate_size=sm.config.intermediate_size))
+    # a smaller dense model: no zeros (sparsity 0); the parameters it lost go in their own column
+    struct_rows.append(evaluate(sm, f"structured MLP {r:.0%}", 0.0, secs, params_removed=round(share, 4),
+                                prefill_ms=round(ms, 1), intermediate_size=sm.config.intermediate_size))
     print(f"   {pruning.count_parameters(sm) / 1e6:.1f}M parameters (dense {pruning.count_parameters(model) / 1e6:.1f}M), "
           f"prefill 1×{sz.seq_len} {ms:.0f} ms vs dense {dense_ms:.0f} ms ({dense_ms / ms:.2f}x)")
     del sm
@@ -389,9 +410,14 @@ for r in RATIOS:
 #
 # | pattern | stored as | faster on | memory |
 # |---|---|---|---|
-# | unstructured 50 % | dense with zeros (or CSR, only worth it above ~90 %) | nothing, in practice | same |
+# | unstructured 50 % | dense with zeros here (sparse formats: see below) | sparse runtimes only, not PyTorch | same |
 # | 2:4 | kept values + 2-bit indices | sparse tensor cores, NVIDIA sm80+ (A100, L4, H100) | 9/16 of fp16 |
 # | structured | a smaller dense matrix | everything | proportionally less |
+#
+# Unstructured zeros pay off only in runtimes built to skip them: CPU sparse engines (Neural Magic's DeepSparse) and
+# GPU kernels that store the weights compressed and beat cuBLAS on decode's skinny matmuls — Flash-LLM (Xia et al.
+# 2023, arXiv:2309.10285; 1.4–2.1× at 70–90 % sparsity), SpInfer (Fan et al., EuroSys 2025; bitmap-indexed, ahead
+# from lower sparsity). PyTorch's dense kernels, which this lab runs, gain nothing from them.
 #
 # PyTorch exposes 2:4 through `torch.sparse.to_sparse_semi_structured` (cuSPARSELt / CUTLASS, fp16/bf16/int8).
 # On a GPU that has them, this cell converts the Wanda 2:4 model and measures one matmul and a whole prefill;
@@ -425,24 +451,28 @@ if ok:
 # %% [markdown] tags=["slide"]
 # ## 8 · Going further
 #
-# * **Wanda++** (Yang et al., 2025) keeps Wanda's mask cheap but adds *regional* optimisation: a few gradient steps per
-#   decoder block to reduce the block's output error, mask fixed; it closes much of the gap to SparseGPT and beyond.
+# * **Wanda++** (Yang et al., 2025, arXiv:2503.04992) works one decoder block at a time and changes both the score and
+#   the weights. Its *regional gradient score* (RGS) adds to Wanda's |W|·‖X‖ the gradient magnitude of the block
+#   output's norm with respect to each weight (one backward pass through that block, not the whole model). *Regional
+#   optimisation* (RO) then takes a few optimiser steps to pull the pruned block's output toward the dense block's,
+#   and the block is re-scored and re-pruned, alternating a few rounds. So its final mask is neither Wanda's nor fixed
+#   during the optimisation; the paper reports up to 32 % lower perplexity than Wanda.
 # * **Recovery**: after pruning, fine-tune the kept weights for a few hundred steps with the mask held fixed, or
 #   distil from the dense model (lab 04): prune-then-distil is how NVIDIA's Minitron models are made. Full mode runs
 #   `pruning.finetune_masked` for RECOVER_STEPS steps of 4 × 256 tokens of WikiText-2 valid after SparseGPT at 50 %
 #   and at 2:4 (the zeros are put back after every step, so the 2:4 pattern survives).
 # * **Pruning + quantization**: they are one reconstruction problem, so one pass can do both. `sparsegpt_prune(...,
 #   n=2, m=4, bits=4)` prunes 2:4 and quantizes the survivors to 4-bit with lab 02's grid in the same loop: 2:4 fp16
-#   stores 9 bits per weight, 2:4 with 4-bit values about 3 — the format of NVIDIA's sparse INT4 kernels. Full mode
-#   measures it here.
+#   stores 9 bits per weight, 2:4 with 4-bit values about 3 — the format of Sparse-Marlin (Frantar et al. 2024,
+#   arXiv:2408.11743), vLLM's GPU kernel for 2:4-sparse 4-bit GPTQ weights. Full mode measures it here.
 
 # %%
 if env.quick:
     print("quick mode: skipped (run with QUICK = False)")
 else:
     pm, reached, secs = prune("sparsegpt", n=2, m=4, bits=4, group_size=64)
-    rows.append(evaluate(pm, "sparsegpt 2:4 + 4-bit", reached, secs))
-    train = cl.data.calibration_batches(tok, n_samples=256, seq_len=256, seed=SEED + 1)  # (256, 256) valid text
+    rows.append(evaluate(pm, "sparsegpt 2:4 + 4-bit", reached, secs, bits=4, nm=(2, 4)))  # as Sparse-Marlin stores it
+    train = cl.data.training_windows(tok, n_windows=256, seq_len=256, seed=SEED + 1)  # (256, 256) <unk>-free valid
     for kw, label in ((dict(sparsity=0.5), "50%"), (dict(n=2, m=4), "2:4")):
         pm, reached, secs = prune("sparsegpt", **kw)
         t0 = time.perf_counter()
@@ -479,13 +509,14 @@ else:
 # unstructured, 2:4, or 25 % structured MLP pruning — and what would you measure before deciding?
 
 # %% [markdown] tags=["solution"]
-# Unstructured 50 % gives the best quality but no speed or memory on a GPU, so not for speed. 2:4 uses sparse tensor
-# cores, but batch-1 decoding is memory-bound: the gain comes from reading 9/16 of the weight bytes, not from the math,
-# and cuSPARSELt's advantage is largest for big prefill matmuls; at this quality cost (2:4 ≈ 3× unstructured's
-# perplexity here) recovery training is a must. Structured pruning gives a smaller dense model that is faster
-# everywhere and composes with int4 quantization, at a larger quality cost that distillation (lab 04) recovers. Measure
-# end-to-end tokens/s at the real batch size and sequence lengths, quality after recovery, and whether the serving
-# engine has a 2:4 kernel for the chosen dtype at all.
+# Unstructured 50 % gives the best quality, but mainstream GPU stacks run it as a dense matrix with zeros: no speed or
+# memory. Sparse kernels (Flash-LLM, SpInfer) do gain on decode, most at high sparsity — ship it for speed only if
+# your engine has one. 2:4 uses sparse tensor cores, but batch-1 decoding is memory-bound: the gain comes from
+# reading 9/16 of the weight bytes, not from the math, and cuSPARSELt's advantage is largest for big prefill matmuls;
+# at this quality cost (2:4 ≈ 3× unstructured's perplexity here) recovery training is a must. Structured pruning
+# gives a smaller dense model that is faster everywhere and composes with int4 quantization, at a larger quality cost
+# that distillation (lab 04) recovers. Measure end-to-end tokens/s at the real batch size and sequence lengths,
+# quality after recovery, and whether the serving engine has a 2:4 kernel for the chosen dtype at all.
 
 # %% [markdown] tags=["instructor"]
 # **Answers to expect and follow-ups.** Q1: if people say "the activations", ask them to read section 2's middle line
@@ -497,7 +528,8 @@ else:
 # * Importance = weight × activation: Wanda's |W|·‖X‖, compared within each output row, beats |W| by far.
 # * N:M keeps N of every M inputs; 2:4 is what sparse tensor cores run, at a clear quality cost on a small model.
 # * SparseGPT = GPTQ with "round to zero": the same Hessian, Cholesky factor and OBS update compensate the pruning.
-# * Zeros are free only where the hardware skips them: unstructured nowhere, 2:4 on sm80+, structured everywhere.
+# * Zeros pay only where something skips them: unstructured in sparse runtimes (DeepSparse on CPU, Flash-LLM or
+#   SpInfer-style GPU kernels), 2:4 on sm80+ sparse tensor cores, structured everywhere.
 
 # %%
 cl.checks.summary()

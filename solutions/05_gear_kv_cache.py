@@ -189,8 +189,28 @@ for name, bits, e_ch, e_tok in rows:
     print(f"{name:8s} {bits:4d}  {e_ch:11.3f}  {e_tok:9.3f}")
 
 # %% [markdown]
-# Per channel wins for keys (the stripes get their own scale), per token for values. Even so, 2-bit keys keep a
-# large error — every group still contains its extremes. GEAR removes them first.
+# ‖X̂ − X‖ is not what the model pays. Keys enter only through the scores $QK^\top$, values only through the
+# attention output $\mathrm{softmax}(QK^\top/\sqrt d)V$. `kv.layer_qkv` returns this layer's real queries (after
+# RoPE, as attention sees them) with its keys and values, and `kv.attention_error` measures the relative error of the
+# scores and of the output when the cache is quantized, at 2 bits, in each layout:
+
+# %%
+q_l, k_l, v_l = (x[:, :, :T64] for x in kv.layer_qkv(model, ids[:, :T64], LAYER))  # (1, heads or kv_heads, T, d)
+layouts = {"per channel": lambda x: kv.quantize_groups(x, 2, 64, dim=-2).dequantize(torch.float32),
+           "per token": lambda x: kv.quantize_groups(x, 2, 64, dim=-1).dequantize(torch.float32)}
+print(f"{'2-bit':26s} error of QKᵀ   error of softmax(QKᵀ)V")
+for what in ("keys", "values"):
+    for layout, f in layouts.items():
+        k_hat, v_hat = (f(k_l), v_l) if what == "keys" else (k_l, f(v_l))
+        e = kv.attention_error(q_l, k_l, v_l, k_hat, v_hat)
+        print(f"{what + ' ' + layout:26s} {e['scores']:11.3f}   {e['output']:11.3f}")
+
+# %% [markdown]
+# Per channel wins for keys: the outlier stripes get their own scale, so the scores — and through them the output —
+# move least. Values never touch the scores; per token wins on the output, because each output row is a weighted
+# average of value *rows*, and a per-token group keeps every row's error proportional to that row. That is KIVI's
+# layout, read off the attention itself. Even so, 2-bit keys keep a large error — every group still contains its
+# extremes. GEAR removes them first.
 
 # %% [markdown] tags=["slide"]
 # ## 3 · S: the outliers, kept exactly

@@ -814,8 +814,21 @@ def test_kv_perplexity_builtin_quanto_cache(smollm):
 
 def test_kv_perplexity_rejects_an_unknown_string(smollm):
     model, tok = smollm
-    with pytest.raises(ValueError, match=r"config must be a KVConfig, None or 'builtin-<bits>', got 'gear'"):
-        K.kv_perplexity(model, tok, "gear", **PPL_ARGS)
+    for bad in ("gear", "builtin-x", "builtin-2-token", "builtin-2-channel-3"):
+        with pytest.raises(ValueError, match=rf"config must be a KVConfig, None, 'builtin-<bits>' or "
+                                             rf"'builtin-<bits>-channel', got '{bad}'"):
+            K.kv_perplexity(model, tok, bad, **PPL_ARGS)
+
+
+def test_builtin_cache_key_axis(smollm):
+    """Issue 24, item 24: transformers' QuantizedCache defaults to axis_key=0 (a scale per token for keys);
+    'builtin-<bits>-channel' sets axis_key=-1 (per channel, KIVI's layout), which is what lab 05 compares."""
+    pytest.importorskip("optimum.quanto")
+    model, tok = smollm
+    assert K.new_cache(model, "builtin-2").layers[0].axis_key == 0
+    assert K.new_cache(model, "builtin-2-channel").layers[0].axis_key == -1
+    with pytest.raises(ValueError, match="axis_key must be 0"):
+        K.builtin_quantized_cache(model, 2, axis_key=1)
 
 
 def test_power_iteration_and_bits_reject_bad_arguments():
@@ -924,3 +937,43 @@ def test_probe_with_align_compresses_the_question_too(smollm):
         arithmetic_probe(model, tok, n=1, shots=1, progress=False, align=512)
     with pytest.raises(ValueError, match="align must be a positive int"):
         arithmetic_probe(model, tok, n=1, progress=False, align=0)
+
+
+# ----------------------------------------------------------------------------- judging a layout by the attention
+
+
+def test_layer_qkv_reproduces_the_models_attention(smollm, prompt):
+    """q, k, v from layer_qkv give exactly the attention output the model feeds o_proj (so the errors below are the
+    errors the model would see)."""
+    model, _ = smollm
+    q, k, v = K.layer_qkv(model, prompt, 3)
+    assert q.shape == (1, 9, 40, 64) and k.shape == v.shape == (1, 3, 40, 64)
+    seen = {}
+    h = model.model.layers[3].self_attn.o_proj.register_forward_hook(lambda m, i, o: seen.setdefault("x", i[0]))
+    with torch.no_grad():
+        model(prompt)
+    h.remove()
+    rep = lambda x: x.repeat_interleave(3, dim=1)  # noqa: E731
+    p = (q @ rep(k).mT / 8).masked_fill(~torch.ones(40, 40, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    out = (p @ rep(v)).transpose(1, 2).reshape(1, 40, 576)
+    torch.testing.assert_close(out, seen["x"].float(), atol=1e-4, rtol=1e-4)
+    exact = K.attention_error(q, k, v, k, v)
+    assert exact == {"scores": 0.0, "output": 0.0}
+
+
+def test_attention_error_decides_kivis_layout(smollm):
+    """Issue 24, item 25: the layout argument is about the attention, not ‖V̂ − V‖. On the real cache at 2 bits,
+    per-channel keys give smaller score and output errors than per-token keys; per-token values a smaller output
+    error than per-channel values."""
+    model, tok = smollm
+    q, k, v = K.layer_qkv(model, wikitext_windows(tok, 1, 256), 15)
+    per_channel = lambda x: K.quantize_groups(x, 2, 64, dim=-2).dequantize(torch.float32)  # noqa: E731
+    per_token = lambda x: K.quantize_groups(x, 2, 64, dim=-1).dequantize(torch.float32)  # noqa: E731
+    keys_ch, keys_tok = (K.attention_error(q, k, v, f(k), v) for f in (per_channel, per_token))
+    vals_tok, vals_ch = (K.attention_error(q, k, v, k, f(v)) for f in (per_token, per_channel))
+    assert keys_ch["scores"] < keys_tok["scores"] and keys_ch["output"] < keys_tok["output"]
+    assert vals_tok["scores"] == vals_ch["scores"] == 0.0 and vals_tok["output"] < vals_ch["output"]
+    with pytest.raises(ValueError, match="must share one shape"):
+        K.attention_error(q, k, v, k[..., :32], v)
+    with pytest.raises(ValueError, match="does not fit k"):
+        K.attention_error(q[:, :4], k, v, k, v)

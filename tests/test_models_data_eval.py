@@ -198,3 +198,27 @@ def test_wilson_interval_and_paired_test():
     assert paired_test([True], [True])["p"] == 1.0
     with pytest.raises(ValueError, match="equal, non-zero length"):
         paired_test([True], [True, False])
+
+
+def test_results_describe_gives_each_row_the_model_it_measured(tiny_llama):
+    """Issue 24, item 6: GPTQ rows had no weight size, "sparsegpt 2:4 + 4-bit" was recorded at 32 bits and the dense
+    size. describe() derives bits, group and deployable MB from the model and how it is deployed."""
+    from compresslab import deploy, results, stack
+
+    model, _ = tiny_llama
+    linear, other = deploy.linear_and_other_params(model)
+    assert results.describe(model) == {"bits": 32, "group_size": None,
+                                       "weight_mb": round(cl.eval.weight_bytes(model) / 1e6, 1)}
+    four = results.describe(model, 4)
+    assert four["bits"] == 4 and four["group_size"] == 64
+    assert four["weight_mb"] == round((linear * 4 / 8 + linear / 64 * 2.5 + 2 * other) / 1e6, 1)
+    assert results.describe(model, 4, 32)["weight_mb"] >= four["weight_mb"]  # more groups, more scales
+    nm = results.describe(model, 4, 64, (2, 4))
+    assert nm["bits"] == 4 and nm["weight_mb"] == round(stack.recipe_weight_bytes(model, 4, (2, 4)) / 1e6, 1)
+    assert nm["weight_mb"] <= four["weight_mb"] < results.describe(model)["weight_mb"]  # (tiny: embeddings dominate)
+    assert stack.recipe_weight_bytes(model, 4, (2, 4)) < stack.recipe_weight_bytes(model, 4)
+    for kw, match in ((dict(bits=16), "bits must be None"), (dict(bits=True), "bits must be None"),
+                      (dict(nm=(2, 4)), "nm needs bits"), (dict(bits=4, group_size=0), "group_size must be"),
+                      (dict(bits=4, group_size=32, nm=(2, 4)), "N:M byte counts use groups of 64")):
+        with pytest.raises(ValueError, match=match):
+            results.describe(model, **kw)

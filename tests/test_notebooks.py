@@ -123,3 +123,38 @@ def test_lab_and_solution_measure_the_same_numbers(source, runs):
     assert solution, "the notebook recorded no results"
     metrics = ("method", "bits", "group_size", "ppl", "probe_acc", "weight_mb")
     assert [[r[k] for k in metrics] for r in lab] == [[r[k] for k in metrics] for r in solution]
+
+
+@pytest.mark.parametrize("source", [s for s in SOURCES if s.stem[:2] != "05"], ids=lambda p: p.stem)
+def test_every_row_describes_the_model_it_measured(source, runs):
+    """Issue 24, item 6: every weight row carries the bits and weight MB of the model it measured (lab 05's rows
+    describe KV caches, not weights). Lab 02's quantized rows are smaller than its fp32 row; lab 03's structured
+    rows are smaller dense models (no zeros) with their removed parameters in their own column."""
+    rows = runs[(source.stem, "solution")].result()["rows"]
+    for r in rows:
+        assert r["bits"] is not None and r["weight_mb"] is not None and r["weight_mb"] > 0, r
+    lab = source.stem[:2]
+    if lab == "02":
+        dense = next(r for r in rows if r["method"] == "fp32")
+        assert dense["bits"] == 32
+        for r in rows:
+            if r["bits"] < 16:
+                assert r["weight_mb"] < dense["weight_mb"] / 3 and r["group_size"], r
+    if lab == "03":
+        dense = next(r for r in rows if r["method"] == "dense")
+        structured = [r for r in rows if r["method"].startswith("structured")]
+        assert structured and all(r["sparsity"] == 0 and 0 < r["params_removed"] < 1
+                                  and r["weight_mb"] < dense["weight_mb"] for r in structured)
+        assert all(r["bits"] == 4 and r["weight_mb"] < dense["weight_mb"] / 4 for r in rows if "+ 4-bit" in r["method"])
+
+
+def test_pruning_lab_compares_wanda_and_sparsegpt_on_held_out_tokens(runs):
+    """Issue 24, item 8: SparseGPT was scored on the tokens it was fitted on. Both methods now fit on one half of
+    the windows and are scored on the other; SparseGPT's error on its own tokens is lower than on held-out ones."""
+    source = next(s for s in SOURCES if s.stem.startswith("03"))
+    text = runs[(source.stem, "solution")].result()["text"]
+    found = re.findall(r"fit tokens: Wanda ([\d.]+) \| SparseGPT ([\d.]+);\s+held-out: Wanda ([\d.]+) \| "
+                       r"SparseGPT ([\d.]+)", text)
+    assert len(found) == 2, text[-2000:]
+    for _, sgpt_fit, _, sgpt_held in found:
+        assert float(sgpt_fit) < float(sgpt_held)

@@ -105,3 +105,21 @@ def test_every_lab_prints_its_device_check_with_its_own_runtime():
     assert ("skipped here: 2:4 sparse tensor-core speed" in text) == (env.capability is None or env.capability < (8, 0))
     with pytest.raises(ValueError, match="lab must be one of"):
         runtime.setup(lab="99")
+
+
+TRAINING_CALLS = re.compile(r"\b(?:finetune_masked|distill)\(\s*\w+,\s*(\w+)"  # (model, ids, ...)
+                            r"|\btune_scales\(\s*\w+,\s*\w+,\s*\w+,\s*(\w+)")  # (model, report, teacher, ids)
+
+
+def test_every_fine_tuning_trains_on_unk_free_windows():
+    """Issue 24, item 7: lab 03's recovery fine-tune trained on calibration_batches (WikiText-2 valid with ~11.7k
+    <unk> markers) while GPTQ scale tuning and KD used the <unk>-free training_windows. Every training call in the
+    labs and tools takes windows that were made by training_windows."""
+    found = 0
+    for path in sorted((ROOT / "solutions").glob("[0-9][0-9]_*.py")) + sorted((ROOT / "tools").glob("lab*.py")):
+        text = path.read_text()
+        for name in (a or b for a, b in TRAINING_CALLS.findall(text)):
+            found += 1
+            made = re.findall(rf"^\s*{name}\s*=\s*(.+)$", text, flags=re.M)
+            assert made and all("training_windows(" in m for m in made), f"{path.name}: {name} = {made}"
+    assert found >= 5

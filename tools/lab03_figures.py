@@ -63,7 +63,7 @@ def main():
             extra["sparsity_reached"] = round(sum(report.values()) / len(report), 4)
             if recover:
                 extra["ppl_before_recovery"] = round(cl.eval.perplexity(pm, tok, 16, 512, progress=False), 3)
-                train = cl.data.calibration_batches(tok, n_samples=256, seq_len=256, seed=1)
+                train = cl.data.training_windows(tok, n_windows=256, seq_len=256, seed=1)  # <unk>-free, as GPTQ/KD
                 losses = pruning.finetune_masked(pm, train, steps=recover, lr=1e-4, batch_size=4, progress=False)
                 extra |= dict(recover_steps=recover, first_loss=round(losses[0], 3), last_loss=round(losses[-1], 3),
                               sparsity_after=round(sum(pruning.sparsity_of(pm.get_submodule(k).weight) for k in report)

@@ -205,6 +205,61 @@ def _kind_dim(kind: str) -> int:
     return -2 if kind == "key" else -1
 
 
+# ----------------------------------------------------------------------------- what a layout costs attention
+
+
+@torch.no_grad()
+def layer_qkv(model, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values one attention layer sees for ids (1, t), after RoPE, as its attention computes:
+    q (1, heads, t, d), k and v (1, kv_heads, t, d), float32. (lab 05: judge a cache layout by the attention.)"""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    check_model_supported(model)
+    attn = model.model.layers[layer].self_attn
+    seen = {}
+    hook = attn.q_proj.register_forward_hook(lambda m, i, o: seen.setdefault("q", o.detach()))
+    try:
+        cache = model(ids, use_cache=True).past_key_values
+    finally:
+        hook.remove()
+    b, t, _ = seen["q"].shape
+    q = seen["q"].view(b, t, -1, attn.head_dim).transpose(1, 2)  # (b, heads, t, d), before RoPE
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises q per head before RoPE
+        q = attn.q_norm(q)
+    positions = torch.arange(t, device=ids.device)[None]  # (1, t)
+    cos, sin = model.model.rotary_emb(q, positions)
+    q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    k, v = cache.layers[layer].keys, cache.layers[layer].values  # (b, kv_heads, t, d), RoPE already applied
+    return q.float(), k.float(), v.float()
+
+
+def attention_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.Tensor,
+                    v_hat: torch.Tensor) -> dict[str, float]:
+    """Relative error a quantized cache causes where it matters: in the scores QKᵀ and in the attention output
+    softmax(QKᵀ/√d + causal mask)V, against the exact cache. q (b, heads, t, d); k, v, k_hat, v_hat (b, kv_heads,
+    t, d) — kv heads are repeated for grouped-query attention, as the model does."""
+    if k_hat.shape != k.shape or v_hat.shape != v.shape or k.shape != v.shape:
+        raise ValueError(f"k, v, k_hat and v_hat must share one shape; got {k.shape}, {v.shape}, {k_hat.shape}, "
+                         f"{v_hat.shape}")
+    rep = q.shape[1] // k.shape[1]
+    if rep * k.shape[1] != q.shape[1] or q.shape[-2:] != k.shape[-2:]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)}: heads must be a multiple of kv heads "
+                         "and tokens/head_dim equal")
+    expand = lambda x: x.float().repeat_interleave(rep, dim=1)  # noqa: E731  (b, heads, t, d)
+    t, d = q.shape[-2], q.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+
+    def scores_and_out(kk, vv):
+        s = q.float() @ expand(kk).mT / math.sqrt(d)  # (b, heads, t, t)
+        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+        return s.masked_fill(~causal, 0.0), p @ expand(vv)  # scores below the diagonal, output (b, heads, t, d)
+
+    s, o = scores_and_out(k, v)
+    s_hat, o_hat = scores_and_out(k_hat, v_hat)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    return {"scores": rel(s_hat, s), "output": rel(o_hat, o)}
+
+
 # ----------------------------------------------------------------------------- S: outliers
 
 
@@ -548,13 +603,21 @@ def _deep_nbytes(obj) -> int:
     return 0
 
 
-def builtin_quantized_cache(model, bits: int = 4, group_size: int = 64, residual_length: int = 64) -> Cache:
-    """transformers' own QuantizedCache on the optimum-quanto backend (runs on CPU), for comparison."""
+def builtin_quantized_cache(model, bits: int = 4, group_size: int = 64, residual_length: int = 64,
+                            axis_key: int = 0) -> Cache:
+    """transformers' own QuantizedCache on the optimum-quanto backend (runs on CPU), for comparison.
+
+    axis_key: transformers' default 0 gives keys a scale per token (groups along channels), the layout KIVI shows
+    to be wrong for keys; -1 gives a scale per channel (groups along tokens), KIVI's. Either way the prompt is
+    quantized at prefill with no fp16 residual (our cache keeps the newest partial block in fp16)."""
     from transformers.cache_utils import QuantizedCache
 
+    if axis_key not in (0, -1):
+        raise ValueError(f"axis_key must be 0 (transformers' default: per-token key scales) or -1 (per-channel, "
+                         f"KIVI's layout); got {axis_key!r}")
     try:
         return QuantizedCache("quanto", model.config, nbits=bits, q_group_size=group_size,
-                              residual_length=residual_length)
+                              residual_length=residual_length, axis_key=axis_key)
     except ImportError as err:
         raise ImportError(f"transformers' quantized cache needs optimum-quanto: pip install optimum-quanto ({err})")
 
@@ -603,11 +666,15 @@ def cache_label(config) -> str:
 
 
 def new_cache(model, config):
-    """A fresh cache for a KVConfig, None (DynamicCache) or 'builtin-<bits>' (transformers' quanto cache)."""
+    """A fresh cache for a KVConfig, None (DynamicCache) or 'builtin-<bits>' (transformers' quanto cache, its
+    default per-token key scales) / 'builtin-<bits>-channel' (axis_key=-1: per-channel key scales, KIVI's layout)."""
     if isinstance(config, str):
-        if not config.startswith("builtin-"):
-            raise ValueError(f"config must be a KVConfig, None or 'builtin-<bits>', got {config!r}")
-        return builtin_quantized_cache(model, bits=int(config.split("-")[1]))
+        parts = config.split("-")
+        if parts[0] != "builtin" or len(parts) not in (2, 3) or not parts[1].isdigit() or parts[2:] not in ([],
+                                                                                                          ["channel"]):
+            raise ValueError(f"config must be a KVConfig, None, 'builtin-<bits>' or 'builtin-<bits>-channel', "
+                             f"got {config!r}")
+        return builtin_quantized_cache(model, bits=int(parts[1]), axis_key=-1 if parts[2:] else 0)
     return make_cache(model, config)
 
 

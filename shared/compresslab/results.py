@@ -45,6 +45,34 @@ def record(lab: str, method: str, model: str, bits=None, group_size=None, weight
     return row
 
 
+def describe(model, bits: int | None = None, group_size: int | None = 64, nm: tuple[int, int] | None = None) -> dict:
+    """bits, group_size and weight_mb of the model a row measured — pass them to record(**describe(...)).
+
+    bits None: the model as stored, at its parameters' dtype (unstructured zeros are stored too: no saving).
+    bits 2..8: its decoder Linears deployed at `bits` in groups of group_size (fp16 scale + a bits-bit zero per
+    group), with nm=(n, m) keeping n of every m values plus 2-bit positions; everything else fp16 — the bytes a
+    deployment stores (lab 06's formula, compresslab.stack.recipe_weight_bytes)."""
+    from . import deploy, stack
+    from .eval import weight_bytes
+
+    if bits is None:
+        if nm is not None:
+            raise ValueError("nm needs bits: an N:M model stored dense (zeros included) has no N:M saving")
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        return {"bits": dtype.itemsize * 8, "group_size": None, "weight_mb": round(weight_bytes(model) / 1e6, 1)}
+    if isinstance(bits, bool) or bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be None (as stored) or one of 2, 3, 4, 8 (quantized Linears), got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int (64 on this model), got {group_size!r}")
+    if nm is not None:
+        if group_size != stack.GROUP_SIZE:
+            raise ValueError(f"N:M byte counts use groups of {stack.GROUP_SIZE}; got group_size={group_size!r}")
+        nbytes = stack.recipe_weight_bytes(model, bits, nm)
+    else:
+        nbytes = deploy.weight_bytes_at(*deploy.linear_and_other_params(model), bits, group_size)
+    return {"bits": bits, "group_size": group_size, "weight_mb": round(nbytes / 1e6, 1)}
+
+
 def table(**filters):
     """All rows (optionally only those matching filters, e.g. lab='01') as a pandas DataFrame."""
     import pandas as pd
