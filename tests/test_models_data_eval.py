@@ -222,3 +222,10 @@ def test_results_describe_gives_each_row_the_model_it_measured(tiny_llama):
                       (dict(bits=4, group_size=32, nm=(2, 4)), "N:M byte counts use groups of 64")):
         with pytest.raises(ValueError, match=match):
             results.describe(model, **kw)
+
+
+def test_accuracy_with_interval():
+    from compresslab.eval import accuracy_with_interval
+
+    assert accuracy_with_interval(0.5, 16) == "50% (28%–72%)"
+    assert accuracy_with_interval(0.0, 32).startswith("0% (0%–")

@@ -146,6 +146,12 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def accuracy_with_interval(acc: float, n: int) -> str:
+    """'31% (22–41%)': an accuracy measured on n questions with its 95 % Wilson interval, for a printout."""
+    lo, hi = wilson_interval(round(acc * n), n)
+    return f"{acc:.0%} ({lo:.0%}–{hi:.0%})"
+
+
 def paired_test(a: list[bool], b: list[bool]) -> dict:
     """Two models on the *same* questions: exact McNemar test on the discordant pairs (two-sided p-value).
 
