@@ -43,6 +43,45 @@ def test_corrupt_cache_is_rebuilt(smollm, tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "models").iterdir() if ".tmp-" in p.name]  # written atomically
 
 
+def test_converted_model_is_a_checkpoint_other_loaders_read(smollm):
+    """Issue 25/28: the cache stored the tied embedding only as lm_head.weight (vLLM then loads no embedding and
+    generates token 0 forever) and its config had no architectures (ModelOpt's export fails). A second loader — the
+    raw safetensors into a freshly built model, strictly, with no transformers checkpoint logic — must rebuild the
+    same model: every key present by its own name, and the same greedy continuation."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    model, tok = smollm
+    folder = models.default_model_dir()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    assert json.loads((folder / "compresslab.json").read_text())["version"] == models.CACHE_VERSION
+    stored = load_file(str(folder / "model.safetensors"))
+    assert "model.embed_tokens.weight" in stored and "lm_head.weight" not in stored
+    torch.manual_seed(0)
+    fresh = LlamaForCausalLM(AutoConfig.from_pretrained(folder)).eval()  # random weights, tied head
+    missing, unexpected = fresh.load_state_dict(stored, strict=False)
+    assert unexpected == [] and missing == ["lm_head.weight"]  # the head is the (loaded) embedding, by the tie
+    assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    greedy = lambda m: m.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)  # noqa: E731
+    assert torch.equal(greedy(fresh), greedy(model.cpu()))
+
+
+def test_an_old_cache_version_is_rebuilt(smollm, tmp_path, monkeypatch):
+    import json
+
+    src = models.default_model_dir()
+    monkeypatch.setenv("COMPRESSLAB_CACHE", str(tmp_path))
+    target = tmp_path / "models" / models.DEFAULT_MODEL
+    shutil.copytree(src, target)
+    (target / "compresslab.json").write_text(json.dumps({"source": models.GGUF_FILE}))  # version 1: no field
+    assert models.default_model_dir() == target
+    assert json.loads((target / "compresslab.json").read_text())["version"] == models.CACHE_VERSION
+
+
 def test_hub_model_offline_names_the_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="offline default"):

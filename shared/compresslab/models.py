@@ -61,11 +61,27 @@ def gguf_path() -> Path:
     return path
 
 
+CACHE_VERSION = 2  # 2: model.embed_tokens.weight stored (not only the tied lm_head alias) and config.architectures
+
+
+def _cache_version(marker: Path) -> int:
+    try:
+        return int(json.loads(marker.read_text()).get("version", 1))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 def default_model_dir(rebuild: bool = False) -> Path:
-    """Dequantize the GGUF once into <cache>/models/smollm2-135m (safetensors). Atomic; a corrupt cache is rebuilt."""
+    """Dequantize the GGUF once into <cache>/models/smollm2-135m (safetensors). Atomic; a corrupt cache, or one
+    written by an older version of this function (CACHE_VERSION), is rebuilt.
+
+    The folder is a plain Hugging Face checkpoint that other loaders read too: the tied embedding is stored under
+    its own name, model.embed_tokens.weight (tied to the head through tie_word_embeddings, as the hub's
+    checkpoints do; vLLM ignores an lm_head-only alias and would generate from an all-zero embedding), and
+    config.json names its architecture (exporters such as Model Optimizer's dispatch on it)."""
     target = cache_dir("models") / DEFAULT_MODEL
     marker = target / "compresslab.json"
-    if not rebuild and marker.exists():
+    if not rebuild and marker.exists() and _cache_version(marker) == CACHE_VERSION:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,13 +95,18 @@ def default_model_dir(rebuild: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # save_pretrained refuses a model loaded through the gguf quantizer: write config + safetensors ourselves
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
-    save_model(model, str(tmp / "model.safetensors"))  # tied embedding / lm_head stored once
+    tied = model.config.tie_word_embeddings
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()
+               if not (tied and name == "lm_head.weight")}  # the tied head is the embedding: stored once, by its name
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]  # e.g. LlamaForCausalLM
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "compresslab.json").write_text(json.dumps({"source": GGUF_FILE, "created": time.time()}))
+    (tmp / "compresslab.json").write_text(json.dumps({"source": GGUF_FILE, "created": time.time(),
+                                                      "version": CACHE_VERSION}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)  # readers see either no cache or a complete one
     return target
