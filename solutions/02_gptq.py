@@ -338,15 +338,27 @@ plt.show()
 # We compare, at group 64: RTN; GPTQ; GPTQ + act-order with dynamic groups; and with static groups, at 4 and 3 bits.
 # (Quick mode runs fewer variants on a small calibration set.)
 
+# %% [markdown]
+# How to read the numbers: perplexity on the fixed test windows is deterministic (the same model always gives the same
+# number), but GPTQ's calibration windows are a random draw, and another draw moves the result by a few percent (about
+# 4 % at 3 bits, measured at the end of this section): a gap between two GPTQ variants smaller than that is not
+# evidence. RTN uses no calibration, so its numbers carry no such spread. Each probe accuracy is printed with its 95 %
+# interval (about ±15 points at 30 % with quick mode's 32 questions, ±9 with 100): overlapping intervals, no evidence.
+
 # %%
+probe_answers = {}  # (method, bits) -> per-question right/wrong of the probe, for paired comparisons (section 7)
+
+
 def evaluate(m, method: str, bits: int, seconds: float | None = None, group_size: int = GROUP_SIZE, **extra) -> dict:
     """Perplexity + arithmetic probe, recorded in the shared results table."""
     ppl = cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
-    acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
+    acc, details = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED, return_details=True)
+    probe_answers[method, bits] = [d["correct"] for d in details]
     stored = cl.results.describe(m, bits if bits < 16 else None, group_size)  # bits, group, deployable weight MB
     row = cl.results.record(lab="02", method=method, model=MODEL, **stored, ppl=round(ppl, 3),
                             probe_acc=acc, quick=env.quick, quant_seconds=seconds and round(seconds, 1), **extra)
-    print(f"{method:34s} {bits}-bit  ppl {ppl:8.2f}  probe {acc:4.0%}" + (f"  ({seconds:.0f} s)" if seconds else ""))
+    print(f"{method:34s} {bits}-bit  ppl {ppl:8.2f}  probe {cl.eval.accuracy_with_interval(acc, sz.probe_n):13s}"
+          + (f"  ({seconds:.0f} s)" if seconds else ""))
     return row
 
 
@@ -390,17 +402,21 @@ cl.results.table(lab="02", model=MODEL, quick=env.quick)
 # Reference figures (full mode: 16 × 512 windows; 32 calibration windows of 512 tokens; measured independently with a
 # GPTQ that follows the reference repository): FP 36.63; 4-bit RTN 48.81, GPTQ + act-order 45.19 (42.69 with 128
 # calibration windows); 3-bit RTN 116.6, GPTQ + act-order 82.64. On this small, heavily trained, Q4_1-distributed
-# model GPTQ closes a third to a half of RTN's 4-bit gap, strongly dependent on the calibration size. The LLaMA
-# figures people quote for GPTQ come from the reference repository's README (IST-DASLab/gptq), not from the paper's
-# tables (OPT and BLOOM), and so does act-order: LLaMA-7B WikiText-2 FP16 5.68, 4-bit RTN 6.29, 4-bit GPTQ 6.09 with
-# act-order and true-sequential (7.15 without them). Those are **per-channel** results (one scale per row, no groups)
-# on a 7B model stored in fp16: compare the fraction of RTN's gap closed (a third there), never the perplexities, and
-# not as if they were g64 results like ours.
+# model GPTQ closes a third to a half of RTN's 4-bit gap. Whether more calibration is what closes more, 45.19 vs
+# 42.69 does not settle: this package reaches 42.95 with 32 windows, and with section 6's clip search 128 windows
+# instead of 32 give 42.12 vs 42.13 at 4 bits and 61.61 vs 62.89 at 3 bits, within the spread of one calibration draw
+# (below). The LLaMA figures people quote for GPTQ come from the reference repository's README (IST-DASLab/gptq),
+# not from the paper's tables (OPT and BLOOM), and so does act-order: LLaMA-7B WikiText-2 FP16 5.68, 4-bit RTN
+# 6.29, 4-bit GPTQ 6.09 with act-order and true-sequential (7.15 without them). Those are **per-channel** results
+# (one scale per row, no groups) on a 7B model stored in fp16: compare the fraction of RTN's gap closed (a third
+# there), never the perplexities, and not as if they were g64 results like ours.
 #
 # This package, full mode on a 2-core CPU (`python tools/lab02_figures.py`): GPTQ 4-bit 45.69; GPTQ + act-order 4-bit
 # 42.95 and 3-bit 89.03; with static groups 4-bit 43.26. Calibration windows are drawn at random, so a few percent
 # either way between implementations (and seeds) is expected, more at 3 bits: with calibration seeds 1 and 2 the
-# 3-bit act-order model measures 85.34 and 88.22. Section 6 measures what helps more.
+# 3-bit act-order model measures 85.34 and 88.22 (a 4 % spread). So act-order's gain over plain GPTQ at 4 bits (45.69
+# → 42.95, 6 %) is larger than that spread, though not by much, and static vs dynamic groups (43.26 vs 42.95, under
+# 1 %) cannot be told apart here. Section 6 measures what helps more.
 
 # %% [markdown] tags=["slide"]
 # ## 6 · Beyond plain GPTQ: what closes more of the gap?
@@ -422,14 +438,16 @@ cl.results.table(lab="02", model=MODEL, quick=env.quick)
 #   section 8's exporter writes the tuned scales like any others.
 #
 # Full mode (each variant is a whole-model GPTQ run: ~3 min on a 2-core CPU with 32 windows, several times that
-# with 128); quick mode only tunes a copy of section 5's 4-bit model for 8 short steps. Measured on that CPU: the clip search takes GPTQ + act-order from 42.95 to 42.13 at
-# 4 bits and from 89.03 to 62.89 at 3 bits, while it makes RTN *worse* (48.82 -> 51.14, 116.6 -> 137.5): clipping
-# only pays when something (GPTQ's error feedback) absorbs the clipped values. Tuning the clipped model's scales and
-# norms for 60 steps (~9 min on that CPU) then takes it from 42.13 to **39.23** at 4 bits and from 62.89 to **48.78**
-# at 3 bits, with the same integer codes and the same checkpoint size: 79 % and 85 % of RTN's gap to FP (36.63)
-# closed. It is the only variant here that looks at the model's *output*. Two cautions: the tuning text is WikiText
-# (the valid split), like the evaluation, so some of the gain may be domain; and the loss only asks the quantized
-# model to match the FP one, so FP perplexity is what it can approach, not beat.
+# with 128); quick mode only tunes a copy of section 5's 4-bit model for 8 short steps. Measured on that CPU: the
+# clip search takes GPTQ + act-order from 42.95 to 42.13 at 4 bits (2 %, within the spread of a calibration draw) and
+# from 89.03 to 62.89 at 3 bits (far outside it), while it makes RTN *worse* (48.82 -> 51.14, 116.6 -> 137.5; RTN
+# draws no calibration, so these gaps are not noise): clipping only pays when something (GPTQ's error feedback)
+# absorbs the clipped values. Tuning the clipped model's scales and norms for 60 steps (~9 min on that CPU) then
+# takes it from 42.13 to **39.23** at 4 bits and from 62.89 to **48.78** at 3 bits, with the same integer codes and
+# the same checkpoint size: 79 % and 85 % of RTN's gap to FP (36.63) closed. It is the only variant here that looks
+# at the model's *output*. Two cautions: the tuning text is WikiText (the valid split), like the evaluation, so some
+# of the gain may be domain; and the loss only asks the quantized model to match the FP one, so FP perplexity is
+# what it can approach, not beat.
 
 # %%
 BEYOND = {
@@ -485,6 +503,10 @@ cl.results.table(lab="02", model=MODEL, quick=env.quick)
 #
 # GPTQ fits each layer to the activations of its calibration text. WikiText is encyclopaedic prose with few numbers;
 # GSM8K solutions are full of them. Does calibrating on math text protect the arithmetic probe?
+#
+# Both models answer the *same* questions, so the cell compares them question by question: only the questions one
+# gets right and the other wrong carry information (an exact McNemar test, `cl.eval.paired_test`; p < 0.05 means a
+# real difference). Even then, it is one calibration draw of each text.
 
 # %%
 calib_math = cl.data.calibration_batches(tok, n_samples=n_calib, seq_len=sz.calib_len, seed=SEED, source="gsm8k")
@@ -492,8 +514,12 @@ qm_math, _, secs = gptq(4, calib_math, act_order=True)
 row_math = evaluate(qm_math, "GPTQ + act-order (GSM8K calib)", 4, secs, calibration="gsm8k")
 del qm_math
 row_wiki = next(r for r in rows if r["method"] == "GPTQ + act-order" and r["bits"] == 4)
-print(f"probe accuracy: WikiText calibration {row_wiki['probe_acc']:.0%}, GSM8K calibration {row_math['probe_acc']:.0%}"
-      f" (n = {sz.probe_n}: differences under ~{100 / sz.probe_n ** 0.5:.0f} points are noise)")
+test = cl.eval.paired_test(probe_answers["GPTQ + act-order", 4], probe_answers["GPTQ + act-order (GSM8K calib)", 4])
+print(f"probe accuracy (n = {sz.probe_n}, 95 % intervals): WikiText calibration "
+      f"{cl.eval.accuracy_with_interval(row_wiki['probe_acc'], sz.probe_n)}, GSM8K calibration "
+      f"{cl.eval.accuracy_with_interval(row_math['probe_acc'], sz.probe_n)}")
+print(f"right only with WikiText calibration {test['a_only']}, only with GSM8K {test['b_only']}: p = {test['p']:.3f}, "
+      + ("a real difference" if test["p"] < 0.05 else "not distinguishable at this n"))
 
 # %% [markdown] tags=["slide"]
 # ## 8 · A deployable checkpoint
@@ -641,12 +667,12 @@ else:
 # Static groups (or no act-order). With dynamic groups `g_idx` is a scattered permutation: a kernel that assumes
 # contiguous groups would apply the wrong scale to most columns (garbage). Static groups keep act-order's column
 # *order* for error compensation, but their groups are the contiguous original ones, so `g_idx = j // group_size` and
-# that kernel applies unchanged; the accuracy cost is small (measure it in the table above). Dynamic groups are an
-# option only if the engine handles `g_idx`. Current ones do, at little cost: ExLlamaV2 and Marlin (vLLM) sort the
-# weight's input rows by `g_idx` once at load, so groups are contiguous again, and gather the activation's columns
-# into that order on every call. The 5.5 vs 28.6 tokens/s often quoted against act-order (AutoGPTQ#77, OPT-30B)
-# measured AutoGPTQ's CUDA kernel of May 2023, which looked scales and zeros up through `g_idx` in its inner loop:
-# not what engines do today.
+# that kernel applies unchanged; the accuracy cost is small (on this model too small to measure: 43.26 vs 42.95 at
+# 4 bits, less than another calibration draw moves either). Dynamic groups are an option only if the engine handles
+# `g_idx`. Current ones do, at little cost: ExLlamaV2 and Marlin (vLLM) sort the weight's input rows by `g_idx` once
+# at load, so groups are contiguous again, and gather the activation's columns into that order on every call. The
+# 5.5 vs 28.6 tokens/s often quoted against act-order (AutoGPTQ#77, OPT-30B) measured AutoGPTQ's CUDA kernel of May
+# 2023, which looked scales and zeros up through `g_idx` in its inner loop: not what engines do today.
 
 # %% [markdown]
 # **Question 2.** GPTQ's weights are further from the original weights than RTN's (section 3), yet the model is better.
