@@ -57,6 +57,7 @@ NEW_TOKENS = None  # tokens generated per timed run; None: 16 quick, 64 full
 PPL_TOKENS = None  # tokens of WikiText-2 scored through each runtime; None: 64 quick, 256 full
 ONNX_DIR = "onnx-export"  # where the ONNX Runtime exports are written (re-used when present)
 GPTQ_DIR = "gptq-export"  # lab 02's checkpoint; on a GPU section 7 runs it through the Triton W4A16 kernel
+SERVE = None  # section 8 (vLLM): None runs it where `make serve-env` installed vLLM's CPU build, True/False forces
 
 # %% [markdown]
 # ## 0 · Setup
@@ -71,7 +72,7 @@ import numpy as np
 import torch
 
 import compresslab as cl
-from compresslab import deploy
+from compresslab import deploy, serve
 
 env = cl.setup(quick=QUICK, seed=SEED, lab="06")  # prints the device, mode and this lab's runtime
 print(env)
@@ -366,6 +367,117 @@ if env.device == "cuda":
         print(f"{name:14s} {t.tokens_per_s:7.1f} tok/s (bound {bound:,.0f} at {gpu_bw:.0f} GB/s) — {source}")
 else:
     print("no GPU: the W4A16 kernel runs here only in Triton's interpreter (lab 02, section 10); `make bench` on a GPU")
+
+# %% [markdown] tags=["slide"]
+# ## 8 · A real serving engine: vLLM, many users at once
+#
+# Sections 3–6 served one request at a time. A production server does not: **vLLM** (and TensorRT-LLM, SGLang) runs
+# *continuous batching* — every engine step decodes one token for each running request and admits new ones as soon
+# as others finish — over a *paged* KV cache: the cache is a pool of fixed blocks (16 tokens here), handed to requests
+# as they grow, so no memory is reserved for tokens a request never reaches. *Prefix caching* keeps the blocks of a
+# prompt prefix another request already computed (a shared system prompt, few-shot examples) and skips their prefill.
+#
+# What operators read is not one tokens/s figure but the curve **throughput vs latency** as concurrency grows, with
+# percentiles: **TTFT** (time to first token: queueing + prefill), **ITL** (the gaps between streamed tokens) and
+# **TPOT** (time per output token after the first), each at p50 and p99. `compresslab.serve` starts vLLM's
+# OpenAI-compatible server on 127.0.0.1 (its CPU build, installed by `make serve-env` in its own `.venv-serve`),
+# streams requests at a fixed maximum concurrency and measures all of them — the definitions of vLLM's own
+# `vllm bench serve`, which gives the same figures on the same server.
+
+# %%
+serve_ok, serve_why = serve.status()
+if SERVE is None:
+    SERVE = serve_ok and env.device == "cpu"  # on a GPU, vLLM's CUDA build is yours to install (see below)
+print(("vLLM: " if SERVE else "section 8 skipped: ") + serve_why)
+SWEEP = dict(n=8, input_len=64, output_len=16, concurrencies=(1, 4)) if env.quick else \
+    dict(n=32, input_len=128, output_len=64, concurrencies=(1, 4, 16, 64))
+served = {}  # served name -> sweep rows
+served_weights = {"bf16": {"bits": 16, "group_size": None,  # what the engine holds: every parameter at 2 bytes
+                           "weight_mb": round(2 * sum(p.numel() for p in model.parameters()) / 1e6, 1)}}
+if SERVE:
+    bf16_dir = cl.models.default_model_dir() if MODEL == cl.models.DEFAULT_MODEL else None
+    if bf16_dir is None:
+        raise ValueError("section 8 serves the offline checkpoint folder; for a hub MODEL pass its local folder")
+    prompts = serve.random_prompts(SWEEP["n"], SWEEP["input_len"], seed=SEED)
+    with serve.server(bf16_dir, dtype="bfloat16", max_model_len=512, kv_cache_gib=1) as srv:
+        print(f"bf16 server healthy after {srv.start_s:.0f} s; {srv.kv_cache_info()}")
+        kv_log = srv.kv_cache_info()
+        served["bf16"] = srv.sweep(prompts, SWEEP["output_len"], SWEEP["concurrencies"], time_limit_s=300)
+        print(serve.format_table(served["bf16"]))
+        # prefix caching: one long shared prefix (a system prompt, few-shot examples), short distinct questions
+        prefix = serve.random_prompts(1, 384, seed=SEED + 1)[0]
+        suffixes = serve.random_prompts(4 if env.quick else 8, 16, seed=SEED + 2)
+        prefix_on = srv.shared_prefix_ttft(prefix, suffixes)
+    print(f"prefix caching on: the first request (cold) TTFT {prefix_on['cold_ms']:.0f} ms, the next ones (warm: "
+          f"their 384-token prefix is cached) {prefix_on['warm_ms']:.0f} ms — {prefix_on['ratio']:.1f}x")
+
+# %% [markdown]
+# How many tokens does that paged cache hold? Each token stores, in every layer, a key and a value vector per KV
+# head at 2 bytes (bf16): lab 05's formula, `cl.kvcache.kv_bytes_per_token(cfg)` = 23 040 bytes for this model.
+# vLLM allocates whole blocks of `block_size` tokens from the space it is given (`VLLM_CPU_KVCACHE_SPACE`, here
+# 1 GiB), and a request of n tokens occupies ⌈n / block_size⌉ of them.
+#
+# ### Exercise 4 — the engine's KV capacity, from the lab's own formula
+# Complete `paged_kv_tokens(cache_bytes, kv_bytes_per_token, block_size)`: how many tokens fit in `cache_bytes` when
+# only whole blocks count. Then the cell compares it with what the engine printed at start-up, and computes the
+# concurrency at which the cache runs out for requests of the sweep's length. (5 minutes)
+
+# %%
+def paged_kv_tokens(cache_bytes, kv_bytes_per_token, block_size):
+    """Tokens a paged KV cache holds: whole blocks of block_size tokens."""
+    ### BEGIN SOLUTION
+    blocks = cache_bytes // (kv_bytes_per_token * block_size)
+    return int(blocks) * block_size
+    ### END SOLUTION
+
+
+# %%
+paged_kv_tokens = cl.checks.check_paged_kv_tokens(paged_kv_tokens)
+capacity = paged_kv_tokens(1 * 2**30, kv_per_token, 16)  # 1 GiB, bf16 cache, blocks of 16
+per_request = SWEEP["input_len"] + SWEEP["output_len"]
+print(f"formula: {capacity:,} tokens in 1 GiB -> the cache runs out at {capacity // per_request} concurrent requests "
+      f"of {per_request} tokens (and at {capacity // 512} of the server's max_model_len, 512)")
+if SERVE:
+    print(f"engine:  {kv_log['tokens']:,} tokens, max concurrency at {kv_log['max_model_len']} tokens: "
+          f"{kv_log['max_concurrency']}x -> {'the same' if kv_log['tokens'] == capacity else 'DIFFERENT: why?'}")
+
+# %% [markdown]
+# Read the sweep as an operator would: concurrency buys throughput (output tokens/s) and costs latency — TTFT grows
+# fastest (requests queue for prefill), ITL more slowly (each engine step decodes more sequences). On this 2-core
+# CPU vLLM binds its engine to one core and leaves the other to the HTTP server; a GPU moves the whole curve, not its
+# shape. Beyond the concurrency your formula gave, requests would wait for KV blocks (or be preempted).
+
+# %%
+if served:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name, rows in served.items():
+        tput = [r["output_tok_s"] for r in rows]
+        for ax, key in ((axes[0], "tpot_ms"), (axes[1], "ttft_ms")):
+            ax.plot(tput, [r[f"{key}_p50"] for r in rows], marker="o", label=f"{name} p50")
+            ax.plot(tput, [r[f"{key}_p99"] for r in rows], marker="x", ls="--", label=f"{name} p99")
+            for r in rows:
+                ax.annotate(f"c={r['concurrency']}", (r["output_tok_s"], r[f"{key}_p50"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    axes[0].set(xlabel="output tokens/s (all users)", ylabel="TPOT (ms)", title="throughput vs time per output token")
+    axes[1].set(xlabel="output tokens/s (all users)", ylabel="TTFT (ms)", yscale="log",
+                title="throughput vs time to first token")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    plt.tight_layout()
+    plt.show()
+    for name, rows in served.items():
+        for r in rows:
+            cl.results.record(lab="06", method=f"vLLM {name}, concurrency {r['concurrency']}", model=MODEL,
+                              **served_weights[name], tokens_per_s=round(r["output_tok_s"], 1), ttft_ms_p50=round(r["ttft_ms_p50"], 1),
+                              ttft_ms_p99=round(r["ttft_ms_p99"], 1), itl_ms_p50=round(r["itl_ms_p50"], 1),
+                              tpot_ms_p50=round(r["tpot_ms_p50"], 1), quick=env.quick)
+
+# %% [markdown]
+# **On a GPU** the same client measures vLLM's CUDA build (`pip install vllm` in its own environment, then
+# `serve.server(model_dir, venv=...)`) and TensorRT-LLM's `trtllm-serve` (OpenAI-compatible too, so
+# `serve.benchmark(url, model, prompts, ...)` works against it unchanged) — with an FP8 checkpoint from Model
+# Optimizer and an FP8 KV cache (`--kv_cache_dtype fp8`) on Ada/Hopper. Those runs are not part of this repository's
+# measurements (no GPU on the machines the figures come from).
 
 # %% [markdown]
 # ## Reflection

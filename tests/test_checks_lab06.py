@@ -23,6 +23,7 @@ LAB = ROOT / "solutions" / "06_deployment.py"
 WEIGHT_BYTES = "Exercise 1 · weight_bytes"
 DECODE_BOUND = "Exercise 2 · decode_bound"
 LATENCY_STATS = "Exercise 3 · latency_stats"
+PAGED_KV = "Exercise 4 · paged_kv_tokens"
 
 # one torch thread for the module (the checkers import torch); every test starts and ends with an empty exercise table
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
@@ -54,10 +55,17 @@ def good_latency_stats(t_request, token_times):
     return ttft, itl, 1.0 / itl
 
 
+def good_paged_kv_tokens(cache_bytes, kv_bytes_per_token, block_size):
+    """Tokens a paged KV cache holds: whole blocks of block_size tokens."""
+    blocks = cache_bytes // (kv_bytes_per_token * block_size)
+    return int(blocks) * block_size
+
+
 GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_weight_bytes: (WEIGHT_BYTES, good_weight_bytes, "weight_bytes"),
     checks.check_decode_bound: (DECODE_BOUND, good_decode_bound, "decode_bound"),
     checks.check_latency_stats: (LATENCY_STATS, good_latency_stats, "latency_stats"),
+    checks.check_paged_kv_tokens: (PAGED_KV, good_paged_kv_tokens, "paged_kv_tokens"),
 }
 
 SMOLLM_HIDDEN = 576  # SmolLM2-135M's hidden size: the in_features of most of its Linears
@@ -259,9 +267,48 @@ WRONG_LATENCY_STATS = [
     (ls_skip_first_interval, "jittered token times"),
 ]
 
+# ----------------------------------------------------------------------------- wrong answers: exercise 4
+
+
+def pk_no_blocks(cache_bytes, kv_bytes_per_token, block_size):  # tokens, not whole blocks: 46 603 for 1 GiB
+    return int(cache_bytes // kv_bytes_per_token)
+
+
+def pk_gigabytes(cache_bytes, kv_bytes_per_token, block_size):  # "1 GiB" read as 1e9 bytes
+    blocks = (cache_bytes / 2**30 * 1e9) // (kv_bytes_per_token * block_size)
+    return int(blocks) * block_size
+
+
+def pk_blocks_not_tokens(cache_bytes, kv_bytes_per_token, block_size):  # the number of blocks (2912), not tokens
+    return int(cache_bytes // (kv_bytes_per_token * block_size))
+
+
+def pk_round_up(cache_bytes, kv_bytes_per_token, block_size):  # a partial block counted: one block too many
+    return math.ceil(cache_bytes / (kv_bytes_per_token * block_size)) * block_size
+
+
+def pk_keys_only(cache_bytes, kv_bytes_per_token, block_size):  # "bytes per token" halved: keys only, no values
+    blocks = cache_bytes // (kv_bytes_per_token / 2 * block_size)
+    return int(blocks) * block_size
+
+
+def pk_round_nearest(cache_bytes, kv_bytes_per_token, block_size):  # round() instead of floor: a block too many
+    return round(cache_bytes / (kv_bytes_per_token * block_size)) * block_size
+
+
+WRONG_PAGED_KV = [
+    (pk_no_blocks, "1 GiB, SmolLM2-135M"),
+    (pk_gigabytes, "1 GiB, SmolLM2-135M"),
+    (pk_blocks_not_tokens, "1 GiB, SmolLM2-135M"),
+    (pk_round_up, "1 GiB, SmolLM2-135M"),
+    (pk_keys_only, "1 GiB, SmolLM2-135M"),
+    (pk_round_nearest, "1 GiB, SmolLM2-135M"),  # 2912.7 blocks round up to 2913
+]
+
 WRONG = [(checks.check_weight_bytes, WEIGHT_BYTES, fn, msg) for fn, msg in WRONG_WEIGHT_BYTES]
 WRONG += [(checks.check_decode_bound, DECODE_BOUND, fn, msg) for fn, msg in WRONG_DECODE_BOUND]
 WRONG += [(checks.check_latency_stats, LATENCY_STATS, fn, msg) for fn, msg in WRONG_LATENCY_STATS]
+WRONG += [(checks.check_paged_kv_tokens, PAGED_KV, fn, msg) for fn, msg in WRONG_PAGED_KV]
 
 
 # ----------------------------------------------------------------------------- correct alternatives
@@ -339,7 +386,25 @@ def alt_latency_stats_loop(t_request, token_times):  # the decode span summed in
     return token_times[0] - t_request, itl, 1 / itl
 
 
+def alt_paged_kv_modulo(cache_bytes, kv_bytes_per_token, block_size):  # the bytes left over a whole block dropped
+    block_bytes = kv_bytes_per_token * block_size
+    return int((cache_bytes - cache_bytes % block_bytes) / block_bytes) * block_size
+
+
+def alt_paged_kv_floor(cache_bytes, kv_bytes_per_token, block_size):  # math.floor of the exact ratio
+    return math.floor(cache_bytes / kv_bytes_per_token / block_size) * block_size
+
+
+def alt_paged_kv_loop(cache_bytes, kv_bytes_per_token, block_size):  # allocate block after block until full
+    per_block, blocks = kv_bytes_per_token * block_size, 0
+    blocks = int(cache_bytes // per_block)  # (a literal loop would take 2912 steps; the same count)
+    return np.int64(blocks * block_size)  # a numpy integer is still a number
+
+
 CORRECT_ALTERNATIVES = [
+    (checks.check_paged_kv_tokens, PAGED_KV, alt_paged_kv_modulo),
+    (checks.check_paged_kv_tokens, PAGED_KV, alt_paged_kv_floor),
+    (checks.check_paged_kv_tokens, PAGED_KV, alt_paged_kv_loop),
     (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_numpy),
     (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_per_param),
     (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_parts),
@@ -374,6 +439,8 @@ def _sample_calls():
         checks.check_weight_bytes: ((6400, 1000, 4, 64), nbytes),
         checks.check_decode_bound: ((1e6, 1000, 500, 4, 300.0), tokens_per_s),
         checks.check_latency_stats: ((1.0, times), latency),
+        # 1000 bytes per token, blocks of 16 (16 000 bytes each): 100 000 bytes hold 6 whole blocks = 96 tokens
+        checks.check_paged_kv_tokens: ((100_000, 1000, 16), 96),
     }
 
 
@@ -384,7 +451,8 @@ def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
     def todo(*args):
         raise NotImplementedError
 
-    weight_bytes, decode_bound, latency_stats = (c(todo) for c in GOOD)
+    weight_bytes, decode_bound, latency_stats, paged_kv_tokens = (c(todo) for c in GOOD)
+    assert paged_kv_tokens(2**30, 23040, 16) == 46592  # vLLM's log for 1 GiB of SmolLM2-135M bf16 cache
     capsys.readouterr()
     linear, other = checks.SMOLLM_LINEAR, checks.SMOLLM_OTHER
     assert weight_bytes(linear, other, 16, 64) == 2 * (linear + other)

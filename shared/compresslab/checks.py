@@ -651,6 +651,18 @@ def check_decode_bound(fn: Callable) -> Callable:
                           "`batch` tokens; tokens/s = batch * bandwidth_GBps * 1e9 / bytes per step.")
 
 
+def check_paged_kv_tokens(fn: Callable) -> Callable:
+    """Exercise: fn(cache_bytes, kv_bytes_per_token, block_size) -> tokens a paged KV cache holds."""
+    cases = [Case("1 GiB, SmolLM2-135M in bf16 (23 040 bytes per token), blocks of 16", (2**30, 23040, 16)),
+             Case("4 GiB, an 8B model with 8 KV heads (131 072 bytes per token), blocks of 16", (4 * 2**30, 131072, 16)),
+             Case("a cache that ends in the middle of a block: only whole blocks count", (10 * 23040 * 16 + 5, 23040, 16)),
+             Case("blocks of 32", (2**30, 23040, 32)),
+             Case("less than one block", (23040 * 15, 23040, 16))]
+    return run_check("Exercise 4 · paged_kv_tokens", fn, deploy.paged_kv_tokens, cases, atol=0,
+                     hint="whole blocks only: blocks = cache_bytes // (kv_bytes_per_token * block_size), then tokens = "
+                          "blocks * block_size. cache_bytes is in bytes (1 GiB = 2**30, not 1e9).")
+
+
 def check_latency_stats(fn: Callable) -> Callable:
     """Exercise: fn(t_request, token_times) -> (ttft_s, inter_token_s, decode_tokens_per_s)."""
     cases = [Case("prefill 0.5 s, then a token every 0.1 s", (10.0, [10.5 + 0.1 * i for i in range(8)])),

@@ -90,6 +90,18 @@ def decode_bound(weight_bytes: float, kv_bytes_per_token: float, context: int, b
     return batch * bandwidth_GBps * 1e9 / step_bytes
 
 
+def paged_kv_tokens(cache_bytes: float, kv_bytes_per_token: float, block_size: int = 16) -> int:
+    """Tokens a paged KV cache of cache_bytes holds (lab 06, section 8): whole blocks of block_size tokens, each
+    block_size * kv_bytes_per_token bytes; a request of n tokens occupies ceil(n / block_size) blocks.
+
+        paged_kv_tokens(1 * 2**30, 23040)   # 46592: vLLM's "KV cache size: 46,592 tokens" for 1 GiB, SmolLM2 bf16"""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int (vLLM's default is 16), got {block_size!r}")
+    if kv_bytes_per_token <= 0 or cache_bytes < 0:
+        raise ValueError(f"need kv_bytes_per_token > 0 and cache_bytes >= 0, got {kv_bytes_per_token}, {cache_bytes}")
+    return int(cache_bytes // (kv_bytes_per_token * block_size)) * block_size
+
+
 def measure_bandwidth_GBps(nbytes: int = 256 * 2**20, repeats: int = 5, device: str = "cpu") -> float:
     """Copy bandwidth of this machine: (bytes read + bytes written) / time, best of `repeats`."""
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)

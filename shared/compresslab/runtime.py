@@ -61,7 +61,8 @@ LABS = {
                   (("2:4 sparse tensor-core speed", (8, 0)),)),
     "04": LabInfo("~2.5 min", "4 training runs: CE 4.5 min, KD 6.5-7 min each"),
     "05": LabInfo("~1 min", None, (("GSM8K through the compressed cache (a >= 0.5B instruct model)", (7, 0)),)),
-    "06": LabInfo("< 1 min", "1 min", (("TensorRT-LLM (NGC container)", (8, 0)),
+    "06": LabInfo("~2 min (~1 min of it the vLLM section)", "~4 min with the vLLM sweep",
+                  (("TensorRT-LLM (NGC container)", (8, 0)),
                                        ("lab 02's checkpoint on the Triton W4A16 kernel", (8, 0)))),
     "07": LabInfo("~2 min", "33 min (8 recipes: 5 GPTQ-sized passes, 48 KD steps)", (("GSM8K for the capstone's variants (a >= 0.5B instruct model)", (7, 0)),)),
 }

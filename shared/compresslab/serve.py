@@ -67,6 +67,15 @@ class ServeError(RuntimeError):
 # ----------------------------------------------------------------------------- the serving environment
 
 
+def status() -> tuple[bool, str]:
+    """Whether vLLM's serving environment is installed here, and if not how to get it (lab 06, section 8)."""
+    try:
+        py = serve_python()
+    except ServeError as err:
+        return False, str(err)
+    return True, f"vLLM's CPU build in {py.parent.parent}"
+
+
 def serve_venv() -> Path:
     """.venv-serve beside the lab's .venv (COMPRESSLAB_SERVE_VENV overrides)."""
     return Path(os.environ.get("COMPRESSLAB_SERVE_VENV") or ROOT / ".venv-serve")
@@ -359,6 +368,9 @@ class Server:
     def sweep(self, prompts, max_tokens: int = 64, concurrencies=(1, 4, 16), **kw) -> list[dict]:
         return sweep(self.url, self.served_model_name, prompts, max_tokens, concurrencies, **kw)
 
+    def shared_prefix_ttft(self, prefix, suffixes, max_tokens: int = 4) -> dict:
+        return shared_prefix_ttft(self.url, self.served_model_name, prefix, suffixes, max_tokens)
+
 
 def _signal_group(pgid: int, sig) -> None:
     try:
@@ -565,6 +577,24 @@ def benchmark(url: str, model: str, prompts, max_tokens: int = 64, concurrency: 
 def sweep(url: str, model: str, prompts, max_tokens: int = 64, concurrencies=(1, 4, 16), **kw) -> list[dict]:
     """benchmark() at each maximum concurrency, the same prompts each time."""
     return [benchmark(url, model, prompts, max_tokens, c, **kw) for c in concurrencies]
+
+
+def shared_prefix_ttft(url: str, model: str, prefix, suffixes, max_tokens: int = 4) -> dict:
+    """Prefix caching, measured: send prefix + suffix for each suffix, one request at a time (token id lists).
+
+    The first request computes the shared prefix ("cold"); with prefix caching on, the later ones find its KV
+    blocks cached and prefill only their suffix ("warm"). With caching off every request is cold.
+    Returns {"cold_ms", "warm_ms" (median of the others), "ratio"}."""
+    if len(suffixes) < 2:
+        raise ValueError("need at least two suffixes: the first request is cold, the others show the cache")
+    ttfts = []
+    for suffix in suffixes:
+        r = stream_completion(url, model, list(prefix) + list(suffix), max_tokens)
+        if not r.ok:
+            raise ServeError(f"a prefix-caching request failed: {r.error}")
+        ttfts.append(r.ttft_s * 1e3)
+    warm = percentile(ttfts[1:], 50)
+    return {"cold_ms": ttfts[0], "warm_ms": warm, "ratio": ttfts[0] / warm, "ttft_ms": ttfts}
 
 
 def random_prompts(n: int, input_len: int = 128, vocab_size: int = 49152, seed: int = 0,
