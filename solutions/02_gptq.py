@@ -54,6 +54,7 @@ SEED = 0
 GROUP_SIZE = 64  # 64 divides 576 and 1536; 128 does not divide 576
 CALIB_SAMPLES = None  # None: from the device tier (32 on CPU, 128 on GPU, 8 in quick mode)
 EXPORT_DIR = "gptq-export"  # where the 4-bit checkpoint is written
+CT_EXPORT_DIR = "w4a16-ct"  # full mode: the static-groups model in the compressed-tensors format (lab 06 serves it)
 TUNE_STEPS = 60  # section 6 (full mode): steps of 4 x 256 tokens tuning the fp16 scales and norms after GPTQ
 
 # %% [markdown]
@@ -382,6 +383,8 @@ for bits, names in plan.items():
         rows.append(evaluate(qm, name, bits, secs))
         if (bits, name) == (4, "GPTQ + act-order"):
             q4, report4 = qm, report  # exported in section 8
+        if (bits, name) == (4, "GPTQ + act-order, static groups"):
+            q4_static, report4_static = qm, report  # exported for vLLM in section 8 (full mode)
         del qm, report
 
 # %% tags=["slide"]
@@ -554,6 +557,24 @@ ppl_mem = cl.eval.perplexity(q4, tok, sz.ppl_windows, sz.seq_len, progress=False
 ppl_disk = cl.eval.perplexity(reloaded, tok, sz.ppl_windows, sz.seq_len, progress=False)
 max_diff = max((reloaded.get_submodule(n).weight - q4.get_submodule(n).weight).abs().max().item() for n in report4)
 print(f"in memory ppl {ppl_mem:.4f} | reloaded from disk {ppl_disk:.4f} | largest weight difference {max_diff:.1e}")
+
+# %% [markdown]
+# **For vLLM: the compressed-tensors format.** What vLLM (and llm-compressor, which writes it) reads most is
+# `quant_method: compressed-tensors`, `format: pack-quantized`: per Linear `weight_packed` (codes, 8 per int32 along
+# `in_features`), `weight_scale`, `weight_zero_point` (packed along `out_features`) and `weight_shape`. It cannot
+# express act-order with *dynamic* groups (a `g_idx` per column): its act-order is static groups only
+# (`actorder: "weight"`). So in full mode we export the "act-order, static groups" model of section 5. The tests load
+# this format back with transformers + compressed-tensors (logits equal to the in-memory model) and lab 06 serves it
+# with vLLM's CPU build; in quick mode lab 06 serves an RTN model in the same format instead.
+
+# %%
+if "q4_static" in globals():
+    ct_path = cl.checkpoint.save_compressed_tensors(q4_static, report4_static, CT_EXPORT_DIR, bits=4,
+                                                    group_size=GROUP_SIZE, sym=False, act_order=True,
+                                                    static_groups=True, tokenizer=tok)
+    print(f"wrote {ct_path}:", json.loads((ct_path / "config.json").read_text())["quantization_config"]["format"])
+else:
+    print("quick mode: the static-groups variant was not run, so no compressed-tensors export (QUICK = False)")
 
 # %% [markdown]
 # ## 9 · GSM8K (GPU, ≥ 0.5B instruct models)

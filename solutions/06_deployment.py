@@ -57,6 +57,7 @@ NEW_TOKENS = None  # tokens generated per timed run; None: 16 quick, 64 full
 PPL_TOKENS = None  # tokens of WikiText-2 scored through each runtime; None: 64 quick, 256 full
 ONNX_DIR = "onnx-export"  # where the ONNX Runtime exports are written (re-used when present)
 GPTQ_DIR = "gptq-export"  # lab 02's checkpoint; on a GPU section 7 runs it through the Triton W4A16 kernel
+W4A16_DIR = "w4a16-ct"  # lab 02's compressed-tensors export (full mode); section 8 writes an RTN one if it is absent
 SERVE = None  # section 8 (vLLM): None runs it where `make serve-env` installed vLLM's CPU build, True/False forces
 
 # %% [markdown]
@@ -410,6 +411,45 @@ if SERVE:
         prefix_on = srv.shared_prefix_ttft(prefix, suffixes)
     print(f"prefix caching on: the first request (cold) TTFT {prefix_on['cold_ms']:.0f} ms, the next ones (warm: "
           f"their 384-token prefix is cached) {prefix_on['warm_ms']:.0f} ms — {prefix_on['ratio']:.1f}x")
+    if not env.quick:  # the same workload with prefix caching off: every request computes the prefix again
+        with serve.server(bf16_dir, dtype="bfloat16", max_model_len=512, kv_cache_gib=1, prefix_caching=False) as srv:
+            prefix_off = srv.shared_prefix_ttft(prefix, suffixes)
+        print(f"prefix caching off: cold {prefix_off['cold_ms']:.0f} ms, later requests {prefix_off['warm_ms']:.0f} ms")
+
+# %% [markdown]
+# **The same model at 4 bits.** Lab 02 (full mode) exports its GPTQ model in the compressed-tensors format vLLM reads
+# (W4A16: 4-bit weights in groups of 64, activations bf16); without that export this cell writes an RTN model in the
+# same format, so the engine path is the same. vLLM picks a mixed-precision kernel for it on the CPU
+# (`CPUWNA16LinearKernel`: it dequantizes the 4-bit weights inside each matmul). Is it faster?
+
+# %%
+if SERVE:
+    ct_dir = Path(W4A16_DIR)
+    if (ct_dir / "config.json").exists():
+        w4_source = f"lab 02's GPTQ export ({ct_dir})"
+    else:
+        ct_dir = ct_dir.with_name(ct_dir.name + "-rtn")
+        q_rtn, rtn_report = cl.gptq.rtn_quantize_model(model, bits=4, group_size=64)
+        cl.checkpoint.save_compressed_tensors(q_rtn, rtn_report, ct_dir, bits=4, group_size=64, sym=False,
+                                              act_order=False, static_groups=False, tokenizer=tok)
+        w4_source = f"RTN W4A16 g64 written here ({ct_dir}; run lab 02 in full mode for its GPTQ export)"
+        del q_rtn, rtn_report
+    served_weights["W4A16"] = cl.results.describe(model, 4, 64)
+    with serve.server(ct_dir, dtype="bfloat16", max_model_len=512, kv_cache_gib=1) as srv:
+        kernel = next((ln.split("Using ")[-1] for ln in srv.log().splitlines() if "LinearKernel" in ln), "?")
+        print(f"W4A16 server healthy after {srv.start_s:.0f} s — {w4_source}; kernel: {kernel}")
+        served["W4A16"] = srv.sweep(prompts, SWEEP["output_len"], SWEEP["concurrencies"], time_limit_s=300)
+        print(serve.format_table(served["W4A16"]))
+    for a, b in zip(served["bf16"], served["W4A16"]):
+        print(f"concurrency {a['concurrency']:3d}: W4A16 / bf16 output tokens/s {b['output_tok_s'] / a['output_tok_s']:.2f}"
+              f", TTFT p50 {b['ttft_ms_p50'] / a['ttft_ms_p50']:.2f}x, ITL p50 {b['itl_ms_p50'] / a['itl_ms_p50']:.2f}x")
+
+# %% [markdown]
+# On this CPU the 4-bit model is **not** faster, and its prefill is slower: a 135M model at these batch sizes is
+# bound by compute and overheads on a CPU, not by reading 270 MB of bf16 weights, and the W4A16 kernel adds the
+# dequantization to every matmul. Weight-only 4-bit pays where decode is memory-bound: a GPU, a bigger model, small
+# batches (Marlin-class kernels there reach ~3-4x over fp16 at batch 1). It still cuts the weights' memory ~2.4x,
+# which on a GPU becomes KV-cache room for more concurrent requests.
 
 # %% [markdown]
 # How many tokens does that paged cache hold? Each token stores, in every layer, a key and a value vector per KV

@@ -631,3 +631,23 @@ def test_save_gptq_overwrites_an_existing_export(exported, tmp_path):
     checkpoint.save_gptq(qmodel, report, target, bits=4, group_size=16, sym=False, desc_act=True)
     assert not (target / "stale.bin").exists() and (target / "model.safetensors").exists()
     assert not (target / "tokenizer_config.json").exists()  # no tokenizer given
+
+
+def test_rtn_quantize_model_is_round_to_nearest_with_a_gptq_report(tiny_llama):
+    """GPTQ with an identity Hessian propagates nothing: every weight is its group's nearest grid point (within a
+    tenth of a step), and the report exports like GPTQ's."""
+    from compresslab import gptq
+
+    model, _ = tiny_llama
+    q, report = gptq.rtn_quantize_model(model, bits=4, group_size=16)
+    assert len(report) == 7 * len(model.model.layers)
+    for name, res in report.items():
+        W = model.get_submodule(name).weight.detach()
+        scale, zero = gptq.gptq_qparams(W.reshape(W.shape[0], -1, 16).reshape(-1, 16), 4, False)
+        codes = torch.clamp(torch.round(W.reshape(-1, 16) / scale) + zero, 0, 15)
+        rtn = ((codes - zero) * scale).reshape(W.shape)
+        assert torch.allclose(q.get_submodule(name).weight, rtn, atol=1e-6)
+        assert torch.equal(res.g_idx, torch.arange(W.shape[1]) // 16)
+    assert not torch.equal(q.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        gptq.rtn_quantize_model(model, bits=5)

@@ -307,3 +307,23 @@ def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym
                 report[f"model.layers.{li}.{n}"] = res
         inputs = run_layer(layer, inputs)  # the quantized layer's outputs feed the next layer
     return model, report
+
+
+def rtn_quantize_model(model, bits: int = 4, group_size=64, sym: bool = False, inplace: bool = False):
+    """Round-to-nearest with GPTQ's quantizer, returned like quantize_model: (model, report) — so an RTN model can be
+    exported with the same writers (lab 06 serves one when lab 02's GPTQ export is absent).
+
+    It is GPTQ with an identity Hessian: no off-diagonal terms, so no error is propagated and every group's scale
+    and zero come from the original weights — exactly RTN. No calibration data."""
+    if bits not in GPTQ_BITS:
+        raise ValueError(f"bits must be one of {GPTQ_BITS}, got {bits!r}")
+    check_decoder(model, "rtn_quantize_model")
+    model = model if inplace else copy.deepcopy(model)
+    report = {}
+    for li, layer in enumerate(model.model.layers):
+        for n, m in decoder_linears(layer, [n for group in SEQUENTIAL for n in group], li, "RTN").items():
+            eye = torch.eye(m.in_features, device=m.weight.device)
+            res = gptq_quantize_weight(m.weight.data, eye, bits, group_size, sym, False, False, 0.0, 128, False)
+            m.weight.data = res.dequantized.to(m.weight.dtype)
+            report[f"model.layers.{li}.{n}"] = res
+    return model, report
