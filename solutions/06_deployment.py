@@ -438,8 +438,19 @@ if SERVE:
     with serve.server(ct_dir, dtype="bfloat16", max_model_len=512, kv_cache_gib=1) as srv:
         kernel = next((ln.split("Using ")[-1] for ln in srv.log().splitlines() if "LinearKernel" in ln), "?")
         print(f"W4A16 server healthy after {srv.start_s:.0f} s — {w4_source}; kernel: {kernel}")
+        check_prompt = "The capital of France is"
+        engine_ids = srv.complete(check_prompt, max_tokens=6)["token_ids"]
         served["W4A16"] = srv.sweep(prompts, SWEEP["output_len"], SWEEP["concurrencies"], time_limit_s=300)
         print(serve.format_table(served["W4A16"]))
+    # a second, independent reader of the same folder: transformers + compressed-tensors, greedy, fp32
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    ct_model = AutoModelForCausalLM.from_pretrained(ct_dir, quantization_config=CompressedTensorsConfig(dequantize=True))
+    ids = tok(check_prompt, return_tensors="pt").input_ids
+    hf_ids = ct_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    print(f"greedy continuation of {check_prompt!r}: vLLM {tok.decode(engine_ids)!r}, transformers "
+          f"{tok.decode(hf_ids)!r} -> the same W4A16 checkpoint: {engine_ids == hf_ids.tolist()}")
+    del ct_model
     for a, b in zip(served["bf16"], served["W4A16"]):
         print(f"concurrency {a['concurrency']:3d}: W4A16 / bf16 output tokens/s {b['output_tok_s'] / a['output_tok_s']:.2f}"
               f", TTFT p50 {b['ttft_ms_p50'] / a['ttft_ms_p50']:.2f}x, ITL p50 {b['itl_ms_p50'] / a['itl_ms_p50']:.2f}x")

@@ -22,8 +22,8 @@
 #
 # The second half **stacks** what the day built on one model and measures every recipe on one table: a student
 # distilled at T = 1, the KD lab's winner (lab 04), GPTQ (lab 02), 2:4 sparsity (lab 03), a low-rank fix (this lab), a
-# compressed KV cache (lab 05's winner, 4-bit KIVI), against the decode roofline (lab 06). You finish with a quality-vs-size Pareto front and a
-# "which recipe for which constraint" card built from *your* measurements.
+# compressed KV cache (lab 05's winner, 4-bit KIVI), against the decode roofline (lab 06). You finish with a
+# quality-vs-size Pareto front and a "which recipe for which constraint" card built from *your* measurements.
 #
 # **Learning objectives.** By the end you can
 # 1. truncate a matrix with the SVD and say what rank breaks even on parameters and on time;
@@ -49,8 +49,8 @@
 # * Discussion prompts: "a 4096×4096 layer at rank 1024 stores half the numbers — is it twice as fast at batch 1?"
 #   (two launches and two reads of x; at batch 1 it is memory-bound on A and B, so yes-ish on a GPU, rarely on a CPU
 #   at these sizes); "why is the MLP harder to factorize than k/v projections?"; "the probe collapsed at 4 bits
-#   (33 % → 3 % in full mode) while perplexity rose 14 % — what does that say about perplexity as a proxy, and what
-#   would you check before generalising?" (error bars; 2-digit addition is not GSM8K; this model's weights were
+#   (29 % → 6 % in full mode, p < 0.001 paired) while perplexity rose 14 % — what does that say about perplexity as
+#   a proxy, and what would you check before generalising?" (error bars; 2-digit addition is not GSM8K; this model's weights were
 #   already dequantized from a 4-bit GGUF; a 1B+ model may differ).
 # * If the room has GPUs, set `MODEL = "qwen2.5-0.5b"` for the capstone: the GSM8K row then runs.
 
@@ -359,8 +359,9 @@ del memo, built, m
 
 # %% [markdown]
 # Perplexity here goes *through* each variant's KV cache (prefill, then chunks of 16 tokens scored against it, as in
-# lab 05), so the KIVI row pays for its cache and every other row runs with the fp16 cache a deployment stores. Weight bytes are what a deployment stores (lab 06's formula: 4-bit codes,
-# fp16 scales and zeros per group of 64, fp16 embeddings; 2:4 keeps half the values plus 2 bits of position each;
+# lab 05), so the KIVI row pays for its cache and every other row runs with the fp16 cache a deployment stores.
+# Weight bytes are what a deployment stores (lab 06's formula: 4-bit codes, fp16 scales and zeros per group of 64,
+# fp16 embeddings; 2:4 keeps half the values plus 2 bits of position each;
 # the low-rank fix in fp16). "tok/s here" is PyTorch on this machine, where fake-quantized weights run at fp32
 # speed: only the student's fewer layers show up. The bound column is the batch-1 roofline on an H100 at CONTEXT
 # tokens — what a 4-bit kernel could reach.
@@ -464,8 +465,8 @@ else:
 # the student at 4 bits if its perplexity is acceptable; the KV column decides at long contexts. (b) The highest bound
 # tokens/s, i.e. the fewest bytes per step: 4-bit weights first (the student also removes layers, so it is faster per
 # token even in PyTorch). (c) The variant with the best probe accuracy: on this model every 4-bit recipe loses most of
-# the probe (33 % → 3–7 % in full mode; the rank fix gives a few points back), so the honest answer here is the dense
-# model or 8-bit weights. Change your mind if the error bars overlap (run more questions) or a GSM8K run on a bigger
+# the probe (29 % → 5–6 % in full mode; the rank-32 fix gives back part of it, 20 %), so the honest answer is the
+# dense model or 8-bit weights. Change your mind if the error bars overlap (run more questions) or a GSM8K run on a bigger
 # model disagrees.
 
 # %% [markdown] tags=["instructor"]

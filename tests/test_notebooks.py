@@ -158,3 +158,18 @@ def test_pruning_lab_compares_wanda_and_sparsegpt_on_held_out_tokens(runs):
     assert len(found) == 2, text[-2000:]
     for _, sgpt_fit, _, sgpt_held in found:
         assert float(sgpt_fit) < float(sgpt_held)
+
+
+def test_deployment_lab_serves_both_checkpoints_with_vllm(runs):
+    """Issue 25: the deployment lab's vLLM section runs in quick mode (CI installs .venv-serve): the bf16 and W4A16
+    sweeps are measured, the engine's KV capacity matches the lab's formula, and vLLM's greedy tokens on the W4A16
+    compressed-tensors checkpoint equal transformers' on the same folder."""
+    if not os.environ.get("COMPRESSLAB_REQUIRE_SERVE") and not (ROOT / ".venv-serve" / "bin" / "python").exists():
+        pytest.skip("no .venv-serve here (make serve-env): the deployment lab skipped its vLLM section")
+    source = next(s for s in SOURCES if s.stem.startswith("06"))
+    run = runs[(source.stem, "solution")].result()
+    text = run["text"]
+    assert "-> the same W4A16 checkpoint: True" in text, text[-3000:]
+    assert re.search(r"engine:\s+[\d,]+ tokens.*-> the same", text)
+    methods = {r["method"] for r in run["rows"]}
+    assert {"vLLM bf16, concurrency 1", "vLLM W4A16, concurrency 4"} <= methods
