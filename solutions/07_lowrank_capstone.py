@@ -50,8 +50,8 @@
 #   (two launches and two reads of x; at batch 1 it is memory-bound on A and B, so yes-ish on a GPU, rarely on a CPU
 #   at these sizes); "why is the MLP harder to factorize than k/v projections?"; "the probe collapsed at 4 bits
 #   (29 % → 6 % in full mode, p < 0.001 paired) while perplexity rose 14 % — what does that say about perplexity as
-#   a proxy, and what would you check before generalising?" (error bars; 2-digit addition is not GSM8K; this model's weights were
-#   already dequantized from a 4-bit GGUF; a 1B+ model may differ).
+#   a proxy, and what would you check before generalising?" (error bars; 2-digit addition is not GSM8K; this model's
+#   weights were already dequantized from a 4-bit GGUF; a 1B+ model may differ).
 # * If the room has GPUs, set `MODEL = "qwen2.5-0.5b"` for the capstone: the GSM8K row then runs.
 
 # %% tags=["parameters"]
@@ -466,8 +466,8 @@ else:
 # tokens/s, i.e. the fewest bytes per step: 4-bit weights first (the student also removes layers, so it is faster per
 # token even in PyTorch). (c) The variant with the best probe accuracy: on this model every 4-bit recipe loses most of
 # the probe (29 % → 5–6 % in full mode; the rank-32 fix gives back part of it, 20 %), so the honest answer is the
-# dense model or 8-bit weights. Change your mind if the error bars overlap (run more questions) or a GSM8K run on a bigger
-# model disagrees.
+# dense model or 8-bit weights. Change your mind if the error bars overlap (run more questions) or a GSM8K run on a
+# bigger model disagrees.
 
 # %% [markdown] tags=["instructor"]
 # **Answers to expect.** Q1: the word "spectrum" or "energy" — if people say "the residual is smaller", ask why a
