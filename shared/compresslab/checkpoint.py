@@ -60,6 +60,15 @@ PACKABLE_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word (3-bit GPTQ pack
 # ----------------------------------------------------------------------------- writer
 
 
+def _staging(path) -> tuple[Path, Path]:
+    """(path, an empty <path>.tmp folder): a writer fills the folder, then renames it onto path in one step."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return path, tmp
+
+
 def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes (rows, cols) ints in [0, 2^bits) -> (rows * bits / 32, cols) int32, packing consecutive rows."""
     per_word = 32 // bits
@@ -102,10 +111,7 @@ def save_gptq(model, report: dict, path, bits: int, group_size: int, sym: bool, 
     if bits not in PACKABLE_BITS:
         raise ValueError(f"export packs {PACKABLE_BITS}-bit codes into int32 words; {bits}-bit needs the "
                          "straddling 3-bit layout, which this exporter does not write. Quantize with bits=4.")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path, tmp = _staging(path)
     tensors = {}
     for name, p in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
@@ -226,10 +232,7 @@ def save_compressed_tensors(model, report: dict, path, bits: int, group_size, sy
     maxq = 2**bits - 1
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     ignore = [n for n in linears if n not in report]  # llm-compressor: every Linear the scheme did not quantize
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path, tmp = _staging(path)
     try:
         tensors = {}
         for name, p in model.state_dict().items():
