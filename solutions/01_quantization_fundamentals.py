@@ -47,7 +47,7 @@
 # %% tags=["parameters"]
 MODEL = "smollm2-135m"  # offline default; on a GPU with hub access try "qwen2.5-0.5b" or "llama-3.2-1b"
 DTYPE = "float32"
-QUICK = False  # True: small evaluation sizes for CI or a laptop in a hurry (the tests set it)
+QUICK = None  # None: automatic (quick on a CPU, full on a CUDA GPU); True/False forces it (the tests set True)
 SEED = 0
 BITS_SWEEP = [8, 4, 3, 2]
 GROUP_SWEEP = [32, 64, 192, "channel"]  # each must divide every in_features (576 and 1536 on SmolLM2-135M)

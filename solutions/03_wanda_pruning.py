@@ -50,7 +50,7 @@
 # %% tags=["parameters"]
 MODEL = "smollm2-135m"  # offline default; on a GPU with hub access try "qwen2.5-0.5b"
 DTYPE = "float32"
-QUICK = False  # True: small calibration and evaluation sizes for CI or a laptop in a hurry (the tests set it)
+QUICK = None  # None: automatic (quick on a CPU, full on a CUDA GPU); True/False forces it (the tests set True)
 SEED = 0
 CALIB_SAMPLES = None  # None: from the device tier (32 on CPU, 128 on GPU, 8 in quick mode)
 RECOVER_STEPS = 100  # section 8 (full mode): masked fine-tuning steps of 4 x 256 tokens after SparseGPT

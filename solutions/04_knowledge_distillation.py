@@ -50,7 +50,7 @@
 MODEL = "smollm2-135m"  # the teacher; offline default. The student is this model with layers removed
 STUDENT = None  # None: prune MODEL into the student. Or a model name (on a GPU: smollm2-135m, with MODEL smollm2-360m)
 DTYPE = "float32"
-QUICK = False  # True: few, short training steps for CI or a laptop in a hurry (the tests set it)
+QUICK = None  # None: automatic (quick on a CPU, full on a CUDA GPU); True/False forces it (the tests set True)
 SEED = 0
 STUDENT_LAYERS = 20  # the pruned student keeps this many of the teacher's decoder layers (SmolLM2-135M has 30)
 STEPS = None  # optimizer steps per student; None: from the mode (12 quick; full: 48 on CPU, 300 on a GPU)

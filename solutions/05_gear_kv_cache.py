@@ -47,7 +47,7 @@
 # %% tags=["parameters"]
 MODEL = "smollm2-135m"  # offline default; on a GPU try "qwen2.5-0.5b" or "llama-3.2-1b" (the loader fetches them)
 DTYPE = "float32"
-QUICK = False  # True: short contexts and few windows for CI or a laptop in a hurry (the tests set it)
+QUICK = None  # None: automatic (quick on a CPU, full on a CUDA GPU); True/False forces it (the tests set True)
 SEED = 0
 N_WINDOWS = None  # WikiText-2 test windows for the cache perplexity; None: 2 quick, 4 on CPU, 16 on a GPU
 PREFIX = None  # tokens prefilled into the cache before scoring; None: 192 quick, 512 full

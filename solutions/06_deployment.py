@@ -50,7 +50,7 @@
 # %% tags=["parameters"]
 MODEL = "smollm2-135m"  # offline default (ONNX export works for Llama-family models)
 DTYPE = "float32"
-QUICK = False  # True: fewer tokens and windows (the tests set it)
+QUICK = None  # None: automatic (quick on a CPU, full on a CUDA GPU); True/False forces it (the tests set True)
 SEED = 0
 PROMPT = "The history of the transistor"
 NEW_TOKENS = None  # tokens generated per timed run; None: 16 quick, 64 full

@@ -57,7 +57,7 @@
 # %% tags=["parameters"]
 MODEL = "smollm2-135m"  # offline default; any Llama-family hub model on a GPU (e.g. "qwen2.5-0.5b")
 DTYPE = "float32"
-QUICK = False  # True: small sizes for CI or a laptop in a hurry (the tests set it)
+QUICK = None  # None: automatic (quick on a CPU, full on a CUDA GPU); True/False forces it (the tests set True)
 SEED = 0
 LOWRANK_RUNS = None  # (which Linears, share of their parameters kept) to factorize; None: k/v at 0.8 quick, 3 runs full
 COMP_RANK = 32  # rank of the low-rank fix on quantization error

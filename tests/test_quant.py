@@ -547,8 +547,11 @@ def test_setup_quick(restore_env):
     assert "mode=QUICK" in str(env) and "mode=FULL" in str(full)
 
 
+AUTO = not torch.cuda.is_available()  # the automatic mode: quick on a CPU, full on a CUDA GPU
+
+
 @pytest.mark.parametrize("value, quick", [("1", True), ("true", True), ("YES", True), ("0", False),
-                                          ("", False), ("no", False), (None, False)])
+                                          ("", AUTO), ("no", False), (None, AUTO)])
 def test_setup_reads_compresslab_quick(restore_env, value, quick):
     if value is None:
         restore_env.delenv("COMPRESSLAB_QUICK", raising=False)
@@ -556,6 +559,7 @@ def test_setup_reads_compresslab_quick(restore_env, value, quick):
         restore_env.setenv("COMPRESSLAB_QUICK", value)
     env = runtime.setup()
     assert env.quick is quick
+    assert ("automatic" in str(env)) == (value in (None, ""))  # the printout says which mode and why
     assert env.sizes == (runtime.QUICK_SIZES if quick else runtime.FULL_SIZES[env.tier])
     restore_env.setenv("COMPRESSLAB_QUICK", "1")
     assert runtime.setup(quick=False).quick is False  # an explicit argument wins over the variable

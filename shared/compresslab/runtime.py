@@ -150,20 +150,28 @@ def seed_everything(seed: int) -> None:
 def setup(quick: bool | None = None, seed: int = 0, threads: int | None = None, lab: str | None = None) -> Env:
     """Seed everything, pick the device, size the work, style the plots. Call once per notebook.
 
-    quick=None reads the environment variable COMPRESSLAB_QUICK (tests set it); default False.
+    quick=None: the environment variable COMPRESSLAB_QUICK when it is set (tests set it), else automatic — quick on
+    a CPU, full on a CUDA GPU — and the printout says which and why. An explicit True/False always wins.
     COMPRESSLAB_SIZES=quick|cpu|t4|a100+ sizes the work as that tier does, whatever the mode and device: a dry run of
     full mode's cells at quick sizes (tools/check_full_mode.py) takes minutes instead of hours.
     lab="07": printing the Env also says the lab's measured runtime and which of its GPU parts run here.
     """
     if lab is not None and lab not in LABS:
         raise ValueError(f"lab must be one of {sorted(LABS)}, got {lab!r}")
-    if quick is None:
-        quick = os.environ.get("COMPRESSLAB_QUICK", "0").lower() in ("1", "true", "yes")
+    why = None
+    if quick is None and os.environ.get("COMPRESSLAB_QUICK", "").strip():
+        quick = os.environ["COMPRESSLAB_QUICK"].strip().lower() in ("1", "true", "yes")
+        why = f"COMPRESSLAB_QUICK={os.environ['COMPRESSLAB_QUICK'].strip()}"
     seed_everything(seed)
     # bitsandbytes' int8 path logs on every matmul that it casts fp32 inputs to fp16 (lab 01 says so once)
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     device, tier, gpu_name, cap = device_tier()
     notes = []
+    if quick is None:  # automatic: a laptop's "Run all" must never start hours of full mode
+        quick = device == "cpu"
+        why = ("automatic: quick on a CPU (full mode runs the slot's long loops: set QUICK = False to force it)"
+               if quick else "automatic: full mode on a CUDA GPU (set QUICK = True for the short version)")
+    notes.append(f"mode {'QUICK' if quick else 'FULL'} — " + (why or "set by the notebook's QUICK parameter"))
     if device == "cpu":
         # Triton kernels run on CPU through the interpreter (slow, but exact): tests and labs use it.
         os.environ.setdefault("TRITON_INTERPRET", "1")
