@@ -243,8 +243,8 @@ ppl = {name: cl.eval.perplexity(m, tok, n_windows=1, seq_len=PPL_TOKENS, batch_s
 read_bytes = {name: deploy.decode_read_bytes(m) for name, m in models.items()}  # what one decode step reads
 for name, t in timed.items():
     agree, first = deploy.token_agreement(timed["PyTorch fp32"].tokens, t.tokens)
-    print(f"{name:22s} TTFT {t.ttft_s * 1e3:6.0f} ms  ITL {t.itl_s * 1e3:6.1f} ms  {t.tokens_per_s:6.1f} tok/s  "
-          f"ppl {ppl[name]:.2f}  agreement {agree:.0%} (first difference at {first})")
+    print(f"{name:22s} TTFT {t.ttft_s * 1e3:6.0f} ms  ITL {t.itl_s * 1e3:6.1f} ms (runs: {t.itl_spread})  "
+          f"{t.tokens_per_s:6.1f} tok/s  ppl {ppl[name]:.2f}  agreement {agree:.0%} (first difference at {first})")
 if env.device == "cpu":  # quantize_dynamic takes every nn.Linear: the tied LM head gets an int8 copy of its own
     head_fp32 = deploy.dynamic_int8(copy.deepcopy(model), lm_head=False)
     p_head = cl.eval.perplexity(head_fp32, tok, n_windows=1, seq_len=PPL_TOKENS, batch_size=1, progress=False)
@@ -292,7 +292,8 @@ if onnx_ok:
         onnx[name] = lm
         agree, first = deploy.token_agreement(timed["PyTorch fp32"].tokens, timed[name].tokens)
         print(f"{name:22s} {read_bytes[name] / 1e6:5.0f} MB on disk  TTFT {timed[name].ttft_s * 1e3:5.0f} ms  "
-              f"ITL {timed[name].itl_s * 1e3:5.1f} ms  {timed[name].tokens_per_s:6.1f} tok/s  ppl {ppl[name]:.2f}  "
+              f"ITL {timed[name].itl_s * 1e3:5.1f} ms (runs: {timed[name].itl_spread})  "
+              f"{timed[name].tokens_per_s:6.1f} tok/s  ppl {ppl[name]:.2f}  "
               f"agreement {agree:.0%} (first difference at {first})")
 
 # %% [markdown] tags=["slide"]
@@ -301,7 +302,9 @@ if onnx_ok:
 # Each path's bound uses the bytes *it* reads per step (its weights as stored — the bound counts the LM head as the
 # export stores it, int4 in the int4 export — plus the fp32 KV cache at the average context of the run) and this
 # machine's measured copy bandwidth. The gap between bar and bound is everything that is
-# not streaming weights: kernel launches, non-matmul ops, dequantization, Python.
+# not streaming weights: kernel launches, non-matmul ops, dequantization, Python. Each bar is the median of five runs
+# after one untimed warm-up, the same for every path; the spread of the runs is printed above — read a gap between
+# two bars as real only where it is larger than that spread.
 
 # %%
 context = len(tok(PROMPT).input_ids) + NEW_TOKENS // 2
@@ -446,15 +449,17 @@ if SERVE:
     # a second, independent reader of the same folder: transformers + compressed-tensors, greedy, fp32
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    ct_model = AutoModelForCausalLM.from_pretrained(ct_dir, quantization_config=CompressedTensorsConfig(dequantize=True))
+    ct_model = AutoModelForCausalLM.from_pretrained(ct_dir,
+                                                    quantization_config=CompressedTensorsConfig(dequantize=True))
     ids = tok(check_prompt, return_tensors="pt").input_ids
     hf_ids = ct_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
     print(f"greedy continuation of {check_prompt!r}: vLLM {tok.decode(engine_ids)!r}, transformers "
           f"{tok.decode(hf_ids)!r} -> the same W4A16 checkpoint: {engine_ids == hf_ids.tolist()}")
     del ct_model
     for a, b in zip(served["bf16"], served["W4A16"]):
-        print(f"concurrency {a['concurrency']:3d}: W4A16 / bf16 output tokens/s {b['output_tok_s'] / a['output_tok_s']:.2f}"
-              f", TTFT p50 {b['ttft_ms_p50'] / a['ttft_ms_p50']:.2f}x, ITL p50 {b['itl_ms_p50'] / a['itl_ms_p50']:.2f}x")
+        print(f"concurrency {a['concurrency']:3d}: W4A16 / bf16 output tokens/s "
+              f"{b['output_tok_s'] / a['output_tok_s']:.2f}, TTFT p50 {b['ttft_ms_p50'] / a['ttft_ms_p50']:.2f}x, "
+              f"ITL p50 {b['itl_ms_p50'] / a['itl_ms_p50']:.2f}x")
 
 # %% [markdown]
 # On this CPU the 4-bit model is **not** faster, and its prefill is slower: a 135M model at these batch sizes is
@@ -520,7 +525,8 @@ if served:
     for name, rows in served.items():
         for r in rows:
             cl.results.record(lab="06", method=f"vLLM {name}, concurrency {r['concurrency']}", model=MODEL,
-                              **served_weights[name], tokens_per_s=round(r["output_tok_s"], 1), ttft_ms_p50=round(r["ttft_ms_p50"], 1),
+                              **served_weights[name], tokens_per_s=round(r["output_tok_s"], 1),
+                              ttft_ms_p50=round(r["ttft_ms_p50"], 1),
                               ttft_ms_p99=round(r["ttft_ms_p99"], 1), itl_ms_p50=round(r["itl_ms_p50"], 1),
                               tpot_ms_p50=round(r["tpot_ms_p50"], 1), quick=env.quick)
 
