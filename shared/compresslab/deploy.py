@@ -81,6 +81,24 @@ def weight_bytes_at(linear_params: int, other_params: int, bits: int = 4, group_
     return linear_params * bits / 8 + groups * (2 + bits / 8) + 2.0 * other_params
 
 
+def deployed_weight_bytes(model: nn.Module, bits: int = 16, nm: tuple[int, int] | None = None,
+                          extra_params: int = 0, group_size: int = 64) -> float:
+    """Deployable weight bytes: decoder Linears at `bits` with fp16 scales and `bits`-bit zeros per group
+    (weight_bytes_at), N:M keeping n of every m values plus 2 bits of position metadata per kept value (the sparse tensor core format),
+    `extra_params` fp16 (e.g. low-rank factors), everything else (embeddings, norms) in fp16. (labs 03, 07)"""
+    check_bits(bits)
+    if nm is not None and not (len(nm) == 2 and 0 < nm[0] < nm[1]):
+        raise ValueError(f"nm must be (n, m) with 0 < n < m, e.g. (2, 4); got {nm!r}")
+    linear, other = linear_and_other_params(model)
+    if nm is None:
+        return weight_bytes_at(linear, other, bits, group_size) + 2.0 * extra_params
+    n, m = nm
+    kept = linear * n / m
+    value_bits = 16 if bits == 16 else bits
+    scales = 0 if bits == 16 else linear / group_size * (2 + bits / 8)
+    return kept * value_bits / 8 + kept * 2 / 8 + scales + 2.0 * other + 2.0 * extra_params
+
+
 def decode_bound(weight_bytes: float, kv_bytes_per_token: float, context: int, batch: int,
                  bandwidth_GBps: float) -> float:
     """Upper bound on generated tokens/s (all sequences together) for one decode step at this context.

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-KV_BITS = (2, 4, 8)
-STORE = torch.float16  # every stored float (scales, minima, outlier values, low-rank factors, the fp buffer)
+from .kvformat import (KV_BITS, STORE, QuantizedGroups, check_group, check_kv_bits, kind_dim,  # noqa: F401
+                       pack_codes, quantize_groups_torch, tensor_nbytes, unpack_codes)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder-only, full attention, RoPE'd K/V per head
 METHODS = ("fp16", "kivi", "gear_l", "gear")
 
@@ -80,82 +80,21 @@ def plot_memory_vs_context(config, weight_bytes: int, contexts=None, batch_sizes
 # ----------------------------------------------------------------------------- argument checks
 
 
-def check_kv_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in KV_BITS:
-        raise ValueError(f"KV-cache bits must be one of {KV_BITS} (packed 8 // bits codes per byte), got {bits!r}. "
-                         "16 bits is the uncompressed cache: use method='fp16'.")
-    return bits
-
-
 def check_ratio(ratio) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f"outlier_ratio must be a fraction in [0, 1), e.g. 0.02 for 2 %, got {ratio!r}")
     return float(ratio)
 
 
-def _check_group(n: int, group_size, what: str) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 4:
-        raise ValueError(f"group_size must be a positive multiple of 4 (codes are packed per byte), got {group_size!r}")
-    if n % group_size:
-        ok = [d for d in range(4, n + 1, 4) if n % d == 0]
-        raise ValueError(f"group_size={group_size} does not divide the {what} ({n}). Use one of {ok}.")
-    return group_size
-
-
 # ----------------------------------------------------------------------------- group quantization (KIVI)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., n) uint8 codes < 2^bits -> (..., n * bits / 8) bytes, code j of a byte in bits [j*b, (j+1)*b)."""
-    per = 8 // bits
-    c = codes.reshape(*codes.shape[:-1], -1, per).to(torch.int32)  # (..., n/per, per)
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of pack_codes: (..., m) bytes -> (..., m * 8 / bits) uint8 codes."""
-    per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)  # (..., m, per)
-    return c.reshape(*packed.shape[:-1], -1).to(torch.uint8)
-
-
-@dataclass
-class QuantizedGroups:
-    """x quantized in groups of `group_size` along `dim`; tensors laid out with that dim moved last."""
-
-    codes: torch.Tensor  # (..., n_groups, group_size * bits / 8) uint8, packed
-    scale: torch.Tensor  # (..., n_groups, 1) fp16
-    minimum: torch.Tensor  # (..., n_groups, 1) fp16
-    bits: int
-    dim: int
-    shape: tuple[int, ...]
-    backend: str = "torch"  # "triton": dequantize with the fused kernel (compresslab.kernels.kv_quant)
-
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        if self.backend == "triton":
-            from .kernels.kv_quant import dequantize_kv
-            return dequantize_kv(self, dtype)
-        q = unpack_codes(self.codes, self.bits).float()  # (..., n_groups, group_size)
-        x = (q * self.scale.float() + self.minimum.float()).to(dtype)  # fp32 math, one rounding (as the kernel)
-        moved = list(self.shape)
-        moved.append(moved.pop(self.dim))
-        return x.reshape(moved).movedim(-1, self.dim)
-
-    def nbytes(self) -> dict[str, int]:
-        return {"codes": _nbytes(self.codes), "scales+minima": _nbytes(self.scale) + _nbytes(self.minimum)}
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def quantize_groups(x: torch.Tensor, bits: int, group_size: int, dim: int, backend: str = "torch") -> QuantizedGroups:
-    """Asymmetric b-bit quantization of x in groups of `group_size` consecutive elements along `dim`.
+    """Asymmetric b-bit quantization of x in groups of `group_size` consecutive elements along `dim` (the storage
+    format and its PyTorch reference live in kvformat).
 
     backend="triton" runs the fused kernel (compresslab.kernels.kv_quant; keys or values of 4-D states only) and
-    returns the same codes, scales and minima; this PyTorch code is its reference.
+    returns the same codes, scales and minima; kvformat.quantize_groups_torch is its reference.
     """
     if backend == "triton":
         if x.dim() != 4 or dim % 4 not in (2, 3):
@@ -167,20 +106,7 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int, dim: int, backe
         return q
     if backend != "torch":
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
-    check_kv_bits(bits)
-    if not x.is_floating_point():
-        raise TypeError(f"the KV states must be floating point, got {x.dtype}")
-    dim = dim % x.dim()
-    _check_group(x.shape[dim], group_size, "tokens of the block (keys are grouped along tokens)" if dim == x.dim() - 2
-                 else f"size of dim {dim}")
-    g = x.float().movedim(dim, -1)
-    g = g.reshape(*g.shape[:-1], -1, group_size)  # (..., n_groups, group_size)
-    mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    maxq = 2**bits - 1
-    scale = ((mx - mn) / maxq).clamp_min(1e-5).to(STORE)  # stored in fp16: quantize with the stored values
-    minimum = mn.to(STORE)
-    codes = torch.round((g - minimum.float()) / scale.float()).clamp(0, maxq).to(torch.uint8)
-    return QuantizedGroups(pack_codes(codes, bits), scale, minimum, bits, dim, tuple(x.shape))
+    return quantize_groups_torch(x, bits, group_size, dim)
 
 
 def quantize_keys(k: torch.Tensor, bits: int = 2, group_size: int = 64) -> QuantizedGroups:
@@ -195,14 +121,8 @@ def quantize_values(v: torch.Tensor, bits: int = 2, group_size: int = 64) -> Qua
 
 def fake_quantize_kv(x: torch.Tensor, kind: str, bits: int = 2, group_size: int = 64) -> torch.Tensor:
     """Quantize then dequantize keys ("key": per channel) or values ("value": per token); same shape and dtype."""
-    q = quantize_groups(x, bits, group_size, dim=_kind_dim(kind))
+    q = quantize_groups(x, bits, group_size, dim=kind_dim(kind))
     return q.dequantize(torch.float32).to(x.dtype)
-
-
-def _kind_dim(kind: str) -> int:
-    if kind not in ("key", "value"):
-        raise ValueError(f"kind must be 'key' (quantized per channel) or 'value' (per token), got {kind!r}")
-    return -2 if kind == "key" else -1
 
 
 # ----------------------------------------------------------------------------- what a layout costs attention
@@ -300,7 +220,7 @@ class Outliers:
         return x.movedim(-1, self.dim)
 
     def nbytes(self) -> dict[str, int]:
-        return {"outlier values": _nbytes(self.values), "outlier indices": _nbytes(self.index)}
+        return {"outlier values": tensor_nbytes(self.values), "outlier indices": tensor_nbytes(self.index)}
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -373,7 +293,7 @@ class GearCompressed:
         if self.S is not None:
             parts.update(self.S.nbytes())
         if self.L is not None:
-            parts["low-rank factors"] = _nbytes(self.L[0]) + _nbytes(self.L[1])
+            parts["low-rank factors"] = tensor_nbytes(self.L[0]) + tensor_nbytes(self.L[1])
         return parts
 
 
@@ -382,7 +302,7 @@ def gear_compress(x: torch.Tensor, kind: str, bits: int = 2, group_size: int = 6
     """Compress keys or values x (b, h, t, d). rank=0 and outlier_ratio=0 give plain KIVI; outlier_ratio=0 is GEAR-L."""
     if x.dim() != 4:
         raise ValueError(f"expected KV states of shape (batch, kv_heads, tokens, head_dim), got {tuple(x.shape)}")
-    dim = _kind_dim(kind)
+    dim = kind_dim(kind)
     S, inliers = (None, x) if check_ratio(outlier_ratio) == 0 else split_outliers(x, outlier_ratio, dim)
     D = quantize_groups(inliers, bits, group_size, dim, backend)
     L = None
@@ -440,7 +360,7 @@ class KVConfig:
         check_ratio(self.outlier_ratio)
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
-        _check_group(self.residual_length, self.group_size, "residual_length (keys are grouped along tokens, so the "
+        check_group(self.residual_length, self.group_size, "residual_length (keys are grouped along tokens, so the "
                      "fp16 buffer must hold whole groups)")
         for name, low in (("rank", 0), ("rank_decode", 0), ("iters", 1)):
             v = getattr(self, name)
@@ -495,7 +415,7 @@ class CompressedLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
         if self.config.method != "fp16":  # the fp16 cache groups nothing
-            _check_group(d, self.config.group_size, "head_dim (values are grouped along channels)")
+            check_group(d, self.config.group_size, "head_dim (values are grouped along channels)")
         self.keys = key_states.new_zeros((b, h, 0, d), dtype=STORE)  # the fp16 streaming buffer
         self.values = value_states.new_zeros((b, h, 0, d), dtype=STORE)
         self.is_initialized = True
@@ -527,7 +447,7 @@ class CompressedLayer(DynamicLayer):
         return self.cumulative_length + query_length, 0
 
     def nbytes(self) -> dict[str, int]:
-        parts = {"fp16 buffer": _nbytes(self.keys) + _nbytes(self.values)} if self.is_initialized else {}
+        parts = {"fp16 buffer": tensor_nbytes(self.keys) + tensor_nbytes(self.values)} if self.is_initialized else {}
         for blk in self.key_blocks + self.value_blocks:
             for name, b in blk.nbytes().items():
                 parts[name] = parts.get(name, 0) + b
@@ -567,7 +487,7 @@ def make_cache(model, config: KVConfig | None = None) -> Cache:
     check_model_supported(model)
     n_layers, _, head_dim = _attention_dims(model.config)
     if config.method != "fp16":  # the fp16 cache groups nothing
-        _check_group(head_dim, config.group_size, "head_dim (values are grouped along channels)")
+        check_group(head_dim, config.group_size, "head_dim (values are grouped along channels)")
     return Cache(layers=[CompressedLayer(config) for _ in range(n_layers)])
 
 
@@ -599,7 +519,7 @@ def _deep_nbytes(obj) -> int:
         if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor:
             names, _ = obj.__tensor_flatten__()
             return sum(_deep_nbytes(getattr(obj, n)) for n in names)
-        return _nbytes(obj)
+        return tensor_nbytes(obj)
     return 0
 
 

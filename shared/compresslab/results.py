@@ -51,8 +51,8 @@ def describe(model, bits: int | None = None, group_size: int | None = 64, nm: tu
     bits None: the model as stored, at its parameters' dtype (unstructured zeros are stored too: no saving).
     bits 2..8: its decoder Linears deployed at `bits` in groups of group_size (fp16 scale + a bits-bit zero per
     group), with nm=(n, m) keeping n of every m values plus 2-bit positions; everything else fp16 — the bytes a
-    deployment stores (lab 06's formula, compresslab.stack.recipe_weight_bytes)."""
-    from . import deploy, stack
+    deployment stores (lab 06's formula, compresslab.deploy.deployed_weight_bytes)."""
+    from . import deploy
     from .eval import weight_bytes
 
     if bits is None:
@@ -65,9 +65,7 @@ def describe(model, bits: int | None = None, group_size: int | None = 64, nm: tu
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int (64 on this model), got {group_size!r}")
     if nm is not None:
-        if group_size != stack.GROUP_SIZE:
-            raise ValueError(f"N:M byte counts use groups of {stack.GROUP_SIZE}; got group_size={group_size!r}")
-        nbytes = stack.recipe_weight_bytes(model, bits, nm)
+        nbytes = deploy.deployed_weight_bytes(model, bits, nm, group_size=group_size)
     else:
         nbytes = deploy.weight_bytes_at(*deploy.linear_and_other_params(model), bits, group_size)
     return {"bits": bits, "group_size": group_size, "weight_mb": round(nbytes / 1e6, 1)}

@@ -183,20 +183,8 @@ def _load_lab02(path, bits: int):
 
 
 def recipe_weight_bytes(model, bits: int = 16, nm: tuple[int, int] | None = None, extra_params: int = 0) -> float:
-    """Deployable weight bytes: decoder Linears at `bits` with group-64 fp16 scales and `bits`-bit zeros (lab 06's
-    formula), N:M keeping n of every m values plus 2 bits of position metadata per kept value (the sparse tensor
-    core format), fp16 low-rank factors, everything else (embeddings, norms) in fp16."""
-    deploy.check_bits(bits)
-    if nm is not None and not (len(nm) == 2 and 0 < nm[0] < nm[1]):
-        raise ValueError(f"nm must be (n, m) with 0 < n < m, e.g. (2, 4); got {nm!r}")
-    linear, other = deploy.linear_and_other_params(model)
-    if nm is None:
-        return deploy.weight_bytes_at(linear, other, bits, GROUP_SIZE) + 2.0 * extra_params
-    n, m = nm
-    kept = linear * n / m
-    value_bits = 16 if bits == 16 else bits
-    scales = 0 if bits == 16 else linear / GROUP_SIZE * (2 + bits / 8)
-    return kept * value_bits / 8 + kept * 2 / 8 + scales + 2.0 * other + 2.0 * extra_params
+    """Deployable weight bytes of a recipe's model: deploy.deployed_weight_bytes at the capstone's group of 64."""
+    return deploy.deployed_weight_bytes(model, bits, nm, extra_params, GROUP_SIZE)
 
 
 def recipe_card(rows: list[dict], max_ppl_increase: float = 0.25) -> list[dict]:

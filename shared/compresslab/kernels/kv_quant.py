@@ -1,5 +1,5 @@
 """Fused KIVI group quantization of the KV cache: one kernel reads a block of keys or values once and writes packed
-codes + fp16 scale and minimum; one kernel reads them back. The reference is lab 05's kvcache.quantize_groups, and
+codes + fp16 scale and minimum; one kernel reads them back. The reference is lab 05's kvformat.quantize_groups_torch, and
 the output is the same QuantizedGroups object, bit for bit (codes, scales and minima).
 
 Layout (kvcache's): x (batch, kv_heads, tokens, head_dim). Keys are grouped along tokens per channel, values along
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import check_device, interpreting
-from ..kvcache import STORE, QuantizedGroups, _check_group, _kind_dim, check_kv_bits
+from ..kvformat import DEQUANTIZERS, STORE, QuantizedGroups, check_group, check_kv_bits, kind_dim
 
 BLOCK_R = 32  # rows per program (keys: channels; values: tokens)
 
@@ -97,7 +97,7 @@ def _rows_and_strides(shape_or_tensor, dim: int, strides):
 
 def quantize_kv(x: torch.Tensor, kind: str, bits: int = 2, group_size: int = 64) -> QuantizedGroups:
     """Keys ("key", per channel) or values ("value", per token) (b, h, t, d) -> kvcache.QuantizedGroups."""
-    dim = _kind_dim(kind) % 4
+    dim = kind_dim(kind) % 4
     check_kv_bits(bits)
     if x.dim() != 4:
         raise ValueError(f"expected KV states of shape (batch, kv_heads, tokens, head_dim), got {tuple(x.shape)}")
@@ -105,7 +105,7 @@ def quantize_kv(x: torch.Tensor, kind: str, bits: int = 2, group_size: int = 64)
         raise TypeError(f"the KV states must be float16, bfloat16 or float32, got {x.dtype}")
     if interpreting() and x.dtype == torch.bfloat16:
         raise TypeError("the Triton interpreter (CPU) has no bfloat16; use float16 or float32 on CPU")
-    _check_group(x.shape[dim], group_size, "tokens of the block (keys are grouped along tokens)" if dim == 2
+    check_group(x.shape[dim], group_size, "tokens of the block (keys are grouped along tokens)" if dim == 2
                  else "head_dim (values are grouped along channels)")
     if group_size & (group_size - 1):
         raise ValueError(f"the Triton kernel needs a power-of-two group_size (tiles are powers of two), got "
@@ -142,3 +142,10 @@ def dequantize_kv(q: QuantizedGroups, dtype=torch.float32) -> torch.Tensor:
     _dequantize_kernel[grid](q.codes, q.scale, q.minimum, out, rows, h, ng, out.stride(0), out.stride(1), s_r, s_n,
                              GROUP=group, BITS=q.bits, BLOCK_R=BLOCK_R)
     return out
+
+
+def _dequantize_triton(q: QuantizedGroups, dtype=torch.float32) -> torch.Tensor:
+    return dequantize_kv(q, dtype)  # looked up at call time
+
+
+DEQUANTIZERS["triton"] = _dequantize_triton  # QuantizedGroups(backend="triton").dequantize() runs the kernel

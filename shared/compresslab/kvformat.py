@@ -1,0 +1,112 @@
+"""The KV cache's storage format, the bottom layer that the cache (kvcache), its Triton kernels (kernels.kv_quant)
+and the checkers share: KIVI group quantization, packed codes, and the checks of its arguments. Imports nothing of
+compresslab's. (lab 05)
+
+    q = quantize_groups_torch(k, bits=2, group_size=64, dim=-2)    # keys per channel: groups of 64 tokens
+    q.codes, q.scale, q.minimum; q.dequantize(); q.nbytes()         # packed 8 // bits per byte; fp16 scale and min
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+KV_BITS = (2, 4, 8)
+STORE = torch.float16  # every stored float (scales, minima, outlier values, low-rank factors, the fp buffer)
+DEQUANTIZERS: dict[str, Callable] = {}  # backend name -> fn(QuantizedGroups, dtype): kernels register themselves
+
+
+def check_kv_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in KV_BITS:
+        raise ValueError(f"KV-cache bits must be one of {KV_BITS} (packed 8 // bits codes per byte), got {bits!r}. "
+                         "16 bits is the uncompressed cache: use method='fp16'.")
+    return bits
+
+
+def check_group(n: int, group_size, what: str) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 4:
+        raise ValueError(f"group_size must be a positive multiple of 4 (codes are packed per byte), got {group_size!r}")
+    if n % group_size:
+        ok = [d for d in range(4, n + 1, 4) if n % d == 0]
+        raise ValueError(f"group_size={group_size} does not divide the {what} ({n}). Use one of {ok}.")
+    return group_size
+
+
+def kind_dim(kind: str) -> int:
+    if kind not in ("key", "value"):
+        raise ValueError(f"kind must be 'key' (quantized per channel) or 'value' (per token), got {kind!r}")
+    return -2 if kind == "key" else -1
+
+
+# ----------------------------------------------------------------------------- packed group quantization (KIVI)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., n) uint8 codes < 2^bits -> (..., n * bits / 8) bytes, code j of a byte in bits [j*b, (j+1)*b)."""
+    per = 8 // bits
+    c = codes.reshape(*codes.shape[:-1], -1, per).to(torch.int32)  # (..., n/per, per)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_codes: (..., m) bytes -> (..., m * 8 / bits) uint8 codes."""
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)  # (..., m, per)
+    return c.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+@dataclass
+class QuantizedGroups:
+    """x quantized in groups of `group_size` along `dim`; tensors laid out with that dim moved last."""
+
+    codes: torch.Tensor  # (..., n_groups, group_size * bits / 8) uint8, packed
+    scale: torch.Tensor  # (..., n_groups, 1) fp16
+    minimum: torch.Tensor  # (..., n_groups, 1) fp16
+    bits: int
+    dim: int
+    shape: tuple[int, ...]
+    backend: str = "torch"  # "triton": dequantize with the fused kernel (compresslab.kernels.kv_quant)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        if self.backend != "torch":  # a kernel registered itself for this backend (compresslab.kernels.kv_quant)
+            if self.backend not in DEQUANTIZERS:
+                raise ValueError(f"no dequantizer registered for backend {self.backend!r}: import "
+                                 "compresslab.kernels.kv_quant (backend 'triton')")
+            return DEQUANTIZERS[self.backend](self, dtype)
+        q = unpack_codes(self.codes, self.bits).float()  # (..., n_groups, group_size)
+        x = (q * self.scale.float() + self.minimum.float()).to(dtype)  # fp32 math, one rounding (as the kernel)
+        moved = list(self.shape)
+        moved.append(moved.pop(self.dim))
+        return x.reshape(moved).movedim(-1, self.dim)
+
+    def nbytes(self) -> dict[str, int]:
+        return {"codes": tensor_nbytes(self.codes),
+                "scales+minima": tensor_nbytes(self.scale) + tensor_nbytes(self.minimum)}
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor stores: numel x element size."""
+    return t.numel() * t.element_size()
+
+
+def quantize_groups_torch(x: torch.Tensor, bits: int, group_size: int, dim: int) -> QuantizedGroups:
+    """Asymmetric b-bit quantization of x in groups of `group_size` consecutive elements along `dim`, in PyTorch:
+    the reference of the fused kernel (compresslab.kernels.kv_quant). kvcache.quantize_groups picks the backend."""
+    check_kv_bits(bits)
+    if not x.is_floating_point():
+        raise TypeError(f"the KV states must be floating point, got {x.dtype}")
+    dim = dim % x.dim()
+    check_group(x.shape[dim], group_size, "tokens of the block (keys are grouped along tokens)" if dim == x.dim() - 2
+                 else f"size of dim {dim}")
+    g = x.float().movedim(dim, -1)
+    g = g.reshape(*g.shape[:-1], -1, group_size)  # (..., n_groups, group_size)
+    mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    maxq = 2**bits - 1
+    scale = ((mx - mn) / maxq).clamp_min(1e-5).to(STORE)  # stored in fp16: quantize with the stored values
+    minimum = mn.to(STORE)
+    codes = torch.round((g - minimum.float()) / scale.float()).clamp(0, maxq).to(torch.uint8)
+    return QuantizedGroups(pack_codes(codes, bits), scale, minimum, bits, dim, tuple(x.shape))
