@@ -73,7 +73,7 @@ def runs(request, tmp_path_factory) -> dict[tuple[str, str], Future]:
     import compresslab as cl
 
     selected = {item.callspec.params["source"] for item in request.session.items
-                if item.path == Path(__file__) and "source" in getattr(item, "callspec", None).params}
+                if item.path == Path(__file__) and "source" in getattr(getattr(item, "callspec", None), "params", {})}
     by_number = {s.stem[:2]: s for s in SOURCES}
     selected |= {by_number[USES[s.stem[:2]][0]] for s in selected if s.stem[:2] in USES}
 
@@ -148,10 +148,10 @@ def test_every_row_describes_the_model_it_measured(source, runs):
         assert all(r["bits"] == 4 and r["weight_mb"] < dense["weight_mb"] / 4 for r in rows if "+ 4-bit" in r["method"])
 
 
-def test_pruning_lab_compares_wanda_and_sparsegpt_on_held_out_tokens(runs):
+@pytest.mark.parametrize("source", [s for s in SOURCES if s.stem.startswith("03")], ids=lambda p: p.stem)
+def test_pruning_lab_compares_wanda_and_sparsegpt_on_held_out_tokens(source, runs):
     """Issue 24, item 8: SparseGPT was scored on the tokens it was fitted on. Both methods now fit on one half of
     the windows and are scored on the other; SparseGPT's error on its own tokens is lower than on held-out ones."""
-    source = next(s for s in SOURCES if s.stem.startswith("03"))
     text = runs[(source.stem, "solution")].result()["text"]
     found = re.findall(r"fit tokens: Wanda ([\d.]+) \| SparseGPT ([\d.]+);\s+held-out: Wanda ([\d.]+) \| "
                        r"SparseGPT ([\d.]+)", text)
@@ -160,13 +160,13 @@ def test_pruning_lab_compares_wanda_and_sparsegpt_on_held_out_tokens(runs):
         assert float(sgpt_fit) < float(sgpt_held)
 
 
-def test_deployment_lab_serves_both_checkpoints_with_vllm(runs):
+@pytest.mark.parametrize("source", [s for s in SOURCES if s.stem.startswith("06")], ids=lambda p: p.stem)
+def test_deployment_lab_serves_both_checkpoints_with_vllm(source, runs):
     """Issue 25: the deployment lab's vLLM section runs in quick mode (CI installs .venv-serve): the bf16 and W4A16
     sweeps are measured, the engine's KV capacity matches the lab's formula, and vLLM's greedy tokens on the W4A16
     compressed-tensors checkpoint equal transformers' on the same folder."""
     if not os.environ.get("COMPRESSLAB_REQUIRE_SERVE") and not (ROOT / ".venv-serve" / "bin" / "python").exists():
         pytest.skip("no .venv-serve here (make serve-env): the deployment lab skipped its vLLM section")
-    source = next(s for s in SOURCES if s.stem.startswith("06"))
     run = runs[(source.stem, "solution")].result()
     text = run["text"]
     assert "-> the same W4A16 checkpoint: True" in text, text[-3000:]
