@@ -84,8 +84,8 @@ def weight_bytes_at(linear_params: int, other_params: int, bits: int = 4, group_
 def deployed_weight_bytes(model: nn.Module, bits: int = 16, nm: tuple[int, int] | None = None,
                           extra_params: int = 0, group_size: int = 64) -> float:
     """Deployable weight bytes: decoder Linears at `bits` with fp16 scales and `bits`-bit zeros per group
-    (weight_bytes_at), N:M keeping n of every m values plus 2 bits of position metadata per kept value (the sparse tensor core format),
-    `extra_params` fp16 (e.g. low-rank factors), everything else (embeddings, norms) in fp16. (labs 03, 07)"""
+    (weight_bytes_at); N:M keeps n of every m values plus 2 bits of position metadata per kept value (the sparse
+    tensor core format); `extra_params` fp16 (e.g. low-rank factors); everything else (embeddings, norms) fp16."""
     check_bits(bits)
     if nm is not None and not (len(nm) == 2 and 0 < nm[0] < nm[1]):
         raise ValueError(f"nm must be (n, m) with 0 < n < m, e.g. (2, 4); got {nm!r}")
@@ -188,7 +188,7 @@ class Timed:
         return f"{min(runs) * 1e3:.1f}–{max(runs) * 1e3:.1f} ms"
 
 
-TIMING_REPEATS, TIMING_WARMUP = 5, 1  # every path in lab 06 and 08 is timed the same way
+TIMING_REPEATS, TIMING_WARMUP = 5, 1  # every path in lab 06 (and the capstone) is timed the same way
 
 
 def median_timed(run, repeats: int = TIMING_REPEATS, warmup: int = TIMING_WARMUP) -> Timed:

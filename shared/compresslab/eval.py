@@ -66,9 +66,10 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
         if any(len(x) < align for x in ids):
             raise ValueError(f"a prompt is shorter than align={align} tokens: use more shots (longer prompts)")
         ids = [x[len(x) % align:] for x in ids]
-    batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
     if cache_factory is not None or align is not None:
         batches = unpadded_batches([len(x) for x in ids], batch_size)
+    else:
+        batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
     outputs = [None] * len(prompts)
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(_device(model))

@@ -159,11 +159,10 @@ def serve_env(kv_cache_gib: int = 1, omp_threads_bind: str | None = None, reserv
     for key in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "TRITON_INTERPRET"):
         env.pop(key, None)
     env.update(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
     if device == "cuda":  # the GPU's KV space is a share of its memory (--gpu-memory-utilization), not these
-        env.setdefault("HF_HUB_OFFLINE", "1")
         return env
     env.update(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib))
-    env.setdefault("HF_HUB_OFFLINE", "1")
     if omp_threads_bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
     if reserved_cpus is not None:
