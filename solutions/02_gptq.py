@@ -54,7 +54,7 @@ SEED = 0
 GROUP_SIZE = 64  # 64 divides 576 and 1536; 128 does not divide 576
 CALIB_SAMPLES = None  # None: from the device tier (32 on CPU, 128 on GPU, 8 in quick mode)
 EXPORT_DIR = "gptq-export"  # where the 4-bit checkpoint is written
-CT_EXPORT_DIR = "w4a16-ct"  # full mode: the static-groups model in the compressed-tensors format (lab 06 serves it)
+CT_EXPORT_DIR = "w4a16-ct"  # full mode: the static-groups model in the compressed-tensors format (lab 07 serves it)
 TUNE_STEPS = 60  # section 6 (full mode): steps of 4 x 256 tokens tuning the fp16 scales and norms after GPTQ
 
 # %% [markdown]
@@ -436,7 +436,7 @@ cl.results.table(lab="02", model=MODEL, quick=env.quick)
 # * **tuned scales and norms**: GPTQ fits each layer to its own inputs and never looks at the model's output. After
 #   it, freeze every integer code and zero point, and train what the checkpoint stores in floating point anyway — the
 #   fp16 group scales (as gains on GPTQ's values, EfficientQAT's end-to-end step-size training) and the RMSNorm
-#   weights (Norm-Tweaking) — by distillation from the FP model: KL(teacher ‖ quantized) per token at T = 1, lab 04's
+#   weights (Norm-Tweaking) — by distillation from the FP model: KL(teacher ‖ quantized) per token at T = 1, lab 05's
 #   `kd_loss` with alpha = 0, on WikiText-2 *valid* windows (`compresslab.scale_tuning`). Same bits, same format:
 #   section 8's exporter writes the tuned scales like any others.
 #
@@ -535,11 +535,11 @@ print(f"right only with WikiText calibration {test['a_only']}, only with GSM8K {
 #
 # What this repository proves is narrower: the checkpoint round-trips through the package's own readers — below,
 # `cl.checkpoint.load_gptq`, which shares no code with the writer, and the Triton W4A16 kernel's `load_quantized`
-# (tested in Triton's interpreter, run on a GPU in lab 06) — and no test loads it with an engine. It is also the
+# (tested in Triton's interpreter, run on a GPU in lab 07) — and no test loads it with an engine. It is also the
 # least portable variant: asymmetric, with act-order, and `in_features` 576. GPTQModel refuses an asymmetric v1
 # checkpoint that GPTQModel did not produce; vLLM's Marlin kernels want symmetric weights and `in_features`
 # divisible by 128, which 576 is not (the hub models' hidden sizes 896, 1536 and 2048 are); TensorRT-LLM does not
-# read `quant_method: gptq` at all (lab 06, section 7). For an engine, quantize a hub model with `sym=True` and load
+# read `quant_method: gptq` at all (lab 07, section 7). For an engine, quantize a hub model with `sym=True` and load
 # the result in that engine before you trust it.
 #
 # We export the 4-bit act-order model, reload it with the independent reader, and check the reloaded model is the
@@ -564,8 +564,8 @@ print(f"in memory ppl {ppl_mem:.4f} | reloaded from disk {ppl_disk:.4f} | larges
 # `in_features`), `weight_scale`, `weight_zero_point` (packed along `out_features`) and `weight_shape`. It cannot
 # express act-order with *dynamic* groups (a `g_idx` per column): its act-order is static groups only
 # (`actorder: "weight"`). So in full mode we export the "act-order, static groups" model of section 5. The tests load
-# this format back with transformers + compressed-tensors (logits equal to the in-memory model) and lab 06 serves it
-# with vLLM's CPU build; in quick mode lab 06 serves an RTN model in the same format instead.
+# this format back with transformers + compressed-tensors (logits equal to the in-memory model) and lab 07 serves it
+# with vLLM's CPU build; in quick mode lab 07 serves an RTN model in the same format instead.
 
 # %%
 if "q4_static" in globals():

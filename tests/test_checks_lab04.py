@@ -1,646 +1,561 @@
-"""The lab 04 (knowledge distillation) checkers: the solution passes, a skipped exercise is "not done", and wrong
-answers fail.
+"""The lab 04 (pruning) checkers: the solution passes, a skipped exercise is "not done", and wrong answers fail.
 
-Same structure as tests/test_checks_lab03.py. Every wrong implementation below was run against the checker's cases and
+Same structure as tests/test_checks_lab02.py. Every wrong implementation below was run against the checker's cases and
 is really wrong there (the checker must reject it); every correct alternative is really right (it must pass).
 No model is loaded: the checkers only run small fixed tensors.
 """
 
 import math
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
-from compresslab import checks
+from compresslab import checks, gptq, pruning
 
 ROOT = Path(__file__).resolve().parents[1]
-LAB = ROOT / "solutions" / "04_knowledge_distillation.py"
+LAB = ROOT / "solutions" / "04_wanda_pruning.py"
 
-SOFTMAX_T = "Exercise 1 · softmax_T"
-SOFT_LOSS = "Exercise 2 · soft_loss"
-REVERSE_KL = "Exercise 3 · reverse_kl"
-KD_LOSS = "Exercise 4 · kd_loss"
+ACT_NORM = "Exercise 1 · accumulate_act_norm"
+WANDA = "Exercise 2 · wanda_mask"
+NM = "Exercise 3 · nm_mask"
+SPARSEGPT = "Exercise 4 · sparsegpt_step"
 
-# one torch thread for the module (tiny tensors); every test starts and ends with an empty exercise table
+# one torch thread for the module (tiny matrices); every test starts and ends with an empty exercise table
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
 
 
 # ----------------------------------------------------------------------------- the lab's solutions (copied)
-# Bodies copied from solutions/04_knowledge_distillation.py (### BEGIN / END SOLUTION);
-# test_good_copies_match_the_lab_solutions keeps them in sync. good_kd_loss calls good_soft_loss where the lab calls
-# soft_loss: the comparison renames good_<name> to <name>.
+# Bodies copied from solutions/04_wanda_pruning.py (### BEGIN / END SOLUTION); test_good_copies_match_the_lab_solutions
+# keeps them in sync.
 
 
-def good_softmax_T(logits: torch.Tensor, T: float) -> torch.Tensor:
-    """logits (..., V) -> probabilities (..., V) at temperature T."""
-    return torch.softmax(logits / T, dim=-1)
+def good_accumulate_act_norm(sq: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Running mean over tokens of x_j^2. sq (in,), n tokens so far, x (..., in) -> (sq_new, n_new)."""
+    x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+    b = x.shape[0]
+    sq = sq * (n / (n + b)) + (x**2).sum(0) / (n + b)
+    return sq, n + b
 
 
-def good_soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T)). Logits (..., V) -> scalar."""
-    log_q = torch.log_softmax(student_logits / T, dim=-1)
-    log_p = torch.log_softmax(teacher_logits / T, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (...,) one KL per position
-    return T**2 * kl.mean()
+def good_wanda_mask(W: torch.Tensor, act_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """W (out, in), act_norm (in,) -> bool keep-mask (out, in): per row, prune the lowest int(sparsity * in) scores."""
+    score = W.abs() * act_norm[None, :]  # (out, in)
+    k = int(sparsity * W.shape[1])
+    keep = torch.ones_like(W, dtype=torch.bool)
+    keep.scatter_(1, score.argsort(dim=1)[:, :k], False)  # the k lowest of each row
+    return keep
 
 
-def good_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """T^2 * mean over positions of KL(softmax(student / T) || softmax(teacher / T))."""
-    log_q = torch.log_softmax(student_logits / T, dim=-1)
-    log_p = torch.log_softmax(teacher_logits / T, dim=-1)
-    return T**2 * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+def good_nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """score (out, in) -> bool keep-mask: the n largest of every m consecutive inputs of each row."""
+    out_f, in_f = score.shape
+    groups = score.reshape(out_f, in_f // m, m)  # (out, in/m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return keep.reshape(out_f, in_f)
 
 
-def good_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, T: float,
-                 alpha: float) -> torch.Tensor:
-    """alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T), over labels != -100 only."""
-    keep = labels != -100  # (...) the counted positions
-    s, t = student_logits[keep], teacher_logits[keep]  # (n, V)
-    ce = F.cross_entropy(s, labels[keep])
-    return alpha * ce + (1 - alpha) * good_soft_loss(s, t, T)
+def good_sparsegpt_step(W1: torch.Tensor, Hinv1: torch.Tensor, i: int, keep: torch.Tensor):
+    """Prune column i of W1 (out, B) where keep (out,) is False; OBS update of columns i.. -> (W1, q, err)."""
+    q = W1[:, i] * keep
+    err = (W1[:, i] - q) / Hinv1[i, i]
+    W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
+    return W1, q, err
 
 
 GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
-    checks.check_softmax_T: (SOFTMAX_T, good_softmax_T, "softmax_T"),
-    checks.check_soft_loss: (SOFT_LOSS, good_soft_loss, "soft_loss"),
-    checks.check_reverse_kl: (REVERSE_KL, good_reverse_kl, "reverse_kl"),
-    checks.check_kd_loss: (KD_LOSS, good_kd_loss, "kd_loss"),
+    checks.check_accumulate_act_norm: (ACT_NORM, good_accumulate_act_norm, "accumulate_act_norm"),
+    checks.check_wanda_mask: (WANDA, good_wanda_mask, "wanda_mask"),
+    checks.check_nm_mask: (NM, good_nm_mask, "nm_mask"),
+    checks.check_sparsegpt_step: (SPARSEGPT, good_sparsegpt_step, "sparsegpt_step"),
 }
-
-
-def _log_probs(student_logits, teacher_logits, T):
-    """(log_q, log_p): the student's and the teacher's log-probabilities at T, stably."""
-    return torch.log_softmax(student_logits / T, dim=-1), torch.log_softmax(teacher_logits / T, dim=-1)
-
-
-def _forward_kl(log_p, log_q):  # (...,) KL(p || q) per position
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 1
 
 
-def st_no_temperature(logits, T):  # the plain softmax: T is ignored
-    return torch.softmax(logits, dim=-1)
+def an_sum(sq, n, x):  # a running sum of x^2, never divided by the token count
+    x = x.reshape(-1, x.shape[-1]).float()
+    return sq + (x**2).sum(0), n + x.shape[0]
 
 
-def st_multiplies(logits, T):  # logits * T: T > 1 sharpens instead of flattening
-    return torch.softmax(logits * T, dim=-1)
+def an_not_reweighted(sq, n, x):  # the old mean is added as is: forgets to re-weight it by n / (n + b)
+    x = x.reshape(-1, x.shape[-1]).float()
+    b = x.shape[0]
+    return sq + (x**2).sum(0) / (n + b), n + b
 
 
-def st_T_squared(logits, T):  # logits / T**2 (the T^2 of the loss, misplaced)
-    return torch.softmax(logits / T**2, dim=-1)
+def an_abs(sq, n, x):  # the running mean of |x_j|, not of x_j^2
+    x = x.reshape(-1, x.shape[-1]).float()
+    b = x.shape[0]
+    return sq * (n / (n + b)) + x.abs().sum(0) / (n + b), n + b
 
 
-def st_dim0(logits, T):  # normalised over the rows (positions), not over the vocabulary
-    return torch.softmax(logits / T, dim=0)
+def an_counts_sequences(sq, n, x):  # b = x.shape[0] BEFORE the reshape: the number of sequences, not of tokens
+    b = x.shape[0]
+    x = x.reshape(-1, x.shape[-1]).float()
+    return sq * (n / (n + b)) + (x**2).sum(0) / (n + b), n + b
 
 
-def st_dim1(logits, T):  # dim=1 is the vocabulary only for 2-D logits: (batch, seq, V) is normalised over seq
-    return torch.softmax(logits / T, dim=1)
+def an_counts_sequences_mean(sq, n, x):  # the batch's per-token mean is right, but it weighs (and counts) sequences
+    b = x.shape[0]
+    batch_mean = (x.reshape(-1, x.shape[-1]).float() ** 2).mean(0)
+    return sq * (n / (n + b)) + batch_mean * (b / (n + b)), n + b
 
 
-def st_naive_exp(logits, T):  # exp(z / T) / sum: exp(1000) is inf in float32, inf / inf is NaN
-    e = torch.exp(logits / T)
-    return e / e.sum(-1, keepdim=True)
+def an_returns_old_n(sq, n, x):  # the right mean, but the token count is not advanced
+    sq_new, _ = good_accumulate_act_norm(sq, n, x)
+    return sq_new, n
 
 
-def st_log_softmax(logits, T):  # log-probabilities, not probabilities
-    return torch.log_softmax(logits / T, dim=-1)
+def an_returns_the_norm(sq, n, x):  # sqrt of the running mean (ActNorm.norm()), not the mean of squares itself
+    sq_new, n_new = good_accumulate_act_norm(sq, n, x)
+    return sq_new.sqrt(), n_new
 
 
-def st_softmax_then_divide(logits, T):  # softmax(z) / T: the temperature applied after normalising
-    return torch.softmax(logits, dim=-1) / T
+def an_no_reshape(sq, n, x):  # (x ** 2).sum(0) of a (batch, seq, in) input is (seq, in): the shape is wrong
+    b = x.shape[0]
+    return sq * (n / (n + b)) + (x**2).sum(0) / (n + b), n + b
 
 
-def st_one_sum_for_all(logits, T):  # e.sum() without dim: one normaliser for the whole tensor, rows do not sum to 1
-    z = logits / T
-    e = torch.exp(z - z.amax(-1, keepdim=True))
-    return e / e.sum()
-
-
-def st_max_before_dividing(logits, T):  # the max is subtracted from z, not z / T: overflows again once T < 1
-    e = torch.exp(logits / T - logits.amax(-1, keepdim=True))
-    return e / e.sum(-1, keepdim=True)
-
-
-def sl_flattens_3d_only(student_logits, teacher_logits, T):  # assumes (B, S, V): breaks on the lab's (n, V) calls
-    B, S, V = student_logits.shape
-    return good_soft_loss(student_logits.view(B * S, V), teacher_logits.view(B * S, V), T)
-
-
-def sl_no_grad(student_logits, teacher_logits, T):  # the right number, but nothing to backpropagate
-    with torch.no_grad():
-        return good_soft_loss(student_logits, teacher_logits, T)
-
-
-def rk_detached_student(student_logits, teacher_logits, T):
-    return good_reverse_kl(student_logits.detach(), teacher_logits, T)
-
-
-WRONG_SOFTMAX_T = [
-    (st_max_before_dividing, "T = 0.5 (overflow once divided by T)"),  # (wrong function, a fragment of the failure message it must produce, or None)
-    (st_no_temperature, "T = 2 (divide the logits by T: flatter)"),
-    (st_multiplies, "T = 2"),
-    (st_T_squared, "T = 2"),
-    (st_dim0, "T = 1 (the plain softmax)"),
-    (st_dim1, "(2, 3, 5) logits: softmax over the LAST dim"),  # right for 2-D logits
-    (st_naive_exp, "NaN or inf"),
-    (st_log_softmax, None),
-    (st_softmax_then_divide, "T = 2"),
-    (st_one_sum_for_all, None),
+WRONG_ACT_NORM = [  # (wrong function, a fragment of the failure message it must produce, or None)
+    (an_sum, None),
+    (an_not_reweighted, "a later batch"),
+    (an_abs, None),
+    (an_counts_sequences, None),
+    (an_counts_sequences_mean, "output[1]"),
+    (an_returns_old_n, "output[1]"),
+    (an_returns_the_norm, None),
+    (an_no_reshape, "shape"),
 ]
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 2
 
 
-def sl_no_T_squared(student_logits, teacher_logits, T):  # the KL at T without the T^2 factor
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return _forward_kl(log_p, log_q).mean()
+def _prune_lowest_per_row(score, k):
+    keep = torch.ones_like(score, dtype=torch.bool)
+    keep.scatter_(1, score.argsort(dim=1)[:, :k], False)
+    return keep
 
 
-def sl_times_T(student_logits, teacher_logits, T):  # T * KL: the gradient still shrinks as 1/T
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T * _forward_kl(log_p, log_q).mean()
+def wm_layer_threshold(W, act_norm, sparsity):  # one threshold for the whole layer: quiet rows lose everything
+    return pruning.layer_mask(W.abs() * act_norm[None, :], sparsity)
 
 
-def sl_divides_by_T_squared(student_logits, teacher_logits, T):  # KL / T^2: undoes the wrong way
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return _forward_kl(log_p, log_q).mean() / T**2
+def wm_magnitude_only(W, act_norm, sparsity):  # |W| per row: the activation norms are ignored
+    return _prune_lowest_per_row(W.abs(), int(sparsity * W.shape[1]))
 
 
-def sl_reverse(student_logits, teacher_logits, T):  # KL(q || p): weighted by the student
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T**2 * _forward_kl(log_q, log_p).mean()
+def wm_act_norm_squared(W, act_norm, sparsity):  # |W| * act_norm^2 (the mean of squares, not its sqrt)
+    return _prune_lowest_per_row(W.abs() * act_norm[None, :] ** 2, int(sparsity * W.shape[1]))
 
 
-def sl_sum_over_positions(student_logits, teacher_logits, T):  # summed over positions: grows with batch and length
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T**2 * _forward_kl(log_p, log_q).sum()
+def wm_no_abs(W, act_norm, sparsity):  # W * act_norm: every negative weight looks unimportant
+    return _prune_lowest_per_row(W * act_norm[None, :], int(sparsity * W.shape[1]))
 
 
-def sl_mean_over_everything(student_logits, teacher_logits, T):  # mean of the (…, V) terms: also divides by V
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T**2 * (log_p.exp() * (log_p - log_q)).mean()
+def wm_prunes_largest(W, act_norm, sparsity):  # argsort descending: the most important weights are removed
+    score = W.abs() * act_norm[None, :]
+    keep = torch.ones_like(W, dtype=torch.bool)
+    keep.scatter_(1, score.argsort(dim=1, descending=True)[:, : int(sparsity * W.shape[1])], False)
+    return keep
 
 
-def sl_kl_div_mean(student_logits, teacher_logits, T):  # F.kl_div's reduction="mean" averages over V too
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    with warnings.catch_warnings():  # torch warns about exactly this mistake
-        warnings.simplefilter("ignore", UserWarning)
-        return T**2 * F.kl_div(log_q, log_p.exp(), reduction="mean")
+def wm_per_column(W, act_norm, sparsity):  # the comparison group is an input column (dim=0), not an output row
+    score = W.abs() * act_norm[None, :]
+    keep = torch.ones_like(W, dtype=torch.bool)
+    keep.scatter_(0, score.argsort(dim=0)[: int(sparsity * W.shape[0])], False)
+    return keep
 
 
-def sl_kl_div_batchmean_3d(student_logits, teacher_logits, T):  # "batchmean" on (batch, seq, V) divides by batch only
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T**2 * F.kl_div(log_q, log_p.exp(), reduction="batchmean")
+def wm_float_mask(W, act_norm, sparsity):  # a float 0/1 mask: W * mask works, but the mask must be bool
+    return good_wanda_mask(W, act_norm, sparsity).float()
 
 
-def sl_kl_div_swapped(student_logits, teacher_logits, T):  # teacher log-probs as kl_div's input: KL(q || p)
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    V = log_q.shape[-1]
-    return T**2 * F.kl_div(log_p.reshape(-1, V), log_q.exp().reshape(-1, V), reduction="batchmean")
+def wm_int_mask(W, act_norm, sparsity):  # a 0/1 integer mask: W * mask works, pruning.apply_mask refuses it
+    return good_wanda_mask(W, act_norm, sparsity).long()
 
 
-def sl_kl_div_without_log_target(student_logits, teacher_logits, T):  # log_p as target, but log_target=False
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    V = log_q.shape[-1]
-    return T**2 * F.kl_div(log_q.reshape(-1, V), log_p.reshape(-1, V), reduction="batchmean")
+def wm_pruned_mask(W, act_norm, sparsity):  # True where a weight is PRUNED: the opposite convention
+    return ~good_wanda_mask(W, act_norm, sparsity)
 
 
-def sl_student_only_tempered(student_logits, teacher_logits, T):  # the teacher stays at T = 1
-    log_q = torch.log_softmax(student_logits / T, dim=-1)
-    log_p = torch.log_softmax(teacher_logits, dim=-1)
-    return T**2 * _forward_kl(log_p, log_q).mean()
+def wm_ceil_k(W, act_norm, sparsity):  # k = ceil(sparsity * in): one weight too many wherever it is not an integer
+    return _prune_lowest_per_row(W.abs() * act_norm[None, :], math.ceil(sparsity * W.shape[1]))
 
 
-def sl_cross_entropy(student_logits, teacher_logits, T):  # H(p, q) = KL + H(p): the teacher's entropy is left in
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T**2 * -(log_p.exp() * log_q).sum(-1).mean()
-
-
-def sl_item(student_logits, teacher_logits, T):  # .item(): a Python float, nothing to backpropagate through
-    return good_soft_loss(student_logits, teacher_logits, T).item()
-
-
-WRONG_SOFT_LOSS = [
-    (sl_flattens_3d_only, "not enough values to unpack"),
-    (sl_no_grad, "no gradient"),
-    (sl_no_T_squared, "T = 2.0"),  # T = 1 (the first case) cannot tell
-    (sl_times_T, "T = 2.0"),
-    (sl_divides_by_T_squared, "T = 2.0"),
-    (sl_reverse, None),
-    (sl_sum_over_positions, None),
-    (sl_mean_over_everything, None),
-    (sl_kl_div_mean, None),
-    (sl_kl_div_batchmean_3d, "(2, 3, 9)"),  # right where seq = 1: the (3, 1, 11) case alone would not tell
-    (sl_kl_div_swapped, None),
-    (sl_kl_div_without_log_target, None),
-    (sl_student_only_tempered, "T = 2.0"),
-    (sl_cross_entropy, None),
-    (sl_item, "expected a torch.Tensor, got float"),
+WRONG_WANDA = [
+    (wm_layer_threshold, None),
+    (wm_magnitude_only, None),
+    (wm_act_norm_squared, None),
+    (wm_no_abs, None),
+    (wm_prunes_largest, None),
+    (wm_per_column, None),
+    (wm_float_mask, "expected a bool mask"),
+    (wm_int_mask, "expected a bool mask"),
+    (wm_pruned_mask, None),
+    (wm_ceil_k, None),
 ]
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 3
 
 
-def rk_forward(student_logits, teacher_logits, T):  # KL(p || q): exercise 2 again
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T**2 * _forward_kl(log_p, log_q).mean()
+def _keep_topk(groups, n, dim=-1, largest=True):
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    return keep.scatter_(dim, groups.topk(n, dim=dim, largest=largest).indices, True)
 
 
-def rk_no_T_squared(student_logits, teacher_logits, T):
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return _forward_kl(log_q, log_p).mean()
+def nm_down_columns(score, n, m):  # groups of m consecutive OUTPUTS: runs down a column, not along a row
+    out_f, in_f = score.shape
+    return _keep_topk(score.t().reshape(in_f, out_f // m, m), n).reshape(in_f, out_f).t()
 
 
-def rk_sum_over_positions(student_logits, teacher_logits, T):
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T**2 * _forward_kl(log_q, log_p).sum()
+def nm_strided_groups(score, n, m):  # reshape(out, m, in // m): each group is m columns in // m apart
+    out_f, in_f = score.shape
+    return _keep_topk(score.reshape(out_f, m, in_f // m), n, dim=1).reshape(out_f, in_f)
 
 
-def rk_teacher_weights(student_logits, teacher_logits, T):  # sum p (log q - log p): the order swapped, weights not
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)  # = -KL(p || q), negative
-    return T**2 * (log_p.exp() * (log_q - log_p)).sum(-1).mean()
+def nm_smallest(score, n, m):  # topk(largest=False): keeps the n least important of each group
+    out_f, in_f = score.shape
+    return _keep_topk(score.reshape(out_f, in_f // m, m), n, largest=False).reshape(out_f, in_f)
 
 
-def rk_kl_div_student_input(student_logits, teacher_logits, T):  # F.kl_div(log_q, p) is KL(p || q), the forward one
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    V = log_q.shape[-1]
-    return T**2 * F.kl_div(log_q.reshape(-1, V), log_p.exp().reshape(-1, V), reduction="batchmean")
+def nm_row_topk(score, n, m):  # the top n/m of each whole row: the right sparsity, but not N:M
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    return keep.scatter_(1, score.topk(score.shape[1] * n // m, dim=1).indices, True)
 
 
-def rk_kl_div_batchmean_3d(student_logits, teacher_logits, T):  # the right direction, divided by the batch size only
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T**2 * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+def nm_keeps_m_minus_n(score, n, m):  # keeps m - n (the number to prune) instead of n: the same for 2:4 and 4:8
+    out_f, in_f = score.shape
+    return _keep_topk(score.reshape(out_f, in_f // m, m), m - n).reshape(out_f, in_f)
 
 
-def rk_student_only_tempered(student_logits, teacher_logits, T):
-    log_q = torch.log_softmax(student_logits / T, dim=-1)
-    log_p = torch.log_softmax(teacher_logits, dim=-1)
-    return T**2 * _forward_kl(log_q, log_p).mean()
+def nm_float_mask(score, n, m):
+    return good_nm_mask(score, n, m).float()
 
 
-def rk_negative_entropy_missing(student_logits, teacher_logits, T):  # -sum q log p: the student's entropy left in
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T**2 * -(log_q.exp() * log_p).sum(-1).mean()
-
-
-WRONG_REVERSE_KL = [
-    (rk_detached_student, "no gradient"),
-    (rk_forward, None),
-    (rk_no_T_squared, "T = 2.0"),
-    (rk_sum_over_positions, None),
-    (rk_teacher_weights, None),
-    (rk_kl_div_student_input, None),
-    (rk_kl_div_batchmean_3d, "(2, 3, 9)"),
-    (rk_student_only_tempered, "T = 2.0"),
-    (rk_negative_entropy_missing, None),
+WRONG_NM = [
+    (nm_down_columns, None),
+    (nm_strided_groups, None),
+    (nm_smallest, None),
+    (nm_row_topk, None),
+    (nm_keeps_m_minus_n, "1:4"),  # only the 1:4 case tells m - n from n
+    (nm_float_mask, "expected a bool mask"),
 ]
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 4
 
 
-def kd_kl_over_all_positions(student_logits, teacher_logits, labels, T, alpha):  # only the CE term is masked
-    keep = labels != -100
-    ce = F.cross_entropy(student_logits[keep], labels[keep])
-    return alpha * ce + (1 - alpha) * good_soft_loss(student_logits, teacher_logits, T)
+def sg_no_division(W1, Hinv1, i, keep):  # err = w - q, not divided by Hinv1[i, i]
+    q = W1[:, i] * keep
+    err = W1[:, i] - q
+    W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
+    return W1, q, err
 
 
-def kd_ignore_index_only(student_logits, teacher_logits, labels, T, alpha):  # CE's ignore_index, no mask for the KL
-    V = student_logits.shape[-1]
-    ce = F.cross_entropy(student_logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
-    return alpha * ce + (1 - alpha) * good_soft_loss(student_logits, teacher_logits, T)
+def sg_divides_twice(W1, Hinv1, i, keep):  # the update divides err by d again
+    d = Hinv1[i, i]
+    q = W1[:, i] * keep
+    err = (W1[:, i] - q) / d
+    W1[:, i:] -= torch.outer(err / d, Hinv1[i, i:])
+    return W1, q, err
 
 
-def kd_alpha_swapped(student_logits, teacher_logits, labels, T, alpha):  # alpha weights the soft term
-    keep = labels != -100
-    s, t = student_logits[keep], teacher_logits[keep]
-    return (1 - alpha) * F.cross_entropy(s, labels[keep]) + alpha * good_soft_loss(s, t, T)
+def sg_updates_all_columns(W1, Hinv1, i, keep):  # W1 -= ... with the row slice i:: (out, B) vs (out, B - i)
+    q = W1[:, i] * keep
+    err = (W1[:, i] - q) / Hinv1[i, i]
+    W1 -= torch.outer(err, Hinv1[i, i:])
+    return W1, q, err
 
 
-def kd_no_one_minus_alpha(student_logits, teacher_logits, labels, T, alpha):  # the soft term is not weighted
-    keep = labels != -100
-    s, t = student_logits[keep], teacher_logits[keep]
-    return alpha * F.cross_entropy(s, labels[keep]) + good_soft_loss(s, t, T)
+def sg_updates_all_columns_with_the_column(W1, Hinv1, i, keep):  # W1 -= outer(err, Hinv1[:, i]): earlier columns move
+    q = W1[:, i] * keep
+    err = (W1[:, i] - q) / Hinv1[i, i]
+    W1 -= torch.outer(err, Hinv1[:, i])
+    return W1, q, err
 
 
-def kd_soft_without_T_squared(student_logits, teacher_logits, labels, T, alpha):
-    keep = labels != -100
-    s, t = student_logits[keep], teacher_logits[keep]
-    return alpha * F.cross_entropy(s, labels[keep]) + (1 - alpha) * good_soft_loss(s, t, T) / T**2
+def sg_reads_the_column(W1, Hinv1, i, keep):  # Hinv1[i:, i]: the factor is upper-triangular, not symmetric
+    q = W1[:, i] * keep
+    err = (W1[:, i] - q) / Hinv1[i, i]
+    W1[:, i:] -= torch.outer(err, Hinv1[i:, i])
+    return W1, q, err
 
 
-def kd_ce_at_T(student_logits, teacher_logits, labels, T, alpha):  # the hard loss on the softened student
-    keep = labels != -100
-    s, t = student_logits[keep], teacher_logits[keep]
-    return alpha * F.cross_entropy(s / T, labels[keep]) + (1 - alpha) * good_soft_loss(s, t, T)
+def sg_prunes_the_kept(W1, Hinv1, i, keep):  # q = W1[:, i] * ~keep: zeroes the rows that should survive
+    q = W1[:, i] * ~keep
+    err = (W1[:, i] - q) / Hinv1[i, i]
+    W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
+    return W1, q, err
 
 
-def kd_kl_over_total_count(student_logits, teacher_logits, labels, T, alpha):  # masked sum / ALL positions
-    keep = labels != -100
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    soft = T**2 * (_forward_kl(log_p, log_q) * keep).sum() / keep.numel()
-    return alpha * F.cross_entropy(student_logits[keep], labels[keep]) + (1 - alpha) * soft
+def sg_no_update(W1, Hinv1, i, keep):  # plain magnitude-style pruning of the column: W1 is not touched
+    q = W1[:, i] * keep
+    return W1, q, (W1[:, i] - q) / Hinv1[i, i]
 
 
-def kd_zeroed_logits(student_logits, teacher_logits, labels, T, alpha):  # ignored positions zeroed, not dropped:
-    keep = labels != -100  # their KL is 0, but they still count in the mean
-    V = student_logits.shape[-1]
-    s, t = student_logits * keep[..., None], teacher_logits * keep[..., None]
-    ce = F.cross_entropy(s.reshape(-1, V), labels.reshape(-1))
-    return alpha * ce + (1 - alpha) * good_soft_loss(s, t, T)
+def sg_error_sign(W1, Hinv1, i, keep):  # err = (q - w) / d: pushes the error the wrong way
+    q = W1[:, i] * keep
+    err = (q - W1[:, i]) / Hinv1[i, i]
+    W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
+    return W1, q, err
 
 
-def kd_per_sequence_mean(student_logits, teacher_logits, labels, T, alpha):  # KL averaged per sequence, then over
-    keep = labels != -100  # sequences: a sequence with few counted tokens weighs as much as a full one
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    kl = _forward_kl(log_p, log_q) * keep  # (batch, seq)
-    soft = T**2 * (kl.sum(-1) / keep.sum(-1)).mean()
-    return alpha * F.cross_entropy(student_logits[keep], labels[keep]) + (1 - alpha) * soft
+def sg_skips_column_i(W1, Hinv1, i, keep):  # W1[:, i+1:] only: column i keeps w instead of q
+    q = W1[:, i] * keep
+    err = (W1[:, i] - q) / Hinv1[i, i]
+    W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
+    return W1, q, err
 
 
-def kd_reverse(student_logits, teacher_logits, labels, T, alpha):  # KL(q || p) in the soft term
-    keep = labels != -100
-    s, t = student_logits[keep], teacher_logits[keep]
-    return alpha * F.cross_entropy(s, labels[keep]) + (1 - alpha) * good_reverse_kl(s, t, T)
+def sg_err_after_the_update(W1, Hinv1, i, keep):  # w is a view of W1: after the update it holds q, so err == 0
+    w, d = W1[:, i], Hinv1[i, i]
+    q = w * keep
+    W1[:, i:] -= torch.outer((w - q) / d, Hinv1[i, i:])
+    return W1, q, (w - q) / d
 
 
-def kd_positive_labels(student_logits, teacher_logits, labels, T, alpha):  # labels > 0 also drops token id 0
-    keep = labels > 0
-    s, t = student_logits[keep], teacher_logits[keep]
-    return alpha * F.cross_entropy(s, labels[keep]) + (1 - alpha) * good_soft_loss(s, t, T)
-
-
-WRONG_KD_LOSS = [
-    (kd_kl_over_all_positions, "3 labels are -100"),
-    (kd_ignore_index_only, "3 labels are -100"),
-    (kd_alpha_swapped, "alpha = 0.3"),  # alpha = 0.5 (the first case) cannot tell
-    (kd_no_one_minus_alpha, None),
-    (kd_soft_without_T_squared, "T = 2.0"),
-    (kd_ce_at_T, "T = 2.0, alpha = 0.5"),
-    (kd_kl_over_total_count, "3 labels are -100"),
-    (kd_zeroed_logits, "3 labels are -100"),
-    (kd_per_sequence_mean, "3 labels are -100"),
-    (kd_reverse, None),
-    (kd_positive_labels, None),
+WRONG_SPARSEGPT = [
+    (sg_no_division, None),
+    (sg_divides_twice, None),
+    (sg_updates_all_columns, "raised RuntimeError"),  # right for i = 0 only
+    (sg_updates_all_columns_with_the_column, None),
+    (sg_reads_the_column, None),
+    (sg_prunes_the_kept, None),
+    (sg_no_update, "output[0]"),
+    (sg_error_sign, None),
+    (sg_skips_column_i, "output[0]"),
+    (sg_err_after_the_update, "output[2]"),
 ]
 
-WRONG = [(checks.check_softmax_T, SOFTMAX_T, fn, msg) for fn, msg in WRONG_SOFTMAX_T]
-WRONG += [(checks.check_soft_loss, SOFT_LOSS, fn, msg) for fn, msg in WRONG_SOFT_LOSS]
-WRONG += [(checks.check_reverse_kl, REVERSE_KL, fn, msg) for fn, msg in WRONG_REVERSE_KL]
-WRONG += [(checks.check_kd_loss, KD_LOSS, fn, msg) for fn, msg in WRONG_KD_LOSS]
+WRONG = [(checks.check_accumulate_act_norm, ACT_NORM, fn, msg) for fn, msg in WRONG_ACT_NORM]
+WRONG += [(checks.check_wanda_mask, WANDA, fn, msg) for fn, msg in WRONG_WANDA]
+WRONG += [(checks.check_nm_mask, NM, fn, msg) for fn, msg in WRONG_NM]
+WRONG += [(checks.check_sparsegpt_step, SPARSEGPT, fn, msg) for fn, msg in WRONG_SPARSEGPT]
 
 
 # ----------------------------------------------------------------------------- correct alternatives
 
 
-def alt_softmax_exp_minus_max(logits, T):  # exp(z/T - max) normalised: the max subtracted per row, after dividing
-    z = logits / T
-    e = torch.exp(z - z.amax(dim=-1, keepdim=True))
-    return e / e.sum(dim=-1, keepdim=True)
+def alt_act_norm_weighted_sum(sq, n, x):  # (n sq + sum x^2) / (n + b), flatten, no float() call
+    x = x.flatten(0, -2) if x.dim() > 2 else x
+    b = len(x)
+    return (n * sq + x.pow(2).sum(0)) / (n + b), n + b
 
 
-def alt_softmax_exp_log_softmax(logits, T):  # exp of the stable log-softmax
-    return torch.log_softmax(logits.div(T), dim=logits.dim() - 1).exp()
+def alt_act_norm_lerp(sq, n, x):  # move the old mean towards the batch mean by b / (n + b)
+    x = x.reshape(-1, x.shape[-1])
+    b = x.shape[0]
+    return torch.lerp(sq, (x * x).mean(0), b / (n + b)), n + b
 
 
-def alt_softmax_logsumexp(logits, T):  # exp(z/T - logsumexp(z/T)), shifted by the max first
-    z = logits / float(T)
-    z = z - z.amax(dim=-1, keepdim=True)
-    return torch.exp(z - torch.logsumexp(z, dim=-1, keepdim=True))
+def alt_wanda_topk(W, act_norm, sparsity):  # keep the in - k largest of each row
+    score = W.abs() * act_norm
+    k = int(sparsity * W.shape[1])
+    keep = torch.zeros(W.shape, dtype=torch.bool)
+    keep.scatter_(1, score.topk(W.shape[1] - k, dim=1).indices, True)
+    return keep
 
 
-def alt_softmax_logsumexp_unshifted(logits, T):
-    """Without the shift, z - logsumexp(z) near 1000 rounds to float32's spacing there (6e-5): off by ~3e-5. Correct
-    and stable; the checker's tolerance (1e-4) accepts it."""
-    z = logits / float(T)
-    return torch.exp(z - torch.logsumexp(z, dim=-1, keepdim=True))
+def alt_wanda_sort_threshold(W, act_norm, sparsity):  # torch.sort, then compare with each row's k-th lowest score
+    score = W.abs() * act_norm.unsqueeze(0)
+    k = int(sparsity * W.shape[1])
+    if k == 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    thresh = torch.sort(score, dim=1).values[:, k - 1 : k]  # (out, 1)
+    return score > thresh
 
 
-def alt_soft_loss_kl_div_log_target(student_logits, teacher_logits, T):  # batchmean over the FLATTENED positions
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return F.kl_div(log_q.flatten(0, -2), log_p.flatten(0, -2), log_target=True, reduction="batchmean") * T**2
+def alt_wanda_rank(W, act_norm, sparsity):  # each weight's rank in its row; the k lowest ranks are pruned
+    rank = (W.abs() * act_norm).argsort(dim=1).argsort(dim=1)
+    return rank >= int(sparsity * W.shape[1])
 
 
-def alt_soft_loss_kl_div_sum(student_logits, teacher_logits, T):  # reduction="sum" / the number of positions
-    log_q = F.log_softmax(student_logits / T, dim=-1)
-    p = F.softmax(teacher_logits / T, dim=-1)
-    n = student_logits.numel() // student_logits.shape[-1]
-    return T * T * F.kl_div(log_q, p, reduction="sum") / n
+def alt_nm_loop(score, n, m):  # one group at a time
+    keep = torch.zeros(score.shape, dtype=torch.bool)
+    for r in range(score.shape[0]):
+        for c in range(0, score.shape[1], m):
+            best = torch.argsort(score[r, c : c + m], descending=True)[:n]
+            keep[r, c + best] = True
+    return keep
 
 
-def alt_soft_loss_ce_minus_entropy(student_logits, teacher_logits, T):  # KL = H(p, q) - H(p)
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    p = log_p.exp()
-    return T**2 * ((-(p * log_q).sum(-1)) - (-(p * log_p).sum(-1))).mean()
+def alt_nm_unfold_rank(score, n, m):  # rank inside each group via a double argsort; the top n ranks survive
+    groups = score.unflatten(1, (-1, m))  # (out, in/m, m)
+    rank = groups.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return (rank < n).flatten(1)
 
 
-def alt_soft_loss_distributions(student_logits, teacher_logits, T):  # torch.distributions' Categorical KL
-    from torch.distributions import Categorical, kl_divergence
-
-    p, q = Categorical(logits=teacher_logits / T), Categorical(logits=student_logits / T)
-    return T**2 * kl_divergence(p, q).mean()
-
-
-def alt_reverse_kl_kl_div(student_logits, teacher_logits, T):  # kl_div(input=log p, target=log q): KL(q || p)
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    return T**2 * F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1).mean()
+def alt_nm_threshold(score, n, m):  # >= the n-th largest value of each group
+    groups = score.view(score.shape[0], -1, m)
+    nth = groups.topk(n, dim=-1).values[..., -1:]
+    return (groups >= nth).view_as(score)
 
 
-def alt_reverse_kl_swap_soft_loss(student_logits, teacher_logits, T):  # exercise 2 with the roles exchanged
-    return good_soft_loss(teacher_logits, student_logits, T)
+def alt_sparsegpt_clone_matmul(W1, Hinv1, i, keep):  # a new W1 via (out, 1) @ (1, B - i); q via torch.where
+    W1 = W1.clone()
+    w = W1[:, i].clone()
+    q = torch.where(keep, w, torch.zeros_like(w))
+    err = (w - q) / Hinv1[i, i]
+    W1[:, i:] = W1[:, i:] - err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+    return W1, q, err
 
 
-def alt_reverse_kl_flattened(student_logits, teacher_logits, T):
-    V = student_logits.shape[-1]
-    q = torch.softmax(student_logits.reshape(-1, V) / T, dim=-1)
-    log_q, log_p = _log_probs(student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), T)
-    return (q * (log_q - log_p)).sum() / q.shape[0] * T**2
+def alt_sparsegpt_whole_row(W1, Hinv1, i, keep):
+    """W1 -= outer(err, Hinv1[i]) over ALL columns is right: Hinv1 is upper-triangular, so Hinv1[i, :i] == 0."""
+    q = W1[:, i] * keep
+    err = (W1[:, i] - q) / Hinv1[i, i]
+    W1 -= torch.outer(err, Hinv1[i])
+    return W1, q, err
 
 
-def alt_kd_ignore_index_masked_mean(student_logits, teacher_logits, labels, T, alpha):
-    """CE with F.cross_entropy's ignore_index on the flattened logits, plus the KL averaged over the kept positions."""
-    V = student_logits.shape[-1]
-    ce = F.cross_entropy(student_logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
-    keep = (labels != -100).float()
-    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
-    soft = T**2 * (_forward_kl(log_p, log_q) * keep).sum() / keep.sum()
-    return alpha * ce + (1 - alpha) * soft
-
-
-def alt_kd_flatten_then_index(student_logits, teacher_logits, labels, T, alpha):  # flatten first, select kept rows
-    V = student_logits.shape[-1]
-    s, t, y = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), labels.reshape(-1)
-    idx = (y != -100).nonzero().squeeze(1)
-    s, t, y = s[idx], t[idx], y[idx]
-    return alpha * F.cross_entropy(s, y) + (1 - alpha) * alt_soft_loss_kl_div_log_target(s, t, T)
-
-
-def alt_kd_per_token_nll(student_logits, teacher_logits, labels, T, alpha):  # CE as the mean NLL of the gathered labels
-    keep = labels.ne(-100)
-    s, t, y = student_logits[keep], teacher_logits[keep], labels[keep]
-    nll = -torch.log_softmax(s, dim=-1).gather(-1, y[:, None]).squeeze(1)
-    return alpha * nll.mean() + (1 - alpha) * T**2 * _forward_kl(*reversed(_log_probs(s, t, T))).mean()
+def alt_sparsegpt_propagate_error(W1, Hinv1, i, keep):  # the package's shared OBS update, as the lab suggests
+    q = W1[:, i] * keep.float()
+    err = gptq.propagate_error(W1, Hinv1, i, q)
+    return W1, q, err
 
 
 CORRECT_ALTERNATIVES = [
-    (checks.check_softmax_T, SOFTMAX_T, alt_softmax_exp_minus_max),
-    (checks.check_softmax_T, SOFTMAX_T, alt_softmax_exp_log_softmax),
-    (checks.check_softmax_T, SOFTMAX_T, alt_softmax_logsumexp),
-    (checks.check_softmax_T, SOFTMAX_T, alt_softmax_logsumexp_unshifted),
-    (checks.check_soft_loss, SOFT_LOSS, alt_soft_loss_kl_div_log_target),
-    (checks.check_soft_loss, SOFT_LOSS, alt_soft_loss_kl_div_sum),
-    (checks.check_soft_loss, SOFT_LOSS, alt_soft_loss_ce_minus_entropy),
-    (checks.check_soft_loss, SOFT_LOSS, alt_soft_loss_distributions),
-    (checks.check_reverse_kl, REVERSE_KL, alt_reverse_kl_kl_div),
-    (checks.check_reverse_kl, REVERSE_KL, alt_reverse_kl_swap_soft_loss),
-    (checks.check_reverse_kl, REVERSE_KL, alt_reverse_kl_flattened),
-    (checks.check_kd_loss, KD_LOSS, alt_kd_ignore_index_masked_mean),
-    (checks.check_kd_loss, KD_LOSS, alt_kd_flatten_then_index),
-    (checks.check_kd_loss, KD_LOSS, alt_kd_per_token_nll),
+    (checks.check_accumulate_act_norm, ACT_NORM, alt_act_norm_weighted_sum),
+    (checks.check_accumulate_act_norm, ACT_NORM, alt_act_norm_lerp),
+    (checks.check_wanda_mask, WANDA, alt_wanda_topk),
+    (checks.check_wanda_mask, WANDA, alt_wanda_sort_threshold),
+    (checks.check_wanda_mask, WANDA, alt_wanda_rank),
+    (checks.check_nm_mask, NM, alt_nm_loop),
+    (checks.check_nm_mask, NM, alt_nm_unfold_rank),
+    (checks.check_nm_mask, NM, alt_nm_threshold),
+    (checks.check_sparsegpt_step, SPARSEGPT, alt_sparsegpt_clone_matmul),
+    (checks.check_sparsegpt_step, SPARSEGPT, alt_sparsegpt_whole_row),
+    (checks.check_sparsegpt_step, SPARSEGPT, alt_sparsegpt_propagate_error),
 ]
 
 
 # ----------------------------------------------------------------------------- not done
 
 
-def _softmax_rows(z: list[float], T: float) -> list[float]:
-    m = max(z)
-    e = [math.exp((v - m) / T) for v in z]
-    return [v / sum(e) for v in e]
-
-
-def _kl(p: list[float], q: list[float]) -> float:
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q))
-
-
 def _sample_calls():
-    """checker -> (args of one sample call, an independent computation, in plain Python, of what the reference must
-    return)."""
+    """checker -> (args of one sample call, an independent computation of what the reference must return)."""
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(2, 3, 5, generator=g) * 3
-    probs = torch.tensor([[_softmax_rows(row, 2.0) for row in seq] for seq in z.tolist()])
-    s, t = torch.randn(2, 3, 6, generator=g) * 2, torch.randn(2, 3, 6, generator=g) * 2
-    rows = [(sr, tr) for sb, tb in zip(s.tolist(), t.tolist()) for sr, tr in zip(sb, tb)]  # 6 positions
-    fwd = 4 * sum(_kl(_softmax_rows(tr, 2.0), _softmax_rows(sr, 2.0)) for sr, tr in rows) / len(rows)
-    rev = 4 * sum(_kl(_softmax_rows(sr, 2.0), _softmax_rows(tr, 2.0)) for sr, tr in rows) / len(rows)
-    labels = torch.tensor([[1, -100, 4], [-100, 0, 5]])
-    kept = [(sr, tr, y) for (sr, tr), y in zip(rows, labels.flatten().tolist()) if y != -100]
-    ce = sum(-math.log(_softmax_rows(sr, 1.0)[y]) for sr, _, y in kept) / len(kept)
-    soft = 4 * sum(_kl(_softmax_rows(tr, 2.0), _softmax_rows(sr, 2.0)) for sr, tr, _ in kept) / len(kept)
+    x = torch.randn(3, 5, 16, generator=g)
+    xf = x.reshape(-1, 16)
+    W = torch.randn(6, 16, generator=g)
+    act = torch.rand(16, generator=g) + 0.1
+    keep_w = torch.ones(6, 16, dtype=torch.bool)
+    for r in range(6):  # the 8 lowest |W| * act of each row, one row at a time
+        keep_w[r, sorted(range(16), key=lambda j: (W[r, j].abs() * act[j]).item())[:8]] = False
+    score = torch.rand(4, 16, generator=g)
+    keep_nm = torch.zeros(4, 16, dtype=torch.bool)
+    for r in range(4):
+        for c in range(0, 16, 4):
+            group = score[r, c : c + 4].tolist()
+            for j in sorted(range(4), key=lambda j: -group[j])[:2]:
+                keep_nm[r, c + j] = True
+    W1 = torch.randn(6, 16, generator=g)
+    U = checks._hinv_upper(16, 2)
+    keep = torch.tensor([True, False, True, True, False, False])
+    w = W1[:, 3]
+    q = torch.where(keep, w, torch.zeros(()))
+    err = (w - q) / U[3, 3]
+    W_upd = W1.clone()
+    W_upd[:, 3:] -= err[:, None] * U[3, 3:][None, :]
     return {
-        checks.check_softmax_T: ((z, 2.0), probs),
-        checks.check_soft_loss: ((s, t, 2.0), torch.tensor(fwd)),
-        checks.check_reverse_kl: ((s, t, 2.0), torch.tensor(rev)),
-        checks.check_kd_loss: ((s, t, labels, 2.0, 0.25), torch.tensor(0.25 * ce + 0.75 * soft)),
+        checks.check_accumulate_act_norm: ((torch.zeros(16), 0, x), ((xf**2).mean(0), 15)),
+        checks.check_wanda_mask: ((W, act, 0.5), keep_w),
+        checks.check_nm_mask: ((score, 2, 4), keep_nm),
+        checks.check_sparsegpt_step: ((W1, U, 3, keep), (W_upd, q, err)),
     }
 
 
-def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
-    """The lab calls softmax_T on one (V,) position with an int T, soft_loss and reverse_kl on 2-D logits (the toy fit's
-    (1, 200), kd_loss's (n, V)) and backpropagates through them: the references handed back must allow all of it."""
+def test_not_done_sparsegpt_reference_leaves_the_callers_block_alone(capsys):
+    """The reference handed back for exercise 4 returns the updated block; the caller's block is not touched."""
     def todo(*args):
         raise NotImplementedError
 
-    softmax_T, soft_loss, reverse_kl = (c(todo) for c in (checks.check_softmax_T, checks.check_soft_loss,
-                                                          checks.check_reverse_kl))
+    ref = checks.check_sparsegpt_step(todo)
     capsys.readouterr()
-    z = torch.randn(7, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(softmax_T(z, 4), torch.softmax(z / 4, dim=-1))
-    (s, t, T), _ = _sample_calls()[checks.check_soft_loss]
-    for ref, good in ((soft_loss, good_soft_loss), (reverse_kl, good_reverse_kl)):
-        flat = s.reshape(-1, s.shape[-1]).clone().requires_grad_(True)
-        loss = ref(flat, t.reshape(-1, t.shape[-1]), T)
-        torch.testing.assert_close(loss, good(s, t, T))  # (n, V) gives the same mean as (batch, seq, V)
-        loss.backward()
-        assert flat.grad is not None and flat.grad.abs().sum() > 0
+    (W1, U, i, keep), (W_upd, _, _) = _sample_calls()[checks.check_sparsegpt_step]
+    before = W1.clone()
+    W_new, q, _ = ref(W1, U, i, keep)
+    torch.testing.assert_close(W_new, W_upd)
+    assert torch.equal(W_new[:, i], q)  # column i becomes q: the pruned rows are exactly 0
+    assert torch.equal(W_new[~keep, i], torch.zeros(int((~keep).sum())))
+    assert torch.equal(W1, before)
 
 
 # ----------------------------------------------------------------------------- failed
 
 
 def test_returning_none_is_a_failure(capsys):
-    def forgot_return(student_logits, teacher_logits, T):
-        good_soft_loss(student_logits, teacher_logits, T)
+    def forgot_return(W, act_norm, sparsity):
+        good_wanda_mask(W, act_norm, sparsity)
 
-    assert_failed(checks.check_soft_loss, SOFT_LOSS, forgot_return, capsys, "expected a torch.Tensor, got NoneType")
-
-
-def test_naive_softmax_overflows_near_1000():
-    """Why st_naive_exp is wrong: exp(1000) is inf in float32, and inf / inf is NaN; the stable softmax is fine."""
-    z = torch.tensor([[1000.0, 999.0, 990.0]])
-    assert torch.isnan(st_naive_exp(z, 1.0)).any()
-    torch.testing.assert_close(good_softmax_T(z, 1.0), good_softmax_T(z - 1000, 1.0))
+    assert_failed(checks.check_wanda_mask, WANDA, forgot_return, capsys, "expected a torch.Tensor, got NoneType")
 
 
-def test_batchmean_divides_3d_logits_by_the_batch_only():
-    """Why sl_kl_div_batchmean_3d is wrong: on (batch, seq, V) it is seq times the per-position mean."""
-    g = torch.Generator().manual_seed(2)
-    s, t = torch.randn(2, 3, 9, generator=g), torch.randn(2, 3, 9, generator=g)
-    torch.testing.assert_close(sl_kl_div_batchmean_3d(s, t, 2.0), 3 * good_soft_loss(s, t, 2.0))
-    torch.testing.assert_close(alt_soft_loss_kl_div_log_target(s, t, 2.0), good_soft_loss(s, t, 2.0))
+def test_ceil_k_is_really_wrong():
+    """Why wm_ceil_k is wrong: where sparsity * in is not an integer, ceil prunes one weight more per row."""
+    g = torch.Generator().manual_seed(0)
+    W, act = torch.randn(4, 10, generator=g), torch.rand(10, generator=g) + 0.1
+    assert int(0.25 * 10) == 2 and math.ceil(0.25 * 10) == 3
+    assert int((~wm_ceil_k(W, act, 0.25)).sum()) == 4 * 3
+    assert int((~good_wanda_mask(W, act, 0.25)).sum()) == 4 * 2
 
 
-def test_a_swapped_alpha_needs_alpha_other_than_one_half():
-    """kd_alpha_swapped agrees with the solution at alpha = 0.5 (the first case): only the alpha = 0.3 case tells."""
-    g = torch.Generator().manual_seed(3)
-    s, t = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
-    labels = torch.randint(0, 8, (2, 5), generator=g)
-    labels[0, 1] = -100
-    torch.testing.assert_close(kd_alpha_swapped(s, t, labels, 2.0, 0.5), good_kd_loss(s, t, labels, 2.0, 0.5))
-    assert not torch.allclose(kd_alpha_swapped(s, t, labels, 2.0, 0.3), good_kd_loss(s, t, labels, 2.0, 0.3))
+def test_layer_threshold_empties_quiet_rows():
+    """The case the per-row checker is built on: one threshold per layer prunes the quiet rows far beyond sparsity."""
+    W, act = checks._row_scores(8, 16, 1)
+    pruned = ~wm_layer_threshold(W, act, 0.5)
+    quiet, loud = pruned[4:].float().mean(), pruned[:4].float().mean()
+    assert quiet > 0.5 > loud
 
 
 # ----------------------------------------------------------------------------- inputs are cloned per call
 
 
-def mut_softmax_T(logits, T):
-    out = good_softmax_T(logits, T)
-    logits.zero_()
+def mut_act_norm(sq, n, x):
+    out = good_accumulate_act_norm(sq, n, x)
+    sq.mul_(0), x.mul_(0)
     return out
 
 
-def mut_soft_loss(student_logits, teacher_logits, T):
-    out = good_soft_loss(student_logits, teacher_logits, T)
-    student_logits.zero_(), teacher_logits.mul_(-1)
+def mut_wanda(W, act_norm, sparsity):
+    out = good_wanda_mask(W, act_norm, sparsity)
+    W.zero_(), act_norm.zero_()
     return out
 
 
-def mut_reverse_kl(student_logits, teacher_logits, T):
-    out = good_reverse_kl(student_logits, teacher_logits, T)
-    student_logits.mul_(-1), teacher_logits.zero_()
+def mut_nm(score, n, m):
+    out = good_nm_mask(score, n, m)
+    score.zero_()
     return out
 
 
-def mut_kd_loss(student_logits, teacher_logits, labels, T, alpha):
-    out = good_kd_loss(student_logits, teacher_logits, labels, T, alpha)
-    student_logits.zero_(), teacher_logits.zero_(), labels.fill_(-100)
+def mut_sparsegpt(W1, Hinv1, i, keep):  # the lab's solution updates W1 in place: this is expected
+    out = good_sparsegpt_step(W1, Hinv1, i, keep)
+    Hinv1.mul_(2), keep.zero_()
     return out
 
 
-MUTATING = [(checks.check_softmax_T, SOFTMAX_T, mut_softmax_T), (checks.check_soft_loss, SOFT_LOSS, mut_soft_loss),
-            (checks.check_reverse_kl, REVERSE_KL, mut_reverse_kl), (checks.check_kd_loss, KD_LOSS, mut_kd_loss)]
+MUTATING = [(checks.check_accumulate_act_norm, ACT_NORM, mut_act_norm), (checks.check_wanda_mask, WANDA, mut_wanda),
+            (checks.check_nm_mask, NM, mut_nm), (checks.check_sparsegpt_step, SPARSEGPT, mut_sparsegpt)]
 
 
-def test_summary_of_the_lab04_exercises(capsys):
-    checks.check_softmax_T(good_softmax_T)
-    checks.check_soft_loss(sl_kl_div_batchmean_3d)
+def test_summary_of_the_lab03_exercises(capsys):
+    checks.check_accumulate_act_norm(good_accumulate_act_norm)
+    checks.check_wanda_mask(wm_layer_threshold)
+    checks.check_nm_mask(good_nm_mask)
 
-    def todo(student_logits, teacher_logits, T):
+    def todo(W1, Hinv1, i, keep):
         raise NotImplementedError
 
-    checks.check_reverse_kl(todo)
-    checks.check_kd_loss(good_kd_loss)
+    checks.check_sparsegpt_step(todo)
     result, lines = summary_lines(capsys)
-    assert result == {SOFTMAX_T: "passed", SOFT_LOSS: "failed", REVERSE_KL: "not done", KD_LOSS: "passed"}
+    assert result == {ACT_NORM: "passed", WANDA: "failed", NM: "passed", SPARSEGPT: "not done"}
     assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
 
 
@@ -652,5 +567,4 @@ class TestEveryChecker(CheckerSuite):
 
     TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
                                                                    MUTATING)
-    NAMESPACE = {"F": F}  # the lab imports torch.nn.functional as F
     sample_calls = staticmethod(_sample_calls)

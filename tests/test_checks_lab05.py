@@ -1,9 +1,9 @@
-"""The lab 05 (KV cache: KIVI and GEAR) checkers: the solution passes, a skipped exercise is "not done", and wrong
+"""The lab 05 (knowledge distillation) checkers: the solution passes, a skipped exercise is "not done", and wrong
 answers fail.
 
 Same structure as tests/test_checks_lab04.py. Every wrong implementation below was run against the checker's cases and
 is really wrong there (the checker must reject it); every correct alternative is really right (it must pass).
-No model is loaded: the checkers only run small fixed tensors (and exercise 4 plain integers).
+No model is loaded: the checkers only run small fixed tensors.
 """
 
 import math
@@ -12,736 +12,635 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
 from compresslab import checks
-from compresslab import kvcache as kv
 
 ROOT = Path(__file__).resolve().parents[1]
-LAB = ROOT / "solutions" / "05_gear_kv_cache.py"
+LAB = ROOT / "solutions" / "05_knowledge_distillation.py"
 
-QUANTIZE_KEYS = "Exercise 1 · quantize_keys_per_channel"
-OUTLIER_MASK = "Exercise 2 · outlier_mask"
-LOWRANK = "Exercise 3 · lowrank_residual"
-GEAR_NBYTES = "Exercise 4 · gear_nbytes"
+SOFTMAX_T = "Exercise 1 · softmax_T"
+SOFT_LOSS = "Exercise 2 · soft_loss"
+REVERSE_KL = "Exercise 3 · reverse_kl"
+KD_LOSS = "Exercise 4 · kd_loss"
 
 # one torch thread for the module (tiny tensors); every test starts and ends with an empty exercise table
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
 
 
 # ----------------------------------------------------------------------------- the lab's solutions (copied)
-# Bodies copied from solutions/05_gear_kv_cache.py (### BEGIN / END SOLUTION);
-# test_good_copies_match_the_lab_solutions keeps them in sync. good_outlier_mask uses kv.outliers_per_side as the lab
-# does (the lab imports compresslab.kvcache as kv, and so does this file).
+# Bodies copied from solutions/05_knowledge_distillation.py (### BEGIN / END SOLUTION);
+# test_good_copies_match_the_lab_solutions keeps them in sync. good_kd_loss calls good_soft_loss where the lab calls
+# soft_loss: the comparison renames good_<name> to <name>.
 
 
-def good_quantize_keys_per_channel(k: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """k (b, h, t, d), t divisible by group_size -> k quantized in groups along tokens, dequantized (b, h, t, d)."""
-    b, h, t, d = k.shape
-    g = k.reshape(b, h, t // group_size, group_size, d)  # (b, h, n_groups, group_size, d): a group = tokens
-    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
-    q = torch.round((g - mn) / scale).clamp(0, 2**bits - 1)
-    return (q * scale + mn).reshape(b, h, t, d)
+def good_softmax_T(logits: torch.Tensor, T: float) -> torch.Tensor:
+    """logits (..., V) -> probabilities (..., V) at temperature T."""
+    return torch.softmax(logits / T, dim=-1)
 
 
-def good_outlier_mask(x: torch.Tensor, ratio: float, dim: int) -> torch.Tensor:
-    """x (...) -> bool mask (...) of the k largest and k smallest entries of each vector along dim."""
-    n = x.shape[dim]  # entries per vector
-    k = kv.outliers_per_side(n, ratio)
-    mask = torch.zeros_like(x, dtype=torch.bool)
-    if k:
-        mask.scatter_(dim, x.topk(k, dim=dim).indices, True)
-        mask.scatter_(dim, x.topk(k, dim=dim, largest=False).indices, True)
-    return mask
+def good_soft_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """T^2 * mean over positions of KL(softmax(teacher / T) || softmax(student / T)). Logits (..., V) -> scalar."""
+    log_q = torch.log_softmax(student_logits / T, dim=-1)
+    log_p = torch.log_softmax(teacher_logits / T, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (...,) one KL per position
+    return T**2 * kl.mean()
 
 
-def good_lowrank_residual(R: torch.Tensor, Q0: torch.Tensor, iters: int) -> torch.Tensor:
-    """R (..., n, d), Q0 (d, r) -> rank-r approximation (..., n, d) after `iters` rounds of power iteration."""
-    Q = Q0
-    for _ in range(iters):
-        P = torch.linalg.qr(R @ Q).Q  # (..., n, r) orthonormal columns
-        Q = R.mT @ P  # (..., d, r)
-    return P @ Q.mT
+def good_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """T^2 * mean over positions of KL(softmax(student / T) || softmax(teacher / T))."""
+    log_q = torch.log_softmax(student_logits / T, dim=-1)
+    log_p = torch.log_softmax(teacher_logits / T, dim=-1)
+    return T**2 * (log_q.exp() * (log_q - log_p)).sum(-1).mean()
 
 
-def good_gear_nbytes(tokens: int, head_dim: int, bits: int, group_size: int, rank: int, n_outliers: int,
-                     index_bytes: int) -> int:
-    """Bytes of one head's GEAR block of tokens x head_dim."""
-    codes = tokens * head_dim * bits // 8
-    scales = 2 * 2 * (tokens * head_dim // group_size)  # fp16 scale + fp16 minimum per group
-    sparse = n_outliers * (2 + index_bytes)
-    lowrank = 2 * rank * (tokens + head_dim)  # P (tokens x rank) and Q (head_dim x rank)
-    return codes + scales + sparse + lowrank
+def good_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, T: float,
+                 alpha: float) -> torch.Tensor:
+    """alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T), over labels != -100 only."""
+    keep = labels != -100  # (...) the counted positions
+    s, t = student_logits[keep], teacher_logits[keep]  # (n, V)
+    ce = F.cross_entropy(s, labels[keep])
+    return alpha * ce + (1 - alpha) * good_soft_loss(s, t, T)
 
 
 GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
-    checks.check_quantize_keys: (QUANTIZE_KEYS, good_quantize_keys_per_channel, "quantize_keys_per_channel"),
-    checks.check_outlier_mask: (OUTLIER_MASK, good_outlier_mask, "outlier_mask"),
-    checks.check_lowrank: (LOWRANK, good_lowrank_residual, "lowrank_residual"),
-    checks.check_gear_nbytes: (GEAR_NBYTES, good_gear_nbytes, "gear_nbytes"),
+    checks.check_softmax_T: (SOFTMAX_T, good_softmax_T, "softmax_T"),
+    checks.check_soft_loss: (SOFT_LOSS, good_soft_loss, "soft_loss"),
+    checks.check_reverse_kl: (REVERSE_KL, good_reverse_kl, "reverse_kl"),
+    checks.check_kd_loss: (KD_LOSS, good_kd_loss, "kd_loss"),
 }
-TENSOR_CHECKERS = [checks.check_quantize_keys, checks.check_outlier_mask, checks.check_lowrank]  # gear_nbytes: ints
 
 
-def _token_groups(k, group_size):
-    """(b, h, t, d) -> (b, h, t // group_size, group_size, d): a group is group_size consecutive tokens of a channel."""
-    b, h, t, d = k.shape
-    return k.reshape(b, h, t // group_size, group_size, d)
+def _log_probs(student_logits, teacher_logits, T):
+    """(log_q, log_p): the student's and the teacher's log-probabilities at T, stably."""
+    return torch.log_softmax(student_logits / T, dim=-1), torch.log_softmax(teacher_logits / T, dim=-1)
+
+
+def _forward_kl(log_p, log_q):  # (...,) KL(p || q) per position
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 1
 
 
-def qk_channel_groups(k, bits, group_size):  # groups of group_size CHANNELS of one token (the value layout): with
-    b, h, t, d = k.shape  # head_dim 8 < group_size 64 the reshape itself fails
-    g = k.reshape(b, h, t, d // group_size, group_size)
-    mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
-    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(b, h, t, d)
+def st_no_temperature(logits, T):  # the plain softmax: T is ignored
+    return torch.softmax(logits, dim=-1)
 
 
-def qk_minmax_over_channels(k, bits, group_size):  # token groups, but min/max over the channels (dim 4): per token
-    g = _token_groups(k, group_size)
-    mn, mx = g.amin(4, keepdim=True), g.amax(4, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
-    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(k.shape)
+def st_multiplies(logits, T):  # logits * T: T > 1 sharpens instead of flattening
+    return torch.softmax(logits * T, dim=-1)
 
 
-def qk_symmetric(k, bits, group_size):  # absmax, zero at 0: wastes levels on the offset case, not asymmetric
-    g = _token_groups(k, group_size)
-    qmax = 2 ** (bits - 1) - 1
-    scale = (g.abs().amax(3, keepdim=True) / qmax).clamp_min(1e-8)
-    return (torch.round(g / scale).clamp(-qmax - 1, qmax) * scale).reshape(k.shape)
+def st_T_squared(logits, T):  # logits / T**2 (the T^2 of the loss, misplaced)
+    return torch.softmax(logits / T**2, dim=-1)
 
 
-def qk_2_pow_bits_levels(k, bits, group_size):  # (max - min) / 2^b: the maximum lands on 2^b and is clamped
-    g = _token_groups(k, group_size)
-    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
-    scale = ((mx - mn) / 2**bits).clamp_min(1e-8)
-    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(k.shape)
+def st_dim0(logits, T):  # normalised over the rows (positions), not over the vocabulary
+    return torch.softmax(logits / T, dim=0)
 
 
-def qk_floor(k, bits, group_size):  # truncates instead of rounding to the nearest level
-    g = _token_groups(k, group_size)
-    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
-    return (torch.floor((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(k.shape)
+def st_dim1(logits, T):  # dim=1 is the vocabulary only for 2-D logits: (batch, seq, V) is normalised over seq
+    return torch.softmax(logits / T, dim=1)
 
 
-def qk_one_group(k, bits, group_size):  # group_size ignored: one range over all the tokens of a channel
-    mn, mx = k.amin(2, keepdim=True), k.amax(2, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
-    return torch.round((k - mn) / scale).clamp(0, 2**bits - 1) * scale + mn
+def st_naive_exp(logits, T):  # exp(z / T) / sum: exp(1000) is inf in float32, inf / inf is NaN
+    e = torch.exp(logits / T)
+    return e / e.sum(-1, keepdim=True)
 
 
-def qk_integer_zero_point(k, bits, group_size):  # GPTQ-style zero = round(-min / scale): the minimum is not exact
-    g = _token_groups(k, group_size)
-    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
-    zero = torch.round(-mn / scale)
-    q = (torch.round(g / scale) + zero).clamp(0, 2**bits - 1)
-    return ((q - zero) * scale).reshape(k.shape)
+def st_log_softmax(logits, T):  # log-probabilities, not probabilities
+    return torch.log_softmax(logits / T, dim=-1)
 
 
-def qk_forgets_minimum(k, bits, group_size):  # dequantizes as q * scale: the zero point is dropped
-    g = _token_groups(k, group_size)
-    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
-    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale).reshape(k.shape)
+def st_softmax_then_divide(logits, T):  # softmax(z) / T: the temperature applied after normalising
+    return torch.softmax(logits, dim=-1) / T
 
 
-def qk_returns_codes(k, bits, group_size):  # the integer codes, not dequantized
-    g = _token_groups(k, group_size)
-    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
-    return torch.round((g - mn) / scale).clamp(0, 2**bits - 1).reshape(k.shape)
+def st_one_sum_for_all(logits, T):  # e.sum() without dim: one normaliser for the whole tensor, rows do not sum to 1
+    z = logits / T
+    e = torch.exp(z - z.amax(-1, keepdim=True))
+    return e / e.sum()
 
 
-def qk_groups_not_contiguous(k, bits, group_size):  # reshape (b, h, g, t // g, d): groups of STRIDED tokens
-    b, h, t, d = k.shape  # (token i goes to group i % (t // g)), not runs of consecutive tokens
-    g = k.reshape(b, h, group_size, t // group_size, d)
-    mn, mx = g.amin(2, keepdim=True), g.amax(2, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
-    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(b, h, t, d)
+def st_max_before_dividing(logits, T):  # the max is subtracted from z, not z / T: overflows again once T < 1
+    e = torch.exp(logits / T - logits.amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
 
 
-WRONG_QUANTIZE_KEYS = [
-    (qk_channel_groups, "raised RuntimeError"),  # (wrong function, a fragment of the failure message it must produce, or None)
-    (qk_minmax_over_channels, "channel 3 an outlier channel"),
-    (qk_symmetric, None),
-    (qk_2_pow_bits_levels, None),
-    (qk_floor, None),
-    (qk_one_group, "groups of 64 tokens"),  # right on the one-group case (8 bits, 64 of 64 tokens)
-    (qk_integer_zero_point, None),
-    (qk_forgets_minimum, None),
-    (qk_returns_codes, None),
-    (qk_groups_not_contiguous, None),
+def sl_flattens_3d_only(student_logits, teacher_logits, T):  # assumes (B, S, V): breaks on the lab's (n, V) calls
+    B, S, V = student_logits.shape
+    return good_soft_loss(student_logits.view(B * S, V), teacher_logits.view(B * S, V), T)
+
+
+def sl_no_grad(student_logits, teacher_logits, T):  # the right number, but nothing to backpropagate
+    with torch.no_grad():
+        return good_soft_loss(student_logits, teacher_logits, T)
+
+
+def rk_detached_student(student_logits, teacher_logits, T):
+    return good_reverse_kl(student_logits.detach(), teacher_logits, T)
+
+
+WRONG_SOFTMAX_T = [
+    (st_max_before_dividing, "T = 0.5 (overflow once divided by T)"),  # (wrong function, a fragment of the failure message it must produce, or None)
+    (st_no_temperature, "T = 2 (divide the logits by T: flatter)"),
+    (st_multiplies, "T = 2"),
+    (st_T_squared, "T = 2"),
+    (st_dim0, "T = 1 (the plain softmax)"),
+    (st_dim1, "(2, 3, 5) logits: softmax over the LAST dim"),  # right for 2-D logits
+    (st_naive_exp, "NaN or inf"),
+    (st_log_softmax, None),
+    (st_softmax_then_divide, "T = 2"),
+    (st_one_sum_for_all, None),
 ]
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 2
 
 
-def _scatter(x, dim, *indices):
-    mask = torch.zeros_like(x, dtype=torch.bool)
-    for idx in indices:
-        mask.scatter_(dim, idx, True)
-    return mask
+def sl_no_T_squared(student_logits, teacher_logits, T):  # the KL at T without the T^2 factor
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return _forward_kl(log_p, log_q).mean()
 
 
-def om_largest_abs(x, ratio, dim):  # the 2k largest |x|: misses the bottom tail of a skewed (all positive) vector
-    n = x.shape[dim]  # entries per vector
-    k = kv.outliers_per_side(n, ratio)
-    return _scatter(x, dim, *([x.abs().topk(2 * k, dim=dim).indices] if k else []))
+def sl_times_T(student_logits, teacher_logits, T):  # T * KL: the gradient still shrinks as 1/T
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T * _forward_kl(log_p, log_q).mean()
 
 
-def om_ratio_per_side(x, ratio, dim):  # ratio on each side: twice the outliers
-    k = kv.outliers_per_side(x.shape[dim], 2 * ratio)
-    return _scatter(x, dim, *([x.topk(k, dim=dim).indices, x.topk(k, dim=dim, largest=False).indices] if k else []))
+def sl_divides_by_T_squared(student_logits, teacher_logits, T):  # KL / T^2: undoes the wrong way
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return _forward_kl(log_p, log_q).mean() / T**2
 
 
-def om_last_dim(x, ratio, dim):  # dim ignored: always along the last dim (right for values, wrong for keys)
-    k = kv.outliers_per_side(x.shape[-1], ratio)
-    return _scatter(x, -1, *([x.topk(k).indices, x.topk(k, largest=False).indices] if k else []))
+def sl_reverse(student_logits, teacher_logits, T):  # KL(q || p): weighted by the student
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T**2 * _forward_kl(log_q, log_p).mean()
 
 
-def om_k_from_last_dim(x, ratio, dim):  # topk along dim, but k counted from the last dim's length
-    k = kv.outliers_per_side(x.shape[-1], ratio)
-    return _scatter(x, dim, *([x.topk(k, dim=dim).indices, x.topk(k, dim=dim, largest=False).indices] if k else []))
+def sl_sum_over_positions(student_logits, teacher_logits, T):  # summed over positions: grows with batch and length
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T**2 * _forward_kl(log_p, log_q).sum()
 
 
-def om_largest_only(x, ratio, dim):  # the k largest, no bottom tail
-    n = x.shape[dim]  # entries per vector
-    k = kv.outliers_per_side(n, ratio)
-    return _scatter(x, dim, *([x.topk(k, dim=dim).indices] if k else []))
+def sl_mean_over_everything(student_logits, teacher_logits, T):  # mean of the (…, V) terms: also divides by V
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T**2 * (log_p.exp() * (log_p - log_q)).mean()
 
 
-def om_int_k(x, ratio, dim):  # k = int(ratio * n / 2): no minimum of 1, so 10 % of 16 entries gives no outlier
-    k = int(ratio * x.shape[dim] / 2)
-    return _scatter(x, dim, *([x.topk(k, dim=dim).indices, x.topk(k, dim=dim, largest=False).indices] if k else []))
+def sl_kl_div_mean(student_logits, teacher_logits, T):  # F.kl_div's reduction="mean" averages over V too
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    with warnings.catch_warnings():  # torch warns about exactly this mistake
+        warnings.simplefilter("ignore", UserWarning)
+        return T**2 * F.kl_div(log_q, log_p.exp(), reduction="mean")
 
 
-def om_float_mask(x, ratio, dim):  # 1.0 / 0.0 instead of a bool mask
-    return good_outlier_mask(x, ratio, dim).float()
+def sl_kl_div_batchmean_3d(student_logits, teacher_logits, T):  # "batchmean" on (batch, seq, V) divides by batch only
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T**2 * F.kl_div(log_q, log_p.exp(), reduction="batchmean")
 
 
-def om_quantile(x, ratio, dim):  # thresholds at the ratio/2 quantiles: interpolated, so not exactly k per side
-    hi = x.quantile(1 - ratio / 2, dim=dim, keepdim=True)
-    lo = x.quantile(ratio / 2, dim=dim, keepdim=True)
-    return (x >= hi) | (x <= lo)
+def sl_kl_div_swapped(student_logits, teacher_logits, T):  # teacher log-probs as kl_div's input: KL(q || p)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    V = log_q.shape[-1]
+    return T**2 * F.kl_div(log_p.reshape(-1, V), log_q.exp().reshape(-1, V), reduction="batchmean")
 
 
-def om_floor_min1(x, ratio, dim):  # rounds ratio * n / 2 down (with a minimum of 1): 1.92 -> 1 instead of 2
-    k = 0 if ratio == 0 else max(1, int(ratio * x.shape[dim] / 2))
-    mask = torch.zeros_like(x, dtype=torch.bool)
-    if k:
-        mask.scatter_(dim, x.topk(k, dim=dim).indices, True)
-        mask.scatter_(dim, x.topk(k, dim=dim, largest=False).indices, True)
-    return mask
+def sl_kl_div_without_log_target(student_logits, teacher_logits, T):  # log_p as target, but log_target=False
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    V = log_q.shape[-1]
+    return T**2 * F.kl_div(log_q.reshape(-1, V), log_p.reshape(-1, V), reduction="batchmean")
 
 
-WRONG_OUTLIER_MASK = [
-    (om_largest_abs, None),  # Gaussian vectors already tell; the skewed case is built for it
-    (om_ratio_per_side, None),
-    (om_last_dim, "dim=-2, along tokens"),
-    (om_k_from_last_dim, "dim=-2, along tokens"),
-    (om_largest_only, None),
-    (om_int_k, "skewed positive values"),  # the only case where int(ratio * n / 2) is 0 (n = 16, 10 %)
-    (om_float_mask, "expected a bool mask"),
-    (om_quantile, None),
-    (om_floor_min1, "1.92 per side rounds to 2"),
+def sl_student_only_tempered(student_logits, teacher_logits, T):  # the teacher stays at T = 1
+    log_q = torch.log_softmax(student_logits / T, dim=-1)
+    log_p = torch.log_softmax(teacher_logits, dim=-1)
+    return T**2 * _forward_kl(log_p, log_q).mean()
+
+
+def sl_cross_entropy(student_logits, teacher_logits, T):  # H(p, q) = KL + H(p): the teacher's entropy is left in
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T**2 * -(log_p.exp() * log_q).sum(-1).mean()
+
+
+def sl_item(student_logits, teacher_logits, T):  # .item(): a Python float, nothing to backpropagate through
+    return good_soft_loss(student_logits, teacher_logits, T).item()
+
+
+WRONG_SOFT_LOSS = [
+    (sl_flattens_3d_only, "not enough values to unpack"),
+    (sl_no_grad, "no gradient"),
+    (sl_no_T_squared, "T = 2.0"),  # T = 1 (the first case) cannot tell
+    (sl_times_T, "T = 2.0"),
+    (sl_divides_by_T_squared, "T = 2.0"),
+    (sl_reverse, None),
+    (sl_sum_over_positions, None),
+    (sl_mean_over_everything, None),
+    (sl_kl_div_mean, None),
+    (sl_kl_div_batchmean_3d, "(2, 3, 9)"),  # right where seq = 1: the (3, 1, 11) case alone would not tell
+    (sl_kl_div_swapped, None),
+    (sl_kl_div_without_log_target, None),
+    (sl_student_only_tempered, "T = 2.0"),
+    (sl_cross_entropy, None),
+    (sl_item, "expected a torch.Tensor, got float"),
 ]
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 3
 
 
-def lr_one_round_fewer(R, Q0, iters):  # iters - 1 rounds (and none at all for iters = 1: P is never set)
-    Q = Q0
-    for _ in range(iters - 1):
-        P = torch.linalg.qr(R @ Q).Q
-        Q = R.mT @ P
-    return P @ Q.mT
+def rk_forward(student_logits, teacher_logits, T):  # KL(p || q): exercise 2 again
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T**2 * _forward_kl(log_p, log_q).mean()
 
 
-def lr_one_round_more(R, Q0, iters):
-    Q = Q0
-    for _ in range(iters + 1):
-        P = torch.linalg.qr(R @ Q).Q
-        Q = R.mT @ P
-    return P @ Q.mT
+def rk_no_T_squared(student_logits, teacher_logits, T):
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return _forward_kl(log_q, log_p).mean()
 
 
-def lr_no_qr(R, Q0, iters):  # P = R @ Q, not orthonormalised: P @ Q^T is no projection and grows with every round
-    Q = Q0
-    for _ in range(iters):
-        P = R @ Q
-        Q = R.mT @ P
-    return P @ Q.mT
+def rk_sum_over_positions(student_logits, teacher_logits, T):
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T**2 * _forward_kl(log_q, log_p).sum()
 
 
-def lr_first_round_projection(R, Q0, iters):  # P from the first round only, projected: iters is ignored
-    P = torch.linalg.qr(R @ Q0).Q
-    return P @ P.mT @ R
+def rk_teacher_weights(student_logits, teacher_logits, T):  # sum p (log q - log p): the order swapped, weights not
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)  # = -KL(p || q), negative
+    return T**2 * (log_p.exp() * (log_q - log_p)).sum(-1).mean()
 
 
-def lr_Q_from_R_not_RT(R, Q0, iters):  # Q = R @ P: (n, d) @ (n, r) does not multiply
-    Q = Q0
-    for _ in range(iters):
-        P = torch.linalg.qr(R @ Q).Q
-        Q = R @ P
-    return P @ Q.mT
+def rk_kl_div_student_input(student_logits, teacher_logits, T):  # F.kl_div(log_q, p) is KL(p || q), the forward one
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    V = log_q.shape[-1]
+    return T**2 * F.kl_div(log_q.reshape(-1, V), log_p.exp().reshape(-1, V), reduction="batchmean")
 
 
-def lr_dot_T(R, Q0, iters):  # .T reverses ALL the dims of a batched R: right for 2-D, fails on (2, 3, 64, 16)
-    Q = Q0
-    with warnings.catch_warnings():  # torch warns that .T on a tensor that is not 2-D is deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(iters):
-            P = torch.linalg.qr(R @ Q).Q
-            Q = R.T @ P
-        return P @ Q.T
+def rk_kl_div_batchmean_3d(student_logits, teacher_logits, T):  # the right direction, divided by the batch size only
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T**2 * F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
 
 
-def lr_normalised_columns(R, Q0, iters):  # each column divided by its norm instead of QR: not orthogonal, so
-    Q = Q0  # P @ P^T is no projection (and the columns all drift to the top singular vector)
-    for _ in range(iters):
-        Y = R @ Q
-        P = Y / Y.norm(dim=-2, keepdim=True)
-        Q = R.mT @ P
-    return P @ Q.mT
+def rk_student_only_tempered(student_logits, teacher_logits, T):
+    log_q = torch.log_softmax(student_logits / T, dim=-1)
+    log_p = torch.log_softmax(teacher_logits, dim=-1)
+    return T**2 * _forward_kl(log_q, log_p).mean()
 
 
-def lr_own_random_start(R, Q0, iters):  # a fresh random start instead of the Q0 given
-    g = torch.Generator().manual_seed(0)
-    Q = torch.randn(Q0.shape, generator=g)
-    for _ in range(iters):
-        P = torch.linalg.qr(R @ Q).Q
-        Q = R.mT @ P
-    return P @ Q.mT
+def rk_negative_entropy_missing(student_logits, teacher_logits, T):  # -sum q log p: the student's entropy left in
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T**2 * -(log_q.exp() * log_p).sum(-1).mean()
 
 
-def lr_returns_factors(R, Q0, iters):  # (P, Q), not the approximation P @ Q^T
-    return kv.power_iteration(R, Q0, iters)
-
-
-WRONG_LOWRANK = [
-    (lr_one_round_fewer, None),
-    (lr_one_round_more, None),
-    (lr_no_qr, None),
-    (lr_first_round_projection, "rank 2, 3 rounds"),  # right for 1 round
-    (lr_Q_from_R_not_RT, "raised RuntimeError"),
-    (lr_dot_T, ": Q = R.T @ P)"),  # right on the three 2-D cases: the batched one raises, the line is shown
-    (lr_normalised_columns, None),
-    (lr_own_random_start, None),
-    (lr_returns_factors, "expected a torch.Tensor, got tuple"),
+WRONG_REVERSE_KL = [
+    (rk_detached_student, "no gradient"),
+    (rk_forward, None),
+    (rk_no_T_squared, "T = 2.0"),
+    (rk_sum_over_positions, None),
+    (rk_teacher_weights, None),
+    (rk_kl_div_student_input, None),
+    (rk_kl_div_batchmean_3d, "(2, 3, 9)"),
+    (rk_student_only_tempered, "T = 2.0"),
+    (rk_negative_entropy_missing, None),
 ]
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 4
 
 
-def gn_no_minima(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # only the fp16 scales
-    return (tokens * head_dim * bits // 8 + 2 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
-            + 2 * rank * (tokens + head_dim))
+def kd_kl_over_all_positions(student_logits, teacher_logits, labels, T, alpha):  # only the CE term is masked
+    keep = labels != -100
+    ce = F.cross_entropy(student_logits[keep], labels[keep])
+    return alpha * ce + (1 - alpha) * good_soft_loss(student_logits, teacher_logits, T)
 
 
-def gn_codes_one_byte_each(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # codes not packed
-    return (tokens * head_dim + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
-            + 2 * rank * (tokens + head_dim))
+def kd_ignore_index_only(student_logits, teacher_logits, labels, T, alpha):  # CE's ignore_index, no mask for the KL
+    V = student_logits.shape[-1]
+    ce = F.cross_entropy(student_logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+    return alpha * ce + (1 - alpha) * good_soft_loss(student_logits, teacher_logits, T)
 
 
-def gn_no_indices(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # outlier values only
-    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + 2 * n_outliers
-            + 2 * rank * (tokens + head_dim))
+def kd_alpha_swapped(student_logits, teacher_logits, labels, T, alpha):  # alpha weights the soft term
+    keep = labels != -100
+    s, t = student_logits[keep], teacher_logits[keep]
+    return (1 - alpha) * F.cross_entropy(s, labels[keep]) + alpha * good_soft_loss(s, t, T)
 
 
-def gn_one_factor(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # P only, Q forgotten
-    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
-            + 2 * rank * tokens)
+def kd_no_one_minus_alpha(student_logits, teacher_logits, labels, T, alpha):  # the soft term is not weighted
+    keep = labels != -100
+    s, t = student_logits[keep], teacher_logits[keep]
+    return alpha * F.cross_entropy(s, labels[keep]) + good_soft_loss(s, t, T)
 
 
-def gn_fp32_factors(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # 4 bytes per factor entry
-    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
-            + 4 * rank * (tokens + head_dim))
+def kd_soft_without_T_squared(student_logits, teacher_logits, labels, T, alpha):
+    keep = labels != -100
+    s, t = student_logits[keep], teacher_logits[keep]
+    return alpha * F.cross_entropy(s, labels[keep]) + (1 - alpha) * good_soft_loss(s, t, T) / T**2
 
 
-def gn_lowrank_full_size(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # rank * tokens * d
-    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
-            + rank * tokens * head_dim)
+def kd_ce_at_T(student_logits, teacher_logits, labels, T, alpha):  # the hard loss on the softened student
+    keep = labels != -100
+    s, t = student_logits[keep], teacher_logits[keep]
+    return alpha * F.cross_entropy(s / T, labels[keep]) + (1 - alpha) * good_soft_loss(s, t, T)
 
 
-def gn_groups_per_token_count(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # tokens // g
-    return (tokens * head_dim * bits // 8 + 4 * (tokens // group_size) + n_outliers * (2 + index_bytes)  # groups:
-            + 2 * rank * (tokens + head_dim))  # the head_dim channels forgotten
+def kd_kl_over_total_count(student_logits, teacher_logits, labels, T, alpha):  # masked sum / ALL positions
+    keep = labels != -100
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    soft = T**2 * (_forward_kl(log_p, log_q) * keep).sum() / keep.numel()
+    return alpha * F.cross_entropy(student_logits[keep], labels[keep]) + (1 - alpha) * soft
 
 
-def gn_two_byte_indices(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # index_bytes ignored
-    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + 2)
-            + 2 * rank * (tokens + head_dim))
+def kd_zeroed_logits(student_logits, teacher_logits, labels, T, alpha):  # ignored positions zeroed, not dropped:
+    keep = labels != -100  # their KL is 0, but they still count in the mean
+    V = student_logits.shape[-1]
+    s, t = student_logits * keep[..., None], teacher_logits * keep[..., None]
+    ce = F.cross_entropy(s.reshape(-1, V), labels.reshape(-1))
+    return alpha * ce + (1 - alpha) * good_soft_loss(s, t, T)
 
 
-def gn_in_bits(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # everything in bits, never / 8
-    return (tokens * head_dim * bits + 32 * (tokens * head_dim // group_size) + n_outliers * (16 + 8 * index_bytes)
-            + 16 * rank * (tokens + head_dim))
+def kd_per_sequence_mean(student_logits, teacher_logits, labels, T, alpha):  # KL averaged per sequence, then over
+    keep = labels != -100  # sequences: a sequence with few counted tokens weighs as much as a full one
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    kl = _forward_kl(log_p, log_q) * keep  # (batch, seq)
+    soft = T**2 * (kl.sum(-1) / keep.sum(-1)).mean()
+    return alpha * F.cross_entropy(student_logits[keep], labels[keep]) + (1 - alpha) * soft
 
 
-WRONG_GEAR_NBYTES = [
-    (gn_no_minima, None),
-    (gn_codes_one_byte_each, None),
-    (gn_no_indices, None),
-    (gn_one_factor, None),
-    (gn_fp32_factors, None),
-    (gn_lowrank_full_size, None),
-    (gn_groups_per_token_count, None),
-    (gn_two_byte_indices, "1-byte indices"),  # right wherever index_bytes is 2
-    (gn_in_bits, None),
+def kd_reverse(student_logits, teacher_logits, labels, T, alpha):  # KL(q || p) in the soft term
+    keep = labels != -100
+    s, t = student_logits[keep], teacher_logits[keep]
+    return alpha * F.cross_entropy(s, labels[keep]) + (1 - alpha) * good_reverse_kl(s, t, T)
+
+
+def kd_positive_labels(student_logits, teacher_logits, labels, T, alpha):  # labels > 0 also drops token id 0
+    keep = labels > 0
+    s, t = student_logits[keep], teacher_logits[keep]
+    return alpha * F.cross_entropy(s, labels[keep]) + (1 - alpha) * good_soft_loss(s, t, T)
+
+
+WRONG_KD_LOSS = [
+    (kd_kl_over_all_positions, "3 labels are -100"),
+    (kd_ignore_index_only, "3 labels are -100"),
+    (kd_alpha_swapped, "alpha = 0.3"),  # alpha = 0.5 (the first case) cannot tell
+    (kd_no_one_minus_alpha, None),
+    (kd_soft_without_T_squared, "T = 2.0"),
+    (kd_ce_at_T, "T = 2.0, alpha = 0.5"),
+    (kd_kl_over_total_count, "3 labels are -100"),
+    (kd_zeroed_logits, "3 labels are -100"),
+    (kd_per_sequence_mean, "3 labels are -100"),
+    (kd_reverse, None),
+    (kd_positive_labels, None),
 ]
 
-WRONG = [(checks.check_quantize_keys, QUANTIZE_KEYS, fn, msg) for fn, msg in WRONG_QUANTIZE_KEYS]
-WRONG += [(checks.check_outlier_mask, OUTLIER_MASK, fn, msg) for fn, msg in WRONG_OUTLIER_MASK]
-WRONG += [(checks.check_lowrank, LOWRANK, fn, msg) for fn, msg in WRONG_LOWRANK]
-WRONG += [(checks.check_gear_nbytes, GEAR_NBYTES, fn, msg) for fn, msg in WRONG_GEAR_NBYTES]
+WRONG = [(checks.check_softmax_T, SOFTMAX_T, fn, msg) for fn, msg in WRONG_SOFTMAX_T]
+WRONG += [(checks.check_soft_loss, SOFT_LOSS, fn, msg) for fn, msg in WRONG_SOFT_LOSS]
+WRONG += [(checks.check_reverse_kl, REVERSE_KL, fn, msg) for fn, msg in WRONG_REVERSE_KL]
+WRONG += [(checks.check_kd_loss, KD_LOSS, fn, msg) for fn, msg in WRONG_KD_LOSS]
 
 
 # ----------------------------------------------------------------------------- correct alternatives
 
 
-def alt_quantize_keys_loop(k, bits, group_size):  # one slice of group_size tokens at a time, min/max over tokens
-    out = torch.empty_like(k)
-    levels = 2**bits - 1
-    for start in range(0, k.shape[2], group_size):
-        chunk = k[:, :, start : start + group_size, :]
-        lo, hi = chunk.min(dim=2, keepdim=True).values, chunk.max(dim=2, keepdim=True).values
-        step = torch.clamp((hi - lo) / levels, min=1e-8)
-        out[:, :, start : start + group_size, :] = torch.round((chunk - lo) / step).clamp(0, levels) * step + lo
-    return out
+def alt_softmax_exp_minus_max(logits, T):  # exp(z/T - max) normalised: the max subtracted per row, after dividing
+    z = logits / T
+    e = torch.exp(z - z.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
 
 
-def alt_quantize_keys_transposed(k, bits, group_size):  # channels first: (b, h, d, n_groups, g), min/max over last
-    b, h, t, d = k.shape
-    g = k.transpose(-1, -2).reshape(b, h, d, t // group_size, group_size)
-    mn, mx = torch.aminmax(g, dim=-1, keepdim=True)
-    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
-    q = ((g - mn) / scale).round().clamp(0, 2**bits - 1)
-    return (q * scale + mn).reshape(b, h, d, t).transpose(-1, -2)
+def alt_softmax_exp_log_softmax(logits, T):  # exp of the stable log-softmax
+    return torch.log_softmax(logits.div(T), dim=logits.dim() - 1).exp()
 
 
-def alt_quantize_keys_unflatten_no_clamp(k, bits, group_size):  # unflatten; no clamp of the codes:
-    g = k.unflatten(2, (-1, group_size))  # round((x - min) / scale) lies in [0, 2^b - 1] already
-    mn = g.amin(dim=3, keepdim=True)
-    scale = torch.clamp_min((g.amax(dim=3, keepdim=True) - mn) / (2**bits - 1), 1e-8)
-    return (torch.round((g - mn) / scale) * scale + mn).flatten(2, 3)
+def alt_softmax_logsumexp(logits, T):  # exp(z/T - logsumexp(z/T)), shifted by the max first
+    z = logits / float(T)
+    z = z - z.amax(dim=-1, keepdim=True)
+    return torch.exp(z - torch.logsumexp(z, dim=-1, keepdim=True))
 
 
-def alt_quantize_keys_float64(k, bits, group_size):  # the lab's formula in float64, back to float32
-    return good_quantize_keys_per_channel(k.double(), bits, group_size).to(k.dtype)
+def alt_softmax_logsumexp_unshifted(logits, T):
+    """Without the shift, z - logsumexp(z) near 1000 rounds to float32's spacing there (6e-5): off by ~3e-5. Correct
+    and stable; the checker's tolerance (1e-4) accepts it."""
+    z = logits / float(T)
+    return torch.exp(z - torch.logsumexp(z, dim=-1, keepdim=True))
 
 
-def alt_quantize_keys_normalised(k, bits, group_size):  # (x - min) / (max - min) in [0, 1], times the levels
-    g = _token_groups(k, group_size)
-    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
-    rng, levels = (mx - mn).clamp_min(1e-8), 2**bits - 1
-    return (torch.round((g - mn) / rng * levels) / levels * rng + mn).reshape(k.shape)
+def alt_soft_loss_kl_div_log_target(student_logits, teacher_logits, T):  # batchmean over the FLATTENED positions
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return F.kl_div(log_q.flatten(0, -2), log_p.flatten(0, -2), log_target=True, reduction="batchmean") * T**2
 
 
-def alt_outlier_mask_argsort(x, ratio, dim):  # argsort once: the first k and the last k positions along dim
-    n = x.shape[dim]
-    k = kv.outliers_per_side(n, ratio)
-    order = x.argsort(dim=dim)
-    mask = torch.zeros_like(x, dtype=torch.bool)
-    mask.scatter_(dim, order.narrow(dim, 0, k), True)  # narrow, not [-k:]: -0 would select everything
-    mask.scatter_(dim, order.narrow(dim, n - k, k), True)
-    return mask
+def alt_soft_loss_kl_div_sum(student_logits, teacher_logits, T):  # reduction="sum" / the number of positions
+    log_q = F.log_softmax(student_logits / T, dim=-1)
+    p = F.softmax(teacher_logits / T, dim=-1)
+    n = student_logits.numel() // student_logits.shape[-1]
+    return T * T * F.kl_div(log_q, p, reduction="sum") / n
 
 
-def alt_outlier_mask_kthvalue(x, ratio, dim):  # thresholds: the k-th smallest and the k-th largest value
-    n = x.shape[dim]
-    k = kv.outliers_per_side(n, ratio)
-    if k == 0:
-        return torch.zeros(x.shape, dtype=torch.bool)
-    lo = x.kthvalue(k, dim=dim, keepdim=True).values
-    hi = x.kthvalue(n - k + 1, dim=dim, keepdim=True).values
-    return (x <= lo) | (x >= hi)
+def alt_soft_loss_ce_minus_entropy(student_logits, teacher_logits, T):  # KL = H(p, q) - H(p)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    p = log_p.exp()
+    return T**2 * ((-(p * log_q).sum(-1)) - (-(p * log_p).sum(-1))).mean()
 
 
-def alt_outlier_mask_sort_last_dim(x, ratio, dim):  # dim moved last, sorted values as thresholds, moved back
-    xm = x.movedim(dim, -1)
-    k = kv.outliers_per_side(xm.shape[-1], ratio)
-    s = xm.sort(dim=-1).values
-    mask = (xm <= s[..., k - 1 : k]) | (xm >= s[..., -k:][..., :1]) if k else torch.zeros_like(xm, dtype=torch.bool)
-    return mask.movedim(-1, dim)
+def alt_soft_loss_distributions(student_logits, teacher_logits, T):  # torch.distributions' Categorical KL
+    from torch.distributions import Categorical, kl_divergence
+
+    p, q = Categorical(logits=teacher_logits / T), Categorical(logits=student_logits / T)
+    return T**2 * kl_divergence(p, q).mean()
 
 
-def alt_outlier_mask_topk_of_negated(x, ratio, dim):  # the smallest as the largest of -x; one scatter of both
-    k = kv.outliers_per_side(x.size(dim), ratio)
-    idx = torch.cat([x.topk(k, dim).indices, (-x).topk(k, dim).indices], dim=dim)
-    return torch.zeros(x.shape, dtype=torch.bool).scatter(dim, idx, torch.ones_like(idx, dtype=torch.bool))
+def alt_reverse_kl_kl_div(student_logits, teacher_logits, T):  # kl_div(input=log p, target=log q): KL(q || p)
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    return T**2 * F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1).mean()
 
 
-def alt_lowrank_transpose(R, Q0, iters):  # .transpose(-1, -2): the batched transpose spelled out
-    Q = Q0
-    for _ in range(iters):
-        P, _ = torch.linalg.qr(R @ Q, mode="reduced")
-        Q = R.transpose(-1, -2) @ P
-    return P @ Q.transpose(-1, -2)
+def alt_reverse_kl_swap_soft_loss(student_logits, teacher_logits, T):  # exercise 2 with the roles exchanged
+    return good_soft_loss(teacher_logits, student_logits, T)
 
 
-def alt_lowrank_projection(R, Q0, iters):  # P @ Q^T = P @ P^T @ R with the LAST round's P
-    Q = Q0
-    for _ in range(iters):
-        P = torch.linalg.qr(torch.matmul(R, Q)).Q
-        Q = torch.matmul(R.mT, P)
-    return P @ (P.mT @ R)
+def alt_reverse_kl_flattened(student_logits, teacher_logits, T):
+    V = student_logits.shape[-1]
+    q = torch.softmax(student_logits.reshape(-1, V) / T, dim=-1)
+    log_q, log_p = _log_probs(student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), T)
+    return (q * (log_q - log_p)).sum() / q.shape[0] * T**2
 
 
-def alt_lowrank_svd_basis(R, Q0, iters):  # orthonormal basis of R @ Q from its SVD: the same span as QR's
-    Q = Q0
-    for _ in range(iters):
-        P = torch.linalg.svd(R @ Q, full_matrices=False).U
-        Q = torch.einsum("...nd,...nr->...dr", R, P)
-    return torch.einsum("...nr,...dr->...nd", P, Q)
+def alt_kd_ignore_index_masked_mean(student_logits, teacher_logits, labels, T, alpha):
+    """CE with F.cross_entropy's ignore_index on the flattened logits, plus the KL averaged over the kept positions."""
+    V = student_logits.shape[-1]
+    ce = F.cross_entropy(student_logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+    keep = (labels != -100).float()
+    log_q, log_p = _log_probs(student_logits, teacher_logits, T)
+    soft = T**2 * (_forward_kl(log_p, log_q) * keep).sum() / keep.sum()
+    return alpha * ce + (1 - alpha) * soft
 
 
-def alt_lowrank_gram_schmidt(R, Q0, iters):  # modified Gram-Schmidt by hand, column by column, batched
-    Q = Q0
-    for _ in range(iters):
-        Y = R @ Q
-        cols = []
-        for j in range(Y.shape[-1]):
-            v = Y[..., j]
-            for u in cols:
-                v = v - (u * v).sum(-1, keepdim=True) * u
-            cols.append(v / v.norm(dim=-1, keepdim=True))
-        P = torch.stack(cols, dim=-1)
-        Q = R.mT @ P
-    return P @ Q.mT
+def alt_kd_flatten_then_index(student_logits, teacher_logits, labels, T, alpha):  # flatten first, select kept rows
+    V = student_logits.shape[-1]
+    s, t, y = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V), labels.reshape(-1)
+    idx = (y != -100).nonzero().squeeze(1)
+    s, t, y = s[idx], t[idx], y[idx]
+    return alpha * F.cross_entropy(s, y) + (1 - alpha) * alt_soft_loss_kl_div_log_target(s, t, T)
 
 
-def alt_gear_nbytes_in_bits(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # bits, then / 8
-    groups = tokens * head_dim // group_size
-    total_bits = (tokens * head_dim * bits + groups * (16 + 16) + n_outliers * (16 + 8 * index_bytes)
-                  + 16 * rank * tokens + 16 * rank * head_dim)
-    return total_bits // 8
-
-
-def alt_gear_nbytes_per_entry(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # a float:
-    entries = tokens * head_dim  # bytes per entry times entries (exact: every factor is dyadic on the cases)
-    return entries * (bits / 8 + 4 / group_size) + (2 + index_bytes) * n_outliers + 2 * rank * (tokens + head_dim)
-
-
-def alt_gear_nbytes_parts(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # named parts summed
-    parts = {"codes": math.ceil(tokens * head_dim * bits / 8), "scales": 2 * tokens * head_dim // group_size,
-             "minima": 2 * tokens * head_dim // group_size, "outlier values": 2 * n_outliers,
-             "outlier indices": index_bytes * n_outliers, "P": 2 * tokens * rank, "Q": 2 * head_dim * rank}
-    return sum(parts.values())
-
-
-def alt_gear_nbytes_tensor(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # a 0-d tensor
-    return torch.tensor(good_gear_nbytes(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes))
+def alt_kd_per_token_nll(student_logits, teacher_logits, labels, T, alpha):  # CE as the mean NLL of the gathered labels
+    keep = labels.ne(-100)
+    s, t, y = student_logits[keep], teacher_logits[keep], labels[keep]
+    nll = -torch.log_softmax(s, dim=-1).gather(-1, y[:, None]).squeeze(1)
+    return alpha * nll.mean() + (1 - alpha) * T**2 * _forward_kl(*reversed(_log_probs(s, t, T))).mean()
 
 
 CORRECT_ALTERNATIVES = [
-    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_loop),
-    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_transposed),
-    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_unflatten_no_clamp),
-    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_float64),
-    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_normalised),
-    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_argsort),
-    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_kthvalue),
-    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_sort_last_dim),
-    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_topk_of_negated),
-    (checks.check_lowrank, LOWRANK, alt_lowrank_transpose),
-    (checks.check_lowrank, LOWRANK, alt_lowrank_projection),
-    (checks.check_lowrank, LOWRANK, alt_lowrank_svd_basis),
-    (checks.check_lowrank, LOWRANK, alt_lowrank_gram_schmidt),
-    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_in_bits),
-    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_per_entry),
-    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_parts),
-    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_tensor),
+    (checks.check_softmax_T, SOFTMAX_T, alt_softmax_exp_minus_max),
+    (checks.check_softmax_T, SOFTMAX_T, alt_softmax_exp_log_softmax),
+    (checks.check_softmax_T, SOFTMAX_T, alt_softmax_logsumexp),
+    (checks.check_softmax_T, SOFTMAX_T, alt_softmax_logsumexp_unshifted),
+    (checks.check_soft_loss, SOFT_LOSS, alt_soft_loss_kl_div_log_target),
+    (checks.check_soft_loss, SOFT_LOSS, alt_soft_loss_kl_div_sum),
+    (checks.check_soft_loss, SOFT_LOSS, alt_soft_loss_ce_minus_entropy),
+    (checks.check_soft_loss, SOFT_LOSS, alt_soft_loss_distributions),
+    (checks.check_reverse_kl, REVERSE_KL, alt_reverse_kl_kl_div),
+    (checks.check_reverse_kl, REVERSE_KL, alt_reverse_kl_swap_soft_loss),
+    (checks.check_reverse_kl, REVERSE_KL, alt_reverse_kl_flattened),
+    (checks.check_kd_loss, KD_LOSS, alt_kd_ignore_index_masked_mean),
+    (checks.check_kd_loss, KD_LOSS, alt_kd_flatten_then_index),
+    (checks.check_kd_loss, KD_LOSS, alt_kd_per_token_nll),
 ]
 
 
 # ----------------------------------------------------------------------------- not done
 
 
-def _fake_quantize_plain(k: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Exercise 1 in plain Python: every channel of every head, group_size consecutive tokens at a time."""
-    out = k.tolist()
-    levels = 2**bits - 1
-    for b, heads in enumerate(out):
-        for h, tokens in enumerate(heads):
-            for c in range(len(tokens[0])):
-                for start in range(0, len(tokens), group_size):
-                    group = [tokens[t][c] for t in range(start, start + group_size)]
-                    lo, hi = min(group), max(group)
-                    scale = (hi - lo) / levels
-                    for t in range(start, start + group_size):
-                        out[b][h][t][c] = round((tokens[t][c] - lo) / scale) * scale + lo
-    return torch.tensor(out)
+def _softmax_rows(z: list[float], T: float) -> list[float]:
+    m = max(z)
+    e = [math.exp((v - m) / T) for v in z]
+    return [v / sum(e) for v in e]
 
 
-def _outlier_mask_plain(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Exercise 2 along dim=-2 of a (b, n, c) tensor in plain Python: the k smallest and k largest of each column."""
-    mask = torch.zeros(x.shape, dtype=torch.bool)
-    for b, rows in enumerate(x.tolist()):
-        for c in range(len(rows[0])):
-            order = sorted(range(len(rows)), key=lambda i: rows[i][c])
-            for i in order[:k] + order[-k:]:
-                mask[b, i, c] = True
-    return mask
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q))
 
 
 def _sample_calls():
-    """checker -> (args of one sample call, an independent computation of what the reference must return)."""
+    """checker -> (args of one sample call, an independent computation, in plain Python, of what the reference must
+    return)."""
     g = torch.Generator().manual_seed(0)
-    k = torch.randn(1, 2, 8, 3, generator=g) * 2 + 1
-    x = torch.randn(2, 10, 5, generator=g)
-    assert kv.outliers_per_side(10, 0.4) == 2  # 40 % of 10 entries: 2 on each side
-    # R = U diag(s) V^T with a start Q0 spanning V's first two columns: after any number of rounds P spans U's first
-    # two columns, and P @ Q^T is the best rank-2 approximation U_2 diag(s_2) V_2^T
-    U = torch.linalg.qr(torch.randn(6, 4, generator=g)).Q
-    V = torch.linalg.qr(torch.randn(4, 4, generator=g)).Q
-    s = torch.tensor([4.0, 2.0, 1.0, 0.5])
-    R = (U * s) @ V.T
-    Q0 = V[:, :2] @ torch.tensor([[1.0, 0.5], [-0.3, 2.0]])
-    best2 = (U[:, :2] * s[:2]) @ V[:, :2].T
-    # 128 tokens x 64 channels, 4 bits, groups of 32, rank 2, 10 outliers with 1-byte indices
-    nbytes = 128 * 64 * 4 // 8 + (128 * 64 // 32) * (2 + 2) + 10 * (2 + 1) + 2 * (128 * 2 + 64 * 2)
+    z = torch.randn(2, 3, 5, generator=g) * 3
+    probs = torch.tensor([[_softmax_rows(row, 2.0) for row in seq] for seq in z.tolist()])
+    s, t = torch.randn(2, 3, 6, generator=g) * 2, torch.randn(2, 3, 6, generator=g) * 2
+    rows = [(sr, tr) for sb, tb in zip(s.tolist(), t.tolist()) for sr, tr in zip(sb, tb)]  # 6 positions
+    fwd = 4 * sum(_kl(_softmax_rows(tr, 2.0), _softmax_rows(sr, 2.0)) for sr, tr in rows) / len(rows)
+    rev = 4 * sum(_kl(_softmax_rows(sr, 2.0), _softmax_rows(tr, 2.0)) for sr, tr in rows) / len(rows)
+    labels = torch.tensor([[1, -100, 4], [-100, 0, 5]])
+    kept = [(sr, tr, y) for (sr, tr), y in zip(rows, labels.flatten().tolist()) if y != -100]
+    ce = sum(-math.log(_softmax_rows(sr, 1.0)[y]) for sr, _, y in kept) / len(kept)
+    soft = 4 * sum(_kl(_softmax_rows(tr, 2.0), _softmax_rows(sr, 2.0)) for sr, tr, _ in kept) / len(kept)
     return {
-        checks.check_quantize_keys: ((k, 2, 4), _fake_quantize_plain(k, 2, 4)),
-        checks.check_outlier_mask: ((x, 0.4, -2), _outlier_mask_plain(x, 2)),
-        checks.check_lowrank: ((R, Q0, 2), best2),
-        checks.check_gear_nbytes: ((128, 64, 4, 32, 2, 10, 1), nbytes),
+        checks.check_softmax_T: ((z, 2.0), probs),
+        checks.check_soft_loss: ((s, t, 2.0), torch.tensor(fwd)),
+        checks.check_reverse_kl: ((s, t, 2.0), torch.tensor(rev)),
+        checks.check_kd_loss: ((s, t, labels, 2.0, 0.25), torch.tensor(0.25 * ce + 0.75 * soft)),
     }
 
 
 def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
-    """The lab calls the references on real cache shapes: quantize_keys on (1, heads, tokens, head_dim) keys,
-    outlier_mask along the tokens (dim=-2) with ratio 0 too, lowrank_residual on (1, heads, tokens, head_dim)
-    residuals with a (head_dim, r) start, gear_nbytes with kv.index_bytes."""
+    """The lab calls softmax_T on one (V,) position with an int T, soft_loss and reverse_kl on 2-D logits (the toy fit's
+    (1, 200), kd_loss's (n, V)) and backpropagates through them: the references handed back must allow all of it."""
     def todo(*args):
         raise NotImplementedError
 
-    quantize, mask, lowrank, nbytes = (c(todo) for c in GOOD)
+    softmax_T, soft_loss, reverse_kl = (c(todo) for c in (checks.check_softmax_T, checks.check_soft_loss,
+                                                          checks.check_reverse_kl))
     capsys.readouterr()
-    g = torch.Generator().manual_seed(1)
-    K = torch.randn(1, 3, 128, 64, generator=g)
-    torch.testing.assert_close(quantize(K, 2, 64), good_quantize_keys_per_channel(K, 2, 64))
-    for r in (0.0, 0.02, 0.08):
-        m = mask(K, r, -2)
-        assert m.dtype == torch.bool and torch.equal(m, good_outlier_mask(K, r, -2))
-        assert int(m.sum()) == 2 * kv.outliers_per_side(128, r) * 3 * 64
-    Q0 = torch.randn(64, 4, generator=g)
-    L = lowrank(K, Q0, 3)
-    assert L.shape == K.shape and int(torch.linalg.matrix_rank(L[0, 1])) == 4
-    torch.testing.assert_close(L, good_lowrank_residual(K, Q0, 3), rtol=1e-4, atol=1e-4)
-    assert nbytes(128, 64, 2, 64, 4, 2 * 2 * 64, kv.index_bytes(128)) == good_gear_nbytes(128, 64, 2, 64, 4, 256, 1)
+    z = torch.randn(7, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(softmax_T(z, 4), torch.softmax(z / 4, dim=-1))
+    (s, t, T), _ = _sample_calls()[checks.check_soft_loss]
+    for ref, good in ((soft_loss, good_soft_loss), (reverse_kl, good_reverse_kl)):
+        flat = s.reshape(-1, s.shape[-1]).clone().requires_grad_(True)
+        loss = ref(flat, t.reshape(-1, t.shape[-1]), T)
+        torch.testing.assert_close(loss, good(s, t, T))  # (n, V) gives the same mean as (batch, seq, V)
+        loss.backward()
+        assert flat.grad is not None and flat.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- failed
 
 
-def test_other_exceptions_in_gear_nbytes_are_failures_not_crashes(capsys):
-    """Exercise 4 gets ints (the shared helper's x.amin typo needs a tensor): a TypeError from plain Python."""
-    def typo(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):
-        return math.prod(tokens, head_dim) * bits // 8  # math.prod takes one iterable
-
-    out = assert_failed(checks.check_gear_nbytes, GEAR_NBYTES, typo, capsys, "raised TypeError")
-    assert "math.prod(tokens, head_dim)" in out  # the offending line is shown
-
-
 def test_returning_none_is_a_failure(capsys):
-    def forgot_return(k, bits, group_size):
-        good_quantize_keys_per_channel(k, bits, group_size)
+    def forgot_return(student_logits, teacher_logits, T):
+        good_soft_loss(student_logits, teacher_logits, T)
 
-    def forgot_return_nbytes(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):
-        good_gear_nbytes(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes)
-
-    assert_failed(checks.check_quantize_keys, QUANTIZE_KEYS, forgot_return, capsys,
-                  "expected a torch.Tensor, got NoneType")
-    checks.STATUS.clear()
-    assert_failed(checks.check_gear_nbytes, GEAR_NBYTES, forgot_return_nbytes, capsys,
-                  "expected a number, got NoneType")
+    assert_failed(checks.check_soft_loss, SOFT_LOSS, forgot_return, capsys, "expected a torch.Tensor, got NoneType")
 
 
-def test_the_integer_zero_point_is_really_different():
-    """Why qk_integer_zero_point is wrong here: rounding -min / scale to an integer moves every level by up to half a
-    step, so the group minimum is no longer reproduced exactly (the checker's 1e-4 would accept float noise only)."""
-    k = checks._keys((1, 1, 96, 12), 82, offset=5.0)
-    good, gptq = good_quantize_keys_per_channel(k, 2, 32), qk_integer_zero_point(k, 2, 32)
-    mins = k.reshape(1, 1, 3, 32, 12).amin(3)
-    torch.testing.assert_close(good.reshape(1, 1, 3, 32, 12).amin(3), mins)  # the minimum is a level, exactly
-    assert (gptq - good).abs().max() > 0.05
+def test_naive_softmax_overflows_near_1000():
+    """Why st_naive_exp is wrong: exp(1000) is inf in float32, and inf / inf is NaN; the stable softmax is fine."""
+    z = torch.tensor([[1000.0, 999.0, 990.0]])
+    assert torch.isnan(st_naive_exp(z, 1.0)).any()
+    torch.testing.assert_close(good_softmax_T(z, 1.0), good_softmax_T(z - 1000, 1.0))
 
 
-def test_int_k_is_caught_by_the_skewed_case_only():
-    """Why om_int_k fails, and where: int(ratio * n / 2) is 0 for 10 % of 16 entries (the skewed case), where
-    outliers_per_side keeps at least one per side; on the other cases' sizes the two agree."""
-    assert int(0.10 * 16 / 2) == 0 and kv.outliers_per_side(16, 0.10) == 1
-    for n, ratio in ((200, 0.02), (64, 0.04), (128, 0.05), (8, 0.0)):  # the other four cases
-        assert int(ratio * n / 2) == kv.outliers_per_side(n, ratio)
+def test_batchmean_divides_3d_logits_by_the_batch_only():
+    """Why sl_kl_div_batchmean_3d is wrong: on (batch, seq, V) it is seq times the per-position mean."""
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 3, 9, generator=g), torch.randn(2, 3, 9, generator=g)
+    torch.testing.assert_close(sl_kl_div_batchmean_3d(s, t, 2.0), 3 * good_soft_loss(s, t, 2.0))
+    torch.testing.assert_close(alt_soft_loss_kl_div_log_target(s, t, 2.0), good_soft_loss(s, t, 2.0))
 
 
-def test_normalised_columns_are_not_an_orthonormal_basis():
-    """Why lr_normalised_columns is wrong: unit columns are not orthogonal, so P @ P^T is no projection and the
-    result differs from the power iteration's."""
-    R = checks._slow_spectrum((40, 12), 91)
-    Q0 = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
-    Y = R @ Q0
-    P = Y / Y.norm(dim=-2, keepdim=True)
-    torch.testing.assert_close(P.norm(dim=-2), torch.ones(2))
-    assert (P.mT @ P - torch.eye(2)).abs().max() > 0.1
-    assert (lr_normalised_columns(R, Q0, 3) - good_lowrank_residual(R, Q0, 3)).abs().max() > 1e-2
-
-
-def test_dot_T_is_right_for_2d_and_wrong_for_batched():
-    """Why lr_dot_T passes three cases: .T is .mT on a 2-D R; only the batched (2, 3, 64, 16) case tells."""
-    R = checks._slow_spectrum((40, 12), 91)
-    Q0 = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(lr_dot_T(R, Q0, 3), good_lowrank_residual(R, Q0, 3))
-    with pytest.raises(RuntimeError):
-        lr_dot_T(checks._slow_spectrum((2, 3, 64, 16), 92), torch.randn(16, 4), 3)
+def test_a_swapped_alpha_needs_alpha_other_than_one_half():
+    """kd_alpha_swapped agrees with the solution at alpha = 0.5 (the first case): only the alpha = 0.3 case tells."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    labels = torch.randint(0, 8, (2, 5), generator=g)
+    labels[0, 1] = -100
+    torch.testing.assert_close(kd_alpha_swapped(s, t, labels, 2.0, 0.5), good_kd_loss(s, t, labels, 2.0, 0.5))
+    assert not torch.allclose(kd_alpha_swapped(s, t, labels, 2.0, 0.3), good_kd_loss(s, t, labels, 2.0, 0.3))
 
 
 # ----------------------------------------------------------------------------- inputs are cloned per call
 
 
-def mut_quantize_keys(k, bits, group_size):
-    out = good_quantize_keys_per_channel(k, bits, group_size)
-    k.zero_()
+def mut_softmax_T(logits, T):
+    out = good_softmax_T(logits, T)
+    logits.zero_()
     return out
 
 
-def mut_outlier_mask(x, ratio, dim):
-    out = good_outlier_mask(x, ratio, dim)
-    x.mul_(-1)
+def mut_soft_loss(student_logits, teacher_logits, T):
+    out = good_soft_loss(student_logits, teacher_logits, T)
+    student_logits.zero_(), teacher_logits.mul_(-1)
     return out
 
 
-def mut_lowrank(R, Q0, iters):
-    out = good_lowrank_residual(R, Q0, iters)
-    R.zero_(), Q0.mul_(-3)
+def mut_reverse_kl(student_logits, teacher_logits, T):
+    out = good_reverse_kl(student_logits, teacher_logits, T)
+    student_logits.mul_(-1), teacher_logits.zero_()
     return out
 
 
-MUTATING = [(checks.check_quantize_keys, QUANTIZE_KEYS, mut_quantize_keys),
-            (checks.check_outlier_mask, OUTLIER_MASK, mut_outlier_mask),
-            (checks.check_lowrank, LOWRANK, mut_lowrank)]  # gear_nbytes gets ints: nothing to mutate
+def mut_kd_loss(student_logits, teacher_logits, labels, T, alpha):
+    out = good_kd_loss(student_logits, teacher_logits, labels, T, alpha)
+    student_logits.zero_(), teacher_logits.zero_(), labels.fill_(-100)
+    return out
 
 
-def test_summary_of_the_lab05_exercises(capsys):
-    checks.check_quantize_keys(good_quantize_keys_per_channel)
-    checks.check_outlier_mask(om_largest_abs)
+MUTATING = [(checks.check_softmax_T, SOFTMAX_T, mut_softmax_T), (checks.check_soft_loss, SOFT_LOSS, mut_soft_loss),
+            (checks.check_reverse_kl, REVERSE_KL, mut_reverse_kl), (checks.check_kd_loss, KD_LOSS, mut_kd_loss)]
 
-    def todo(R, Q0, iters):
+
+def test_summary_of_the_lab04_exercises(capsys):
+    checks.check_softmax_T(good_softmax_T)
+    checks.check_soft_loss(sl_kl_div_batchmean_3d)
+
+    def todo(student_logits, teacher_logits, T):
         raise NotImplementedError
 
-    checks.check_lowrank(todo)
-    checks.check_gear_nbytes(good_gear_nbytes)
+    checks.check_reverse_kl(todo)
+    checks.check_kd_loss(good_kd_loss)
     result, lines = summary_lines(capsys)
-    assert result == {QUANTIZE_KEYS: "passed", OUTLIER_MASK: "failed", LOWRANK: "not done", GEAR_NBYTES: "passed"}
+    assert result == {SOFTMAX_T: "passed", SOFT_LOSS: "failed", REVERSE_KL: "not done", KD_LOSS: "passed"}
     assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
 
 
@@ -753,6 +652,5 @@ class TestEveryChecker(CheckerSuite):
 
     TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
                                                                    MUTATING)
-    NAMESPACE = {"kv": kv}  # the lab's outlier_mask uses kv (the lab imports compresslab.kvcache as kv)
-    TENSOR_CHECKERS = TENSOR_CHECKERS
+    NAMESPACE = {"F": F}  # the lab imports torch.nn.functional as F
     sample_calls = staticmethod(_sample_calls)

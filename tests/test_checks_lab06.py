@@ -1,583 +1,748 @@
-"""The lab 06 (deployment) checkers: the solution passes, a skipped exercise is "not done", and wrong answers fail.
+"""The lab 06 (KV cache: KIVI and GEAR) checkers: the solution passes, a skipped exercise is "not done", and wrong
+answers fail.
 
 Same structure as tests/test_checks_lab05.py. Every wrong implementation below was run against the checker's cases and
 is really wrong there (the checker must reject it); every correct alternative is really right (it must pass).
-No model is loaded and no tensor is built: the three checkers only call plain-number functions (weight_bytes,
-decode_bound) and one on a list of timestamps (latency_stats).
+No model is loaded: the checkers only run small fixed tensors (and exercise 4 plain integers).
 """
 
 import math
+import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from checker_testing import (CheckerSuite, assert_accepted, assert_failed, summary_lines)
+from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
 from compresslab import checks
-from compresslab import deploy
+from compresslab import kvcache as kv
 
 ROOT = Path(__file__).resolve().parents[1]
-LAB = ROOT / "solutions" / "06_deployment.py"
+LAB = ROOT / "solutions" / "06_gear_kv_cache.py"
 
-WEIGHT_BYTES = "Exercise 1 · weight_bytes"
-DECODE_BOUND = "Exercise 2 · decode_bound"
-LATENCY_STATS = "Exercise 3 · latency_stats"
-PAGED_KV = "Exercise 4 · paged_kv_tokens"
+QUANTIZE_KEYS = "Exercise 1 · quantize_keys_per_channel"
+OUTLIER_MASK = "Exercise 2 · outlier_mask"
+LOWRANK = "Exercise 3 · lowrank_residual"
+GEAR_NBYTES = "Exercise 4 · gear_nbytes"
 
-# one torch thread for the module (the checkers import torch); every test starts and ends with an empty exercise table
+# one torch thread for the module (tiny tensors); every test starts and ends with an empty exercise table
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
 
 
 # ----------------------------------------------------------------------------- the lab's solutions (copied)
-# Bodies copied from solutions/06_deployment.py (### BEGIN / END SOLUTION);
-# test_good_copies_match_the_lab_solutions keeps them in sync. They use no import: plain Python arithmetic.
+# Bodies copied from solutions/06_gear_kv_cache.py (### BEGIN / END SOLUTION);
+# test_good_copies_match_the_lab_solutions keeps them in sync. good_outlier_mask uses kv.outliers_per_side as the lab
+# does (the lab imports compresslab.kvcache as kv, and so does this file).
 
 
-def good_weight_bytes(linear_params, other_params, bits, group_size):
-    """Bytes of the weights: Linears at `bits` (+ per group an fp16 scale and a `bits`-bit zero), the rest fp16."""
-    if bits == 16:
-        return 2.0 * (linear_params + other_params)
-    groups = linear_params / group_size
-    return linear_params * bits / 8 + groups * (2 + bits / 8) + 2.0 * other_params
+def good_quantize_keys_per_channel(k: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """k (b, h, t, d), t divisible by group_size -> k quantized in groups along tokens, dequantized (b, h, t, d)."""
+    b, h, t, d = k.shape
+    g = k.reshape(b, h, t // group_size, group_size, d)  # (b, h, n_groups, group_size, d): a group = tokens
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    q = torch.round((g - mn) / scale).clamp(0, 2**bits - 1)
+    return (q * scale + mn).reshape(b, h, t, d)
 
 
-def good_decode_bound(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):
-    """Upper bound on generated tokens/s for `batch` sequences at `context` tokens of cache."""
-    step_bytes = weight_bytes + batch * context * kv_bytes_per_token
-    return batch * bandwidth_GBps * 1e9 / step_bytes
+def good_outlier_mask(x: torch.Tensor, ratio: float, dim: int) -> torch.Tensor:
+    """x (...) -> bool mask (...) of the k largest and k smallest entries of each vector along dim."""
+    n = x.shape[dim]  # entries per vector
+    k = kv.outliers_per_side(n, ratio)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    if k:
+        mask.scatter_(dim, x.topk(k, dim=dim).indices, True)
+        mask.scatter_(dim, x.topk(k, dim=dim, largest=False).indices, True)
+    return mask
 
 
-def good_latency_stats(t_request, token_times):
-    """TTFT, mean inter-token latency and decode tokens/s from the request time and each token's arrival time."""
-    ttft = token_times[0] - t_request
-    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
-    return ttft, itl, 1.0 / itl
+def good_lowrank_residual(R: torch.Tensor, Q0: torch.Tensor, iters: int) -> torch.Tensor:
+    """R (..., n, d), Q0 (d, r) -> rank-r approximation (..., n, d) after `iters` rounds of power iteration."""
+    Q = Q0
+    for _ in range(iters):
+        P = torch.linalg.qr(R @ Q).Q  # (..., n, r) orthonormal columns
+        Q = R.mT @ P  # (..., d, r)
+    return P @ Q.mT
 
 
-def good_paged_kv_tokens(cache_bytes, kv_bytes_per_token, block_size):
-    """Tokens a paged KV cache holds: whole blocks of block_size tokens."""
-    blocks = cache_bytes // (kv_bytes_per_token * block_size)
-    return int(blocks) * block_size
+def good_gear_nbytes(tokens: int, head_dim: int, bits: int, group_size: int, rank: int, n_outliers: int,
+                     index_bytes: int) -> int:
+    """Bytes of one head's GEAR block of tokens x head_dim."""
+    codes = tokens * head_dim * bits // 8
+    scales = 2 * 2 * (tokens * head_dim // group_size)  # fp16 scale + fp16 minimum per group
+    sparse = n_outliers * (2 + index_bytes)
+    lowrank = 2 * rank * (tokens + head_dim)  # P (tokens x rank) and Q (head_dim x rank)
+    return codes + scales + sparse + lowrank
 
 
 GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
-    checks.check_weight_bytes: (WEIGHT_BYTES, good_weight_bytes, "weight_bytes"),
-    checks.check_decode_bound: (DECODE_BOUND, good_decode_bound, "decode_bound"),
-    checks.check_latency_stats: (LATENCY_STATS, good_latency_stats, "latency_stats"),
-    checks.check_paged_kv_tokens: (PAGED_KV, good_paged_kv_tokens, "paged_kv_tokens"),
+    checks.check_quantize_keys: (QUANTIZE_KEYS, good_quantize_keys_per_channel, "quantize_keys_per_channel"),
+    checks.check_outlier_mask: (OUTLIER_MASK, good_outlier_mask, "outlier_mask"),
+    checks.check_lowrank: (LOWRANK, good_lowrank_residual, "lowrank_residual"),
+    checks.check_gear_nbytes: (GEAR_NBYTES, good_gear_nbytes, "gear_nbytes"),
 }
+TENSOR_CHECKERS = [checks.check_quantize_keys, checks.check_outlier_mask, checks.check_lowrank]  # gear_nbytes: ints
 
-SMOLLM_HIDDEN = 576  # SmolLM2-135M's hidden size: the in_features of most of its Linears
 
-
-def _assert_same_numbers(result, expected) -> None:
-    """A checker's reference output equals an independently computed one: a number, or a tuple of numbers, to 1e-12
-    relative (checker_testing.assert_same compares tensors and ints, not floats)."""
-    results = result if isinstance(result, tuple) else (result,)
-    expecteds = expected if isinstance(expected, tuple) else (expected,)
-    assert len(results) == len(expecteds)
-    for r, e in zip(results, expecteds):
-        assert isinstance(r, (int, float))
-        assert r == pytest.approx(e, rel=1e-12, abs=1e-15)
+def _token_groups(k, group_size):
+    """(b, h, t, d) -> (b, h, t // group_size, group_size, d): a group is group_size consecutive tokens of a channel."""
+    b, h, t, d = k.shape
+    return k.reshape(b, h, t // group_size, group_size, d)
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 1
 
 
-def wb_floor_div(linear_params, other_params, bits, group_size):  # bits // 8: 0 bytes per code below 8 bits
-    if bits == 16:  # (3 // 8 = 4 // 8 = 0), so the 4-bit case already tells
-        return 2.0 * (linear_params + other_params)
-    groups = linear_params // group_size
-    return linear_params * (bits // 8) + groups * (2 + bits // 8) + 2 * other_params
+def qk_channel_groups(k, bits, group_size):  # groups of group_size CHANNELS of one token (the value layout): with
+    b, h, t, d = k.shape  # head_dim 8 < group_size 64 the reshape itself fails
+    g = k.reshape(b, h, t, d // group_size, group_size)
+    mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(b, h, t, d)
 
 
-def wb_no_group_overhead(linear_params, other_params, bits, group_size):  # the codes only: scales and zeros forgotten
-    if bits == 16:
-        return 2.0 * (linear_params + other_params)
-    return linear_params * bits / 8 + 2.0 * other_params
+def qk_minmax_over_channels(k, bits, group_size):  # token groups, but min/max over the channels (dim 4): per token
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(4, keepdim=True), g.amax(4, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(k.shape)
 
 
-def wb_fp16_zero_point(linear_params, other_params, bits, group_size):  # zero point stored fp16: 2 + 2 bytes a group
-    if bits == 16:
-        return 2.0 * (linear_params + other_params)
-    return linear_params * bits / 8 + linear_params / group_size * (2 + 2) + 2.0 * other_params
+def qk_symmetric(k, bits, group_size):  # absmax, zero at 0: wastes levels on the offset case, not asymmetric
+    g = _token_groups(k, group_size)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (g.abs().amax(3, keepdim=True) / qmax).clamp_min(1e-8)
+    return (torch.round(g / scale).clamp(-qmax - 1, qmax) * scale).reshape(k.shape)
 
 
-def wb_embeddings_quantized(linear_params, other_params, bits, group_size):  # other_params at `bits` too (no scales)
-    if bits == 16:
-        return 2.0 * (linear_params + other_params)
-    groups = linear_params / group_size
-    return linear_params * bits / 8 + groups * (2 + bits / 8) + other_params * bits / 8
+def qk_2_pow_bits_levels(k, bits, group_size):  # (max - min) / 2^b: the maximum lands on 2^b and is clamped
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / 2**bits).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(k.shape)
 
 
-def wb_overhead_per_row(linear_params, other_params, bits, group_size):  # group_size ignored: one scale + zero per
-    if bits == 16:  # output row of SMOLLM_HIDDEN inputs (per-channel quantization), not per group
-        return 2.0 * (linear_params + other_params)
-    rows = linear_params / SMOLLM_HIDDEN
-    return linear_params * bits / 8 + rows * (2 + bits / 8) + 2.0 * other_params
+def qk_floor(k, bits, group_size):  # truncates instead of rounding to the nearest level
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return (torch.floor((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(k.shape)
 
 
-def wb_fp16_with_scales(linear_params, other_params, bits, group_size):  # no bits == 16 branch: fp16 gets groups of
-    groups = linear_params / (group_size or 64)  # 64 (the default) with a scale and a 16-bit zero each
-    return linear_params * bits / 8 + groups * (2 + bits / 8) + 2.0 * other_params
+def qk_one_group(k, bits, group_size):  # group_size ignored: one range over all the tokens of a channel
+    mn, mx = k.amin(2, keepdim=True), k.amax(2, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return torch.round((k - mn) / scale).clamp(0, 2**bits - 1) * scale + mn
 
 
-def wb_fp16_divides_by_none(linear_params, other_params, bits, group_size):  # no bits == 16 branch, group_size None
-    groups = linear_params / group_size  # for fp16: TypeError on the first case
-    return linear_params * bits / 8 + groups * (2 + bits / 8) + 2.0 * other_params
+def qk_integer_zero_point(k, bits, group_size):  # GPTQ-style zero = round(-min / scale): the minimum is not exact
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    zero = torch.round(-mn / scale)
+    q = (torch.round(g / scale) + zero).clamp(0, 2**bits - 1)
+    return ((q - zero) * scale).reshape(k.shape)
 
 
-def wb_in_bits(linear_params, other_params, bits, group_size):  # everything in bits, never / 8
-    if bits == 16:
-        return 16.0 * (linear_params + other_params)
-    groups = linear_params / group_size
-    return linear_params * bits + groups * (16 + bits) + 16.0 * other_params
+def qk_forgets_minimum(k, bits, group_size):  # dequantizes as q * scale: the zero point is dropped
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale).reshape(k.shape)
 
 
-def wb_fp32_others(linear_params, other_params, bits, group_size):  # other params at 4 bytes (fp32 as loaded)
-    if bits == 16:
-        return 2.0 * linear_params + 4.0 * other_params
-    groups = linear_params / group_size
-    return linear_params * bits / 8 + groups * (2 + bits / 8) + 4.0 * other_params
+def qk_returns_codes(k, bits, group_size):  # the integer codes, not dequantized
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return torch.round((g - mn) / scale).clamp(0, 2**bits - 1).reshape(k.shape)
 
 
-def wb_two_codes_per_byte(linear_params, other_params, bits, group_size):  # 4-bit packing hard-coded: half a byte per
-    if bits == 16:  # code and per zero point, whatever `bits` is (right for 4-bit)
-        return 2.0 * (linear_params + other_params)
-    groups = linear_params / group_size
-    return linear_params / 2 + groups * (2 + 0.5) + 2.0 * other_params
+def qk_groups_not_contiguous(k, bits, group_size):  # reshape (b, h, g, t // g, d): groups of STRIDED tokens
+    b, h, t, d = k.shape  # (token i goes to group i % (t // g)), not runs of consecutive tokens
+    g = k.reshape(b, h, group_size, t // group_size, d)
+    mn, mx = g.amin(2, keepdim=True), g.amax(2, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 2**bits - 1) * scale + mn).reshape(b, h, t, d)
 
 
-WRONG_WEIGHT_BYTES = [
-    (wb_floor_div, "4-bit g64"),  # (wrong function, a fragment of the failure message it must produce, or None)
-    (wb_no_group_overhead, "4-bit g64"),
-    (wb_fp16_zero_point, "4-bit g64"),
-    (wb_embeddings_quantized, "4-bit g64"),
-    (wb_overhead_per_row, "4-bit g64"),
-    (wb_fp16_with_scales, "fp16 (bits=16)"),
-    (wb_fp16_divides_by_none, "raised TypeError"),
-    (wb_in_bits, "fp16 (bits=16)"),
-    (wb_fp32_others, "fp16 (bits=16)"),
-    (wb_two_codes_per_byte, "3-bit g64"),  # right on the fp16 and 4-bit cases
+WRONG_QUANTIZE_KEYS = [
+    (qk_channel_groups, "raised RuntimeError"),  # (wrong function, a fragment of the failure message it must produce, or None)
+    (qk_minmax_over_channels, "channel 3 an outlier channel"),
+    (qk_symmetric, None),
+    (qk_2_pow_bits_levels, None),
+    (qk_floor, None),
+    (qk_one_group, "groups of 64 tokens"),  # right on the one-group case (8 bits, 64 of 64 tokens)
+    (qk_integer_zero_point, None),
+    (qk_forgets_minimum, None),
+    (qk_returns_codes, None),
+    (qk_groups_not_contiguous, None),
 ]
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 2
 
 
-def db_no_kv_cache(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # weights only: right at
-    return batch * bandwidth_GBps * 1e9 / weight_bytes  # context 0
+def _scatter(x, dim, *indices):
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    for idx in indices:
+        mask.scatter_(dim, idx, True)
+    return mask
 
 
-def db_kv_once_per_step(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # one sequence's cache,
-    step_bytes = weight_bytes + context * kv_bytes_per_token  # not batch of them: right at batch 1
-    return batch * bandwidth_GBps * 1e9 / step_bytes
+def om_largest_abs(x, ratio, dim):  # the 2k largest |x|: misses the bottom tail of a skewed (all positive) vector
+    n = x.shape[dim]  # entries per vector
+    k = kv.outliers_per_side(n, ratio)
+    return _scatter(x, dim, *([x.abs().topk(2 * k, dim=dim).indices] if k else []))
 
 
-def db_per_sequence(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # not x batch: the rate of
-    step_bytes = weight_bytes + batch * context * kv_bytes_per_token  # one sequence, not of all of them
-    return bandwidth_GBps * 1e9 / step_bytes
+def om_ratio_per_side(x, ratio, dim):  # ratio on each side: twice the outliers
+    k = kv.outliers_per_side(x.shape[dim], 2 * ratio)
+    return _scatter(x, dim, *([x.topk(k, dim=dim).indices, x.topk(k, dim=dim, largest=False).indices] if k else []))
 
 
-def db_gibibytes(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # GiB/s: 2**30, not 1e9
-    step_bytes = weight_bytes + batch * context * kv_bytes_per_token
-    return batch * bandwidth_GBps * 2**30 / step_bytes
+def om_last_dim(x, ratio, dim):  # dim ignored: always along the last dim (right for values, wrong for keys)
+    k = kv.outliers_per_side(x.shape[-1], ratio)
+    return _scatter(x, -1, *([x.topk(k).indices, x.topk(k, largest=False).indices] if k else []))
 
 
-def db_weights_per_sequence(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # weights read once
-    step_bytes = batch * (weight_bytes + context * kv_bytes_per_token)  # per sequence too: batching gains nothing
-    return batch * bandwidth_GBps * 1e9 / step_bytes
+def om_k_from_last_dim(x, ratio, dim):  # topk along dim, but k counted from the last dim's length
+    k = kv.outliers_per_side(x.shape[-1], ratio)
+    return _scatter(x, dim, *([x.topk(k, dim=dim).indices, x.topk(k, dim=dim, largest=False).indices] if k else []))
 
 
-def db_seconds_per_step(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # the time of a step,
-    step_bytes = weight_bytes + batch * context * kv_bytes_per_token  # not tokens/s
-    return step_bytes / (bandwidth_GBps * 1e9)
+def om_largest_only(x, ratio, dim):  # the k largest, no bottom tail
+    n = x.shape[dim]  # entries per vector
+    k = kv.outliers_per_side(n, ratio)
+    return _scatter(x, dim, *([x.topk(k, dim=dim).indices] if k else []))
 
 
-WRONG_DECODE_BOUND = [
-    (db_no_kv_cache, "batch 1 at 2048 tokens of context"),  # right on the empty-cache case
-    (db_kv_once_per_step, "batch 16"),  # right at batch 1
-    (db_per_sequence, "batch 16"),  # right at batch 1
-    (db_gibibytes, "empty cache (context 0)"),
-    (db_weights_per_sequence, "batch 16"),  # right at batch 1
-    (db_seconds_per_step, "empty cache (context 0)"),
+def om_int_k(x, ratio, dim):  # k = int(ratio * n / 2): no minimum of 1, so 10 % of 16 entries gives no outlier
+    k = int(ratio * x.shape[dim] / 2)
+    return _scatter(x, dim, *([x.topk(k, dim=dim).indices, x.topk(k, dim=dim, largest=False).indices] if k else []))
+
+
+def om_float_mask(x, ratio, dim):  # 1.0 / 0.0 instead of a bool mask
+    return good_outlier_mask(x, ratio, dim).float()
+
+
+def om_quantile(x, ratio, dim):  # thresholds at the ratio/2 quantiles: interpolated, so not exactly k per side
+    hi = x.quantile(1 - ratio / 2, dim=dim, keepdim=True)
+    lo = x.quantile(ratio / 2, dim=dim, keepdim=True)
+    return (x >= hi) | (x <= lo)
+
+
+def om_floor_min1(x, ratio, dim):  # rounds ratio * n / 2 down (with a minimum of 1): 1.92 -> 1 instead of 2
+    k = 0 if ratio == 0 else max(1, int(ratio * x.shape[dim] / 2))
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    if k:
+        mask.scatter_(dim, x.topk(k, dim=dim).indices, True)
+        mask.scatter_(dim, x.topk(k, dim=dim, largest=False).indices, True)
+    return mask
+
+
+WRONG_OUTLIER_MASK = [
+    (om_largest_abs, None),  # Gaussian vectors already tell; the skewed case is built for it
+    (om_ratio_per_side, None),
+    (om_last_dim, "dim=-2, along tokens"),
+    (om_k_from_last_dim, "dim=-2, along tokens"),
+    (om_largest_only, None),
+    (om_int_k, "skewed positive values"),  # the only case where int(ratio * n / 2) is 0 (n = 16, 10 %)
+    (om_float_mask, "expected a bool mask"),
+    (om_quantile, None),
+    (om_floor_min1, "1.92 per side rounds to 2"),
 ]
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 3
 
 
-def ls_ttft_first_interval(t_request, token_times):  # TTFT between the first two tokens: a decode step, not prefill
-    ttft = token_times[1] - token_times[0]
-    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
-    return ttft, itl, 1.0 / itl
+def lr_one_round_fewer(R, Q0, iters):  # iters - 1 rounds (and none at all for iters = 1: P is never set)
+    Q = Q0
+    for _ in range(iters - 1):
+        P = torch.linalg.qr(R @ Q).Q
+        Q = R.mT @ P
+    return P @ Q.mT
 
 
-def ls_itl_includes_prefill(t_request, token_times):  # (last - t_request) / n: the prefill mixed into the decode step
-    ttft = token_times[0] - t_request
-    itl = (token_times[-1] - t_request) / len(token_times)
-    return ttft, itl, 1.0 / itl
+def lr_one_round_more(R, Q0, iters):
+    Q = Q0
+    for _ in range(iters + 1):
+        P = torch.linalg.qr(R @ Q).Q
+        Q = R.mT @ P
+    return P @ Q.mT
 
 
-def ls_itl_over_n(t_request, token_times):  # n tokens but n - 1 intervals between them
-    ttft = token_times[0] - t_request
-    itl = (token_times[-1] - token_times[0]) / len(token_times)
-    return ttft, itl, 1.0 / itl
+def lr_no_qr(R, Q0, iters):  # P = R @ Q, not orthonormalised: P @ Q^T is no projection and grows with every round
+    Q = Q0
+    for _ in range(iters):
+        P = R @ Q
+        Q = R.mT @ P
+    return P @ Q.mT
 
 
-def ls_tps_over_total(t_request, token_times):  # decode tokens/s = n / total time: the naive rate, prefill included
-    ttft = token_times[0] - t_request
-    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
-    return ttft, itl, len(token_times) / (token_times[-1] - t_request)
+def lr_first_round_projection(R, Q0, iters):  # P from the first round only, projected: iters is ignored
+    P = torch.linalg.qr(R @ Q0).Q
+    return P @ P.mT @ R
 
 
-def ls_milliseconds(t_request, token_times):  # TTFT and ITL in ms (tokens/s still per second)
-    ttft = token_times[0] - t_request
-    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
-    return 1e3 * ttft, 1e3 * itl, 1.0 / itl
+def lr_Q_from_R_not_RT(R, Q0, iters):  # Q = R @ P: (n, d) @ (n, r) does not multiply
+    Q = Q0
+    for _ in range(iters):
+        P = torch.linalg.qr(R @ Q).Q
+        Q = R @ P
+    return P @ Q.mT
 
 
-def ls_other_order(t_request, token_times):  # a list (itl, ttft, tps): the lab unpacks ttft, itl, tps
-    ttft = token_times[0] - t_request
-    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
-    return [itl, ttft, 1.0 / itl]
+def lr_dot_T(R, Q0, iters):  # .T reverses ALL the dims of a batched R: right for 2-D, fails on (2, 3, 64, 16)
+    Q = Q0
+    with warnings.catch_warnings():  # torch warns that .T on a tensor that is not 2-D is deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(iters):
+            P = torch.linalg.qr(R @ Q).Q
+            Q = R.T @ P
+        return P @ Q.T
 
 
-def ls_median_interval(t_request, token_times):  # median of the intervals: right when they are all equal
-    ttft = token_times[0] - t_request
-    itl = float(np.median(np.diff(token_times)))
-    return ttft, itl, 1.0 / itl
+def lr_normalised_columns(R, Q0, iters):  # each column divided by its norm instead of QR: not orthogonal, so
+    Q = Q0  # P @ P^T is no projection (and the columns all drift to the top singular vector)
+    for _ in range(iters):
+        Y = R @ Q
+        P = Y / Y.norm(dim=-2, keepdim=True)
+        Q = R.mT @ P
+    return P @ Q.mT
 
 
-def ls_skip_first_interval(t_request, token_times):  # the first decode interval dropped as "warm-up": right for
-    ttft = token_times[0] - t_request  # evenly spaced tokens
-    itl = (token_times[-1] - token_times[1]) / (len(token_times) - 2)
-    return ttft, itl, 1.0 / itl
+def lr_own_random_start(R, Q0, iters):  # a fresh random start instead of the Q0 given
+    g = torch.Generator().manual_seed(0)
+    Q = torch.randn(Q0.shape, generator=g)
+    for _ in range(iters):
+        P = torch.linalg.qr(R @ Q).Q
+        Q = R.mT @ P
+    return P @ Q.mT
 
 
-WRONG_LATENCY_STATS = [
-    (ls_ttft_first_interval, "prefill 0.5 s, then a token every 0.1 s"),
-    (ls_itl_includes_prefill, "prefill 0.5 s, then a token every 0.1 s"),
-    (ls_itl_over_n, "prefill 0.5 s, then a token every 0.1 s"),
-    (ls_tps_over_total, "prefill 0.5 s, then a token every 0.1 s"),
-    (ls_milliseconds, "prefill 0.5 s, then a token every 0.1 s"),
-    (ls_other_order, "prefill 0.5 s, then a token every 0.1 s"),
-    (ls_median_interval, "jittered token times"),  # the first two cases are evenly spaced
-    (ls_skip_first_interval, "jittered token times"),
+def lr_returns_factors(R, Q0, iters):  # (P, Q), not the approximation P @ Q^T
+    return kv.power_iteration(R, Q0, iters)
+
+
+WRONG_LOWRANK = [
+    (lr_one_round_fewer, None),
+    (lr_one_round_more, None),
+    (lr_no_qr, None),
+    (lr_first_round_projection, "rank 2, 3 rounds"),  # right for 1 round
+    (lr_Q_from_R_not_RT, "raised RuntimeError"),
+    (lr_dot_T, ": Q = R.T @ P)"),  # right on the three 2-D cases: the batched one raises, the line is shown
+    (lr_normalised_columns, None),
+    (lr_own_random_start, None),
+    (lr_returns_factors, "expected a torch.Tensor, got tuple"),
 ]
+
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 4
 
 
-def pk_no_blocks(cache_bytes, kv_bytes_per_token, block_size):  # tokens, not whole blocks: 46 603 for 1 GiB
-    return int(cache_bytes // kv_bytes_per_token)
+def gn_no_minima(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # only the fp16 scales
+    return (tokens * head_dim * bits // 8 + 2 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
+            + 2 * rank * (tokens + head_dim))
 
 
-def pk_gigabytes(cache_bytes, kv_bytes_per_token, block_size):  # "1 GiB" read as 1e9 bytes
-    blocks = (cache_bytes / 2**30 * 1e9) // (kv_bytes_per_token * block_size)
-    return int(blocks) * block_size
+def gn_codes_one_byte_each(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # codes not packed
+    return (tokens * head_dim + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
+            + 2 * rank * (tokens + head_dim))
 
 
-def pk_blocks_not_tokens(cache_bytes, kv_bytes_per_token, block_size):  # the number of blocks (2912), not tokens
-    return int(cache_bytes // (kv_bytes_per_token * block_size))
+def gn_no_indices(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # outlier values only
+    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + 2 * n_outliers
+            + 2 * rank * (tokens + head_dim))
 
 
-def pk_round_up(cache_bytes, kv_bytes_per_token, block_size):  # a partial block counted: one block too many
-    return math.ceil(cache_bytes / (kv_bytes_per_token * block_size)) * block_size
+def gn_one_factor(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # P only, Q forgotten
+    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
+            + 2 * rank * tokens)
 
 
-def pk_keys_only(cache_bytes, kv_bytes_per_token, block_size):  # "bytes per token" halved: keys only, no values
-    blocks = cache_bytes // (kv_bytes_per_token / 2 * block_size)
-    return int(blocks) * block_size
+def gn_fp32_factors(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # 4 bytes per factor entry
+    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
+            + 4 * rank * (tokens + head_dim))
 
 
-def pk_round_nearest(cache_bytes, kv_bytes_per_token, block_size):  # round() instead of floor: a block too many
-    return round(cache_bytes / (kv_bytes_per_token * block_size)) * block_size
+def gn_lowrank_full_size(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # rank * tokens * d
+    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + index_bytes)
+            + rank * tokens * head_dim)
 
 
-WRONG_PAGED_KV = [
-    (pk_no_blocks, "1 GiB, SmolLM2-135M"),
-    (pk_gigabytes, "1 GiB, SmolLM2-135M"),
-    (pk_blocks_not_tokens, "1 GiB, SmolLM2-135M"),
-    (pk_round_up, "1 GiB, SmolLM2-135M"),
-    (pk_keys_only, "1 GiB, SmolLM2-135M"),
-    (pk_round_nearest, "1 GiB, SmolLM2-135M"),  # 2912.7 blocks round up to 2913
+def gn_groups_per_token_count(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # tokens // g
+    return (tokens * head_dim * bits // 8 + 4 * (tokens // group_size) + n_outliers * (2 + index_bytes)  # groups:
+            + 2 * rank * (tokens + head_dim))  # the head_dim channels forgotten
+
+
+def gn_two_byte_indices(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # index_bytes ignored
+    return (tokens * head_dim * bits // 8 + 4 * (tokens * head_dim // group_size) + n_outliers * (2 + 2)
+            + 2 * rank * (tokens + head_dim))
+
+
+def gn_in_bits(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # everything in bits, never / 8
+    return (tokens * head_dim * bits + 32 * (tokens * head_dim // group_size) + n_outliers * (16 + 8 * index_bytes)
+            + 16 * rank * (tokens + head_dim))
+
+
+WRONG_GEAR_NBYTES = [
+    (gn_no_minima, None),
+    (gn_codes_one_byte_each, None),
+    (gn_no_indices, None),
+    (gn_one_factor, None),
+    (gn_fp32_factors, None),
+    (gn_lowrank_full_size, None),
+    (gn_groups_per_token_count, None),
+    (gn_two_byte_indices, "1-byte indices"),  # right wherever index_bytes is 2
+    (gn_in_bits, None),
 ]
 
-WRONG = [(checks.check_weight_bytes, WEIGHT_BYTES, fn, msg) for fn, msg in WRONG_WEIGHT_BYTES]
-WRONG += [(checks.check_decode_bound, DECODE_BOUND, fn, msg) for fn, msg in WRONG_DECODE_BOUND]
-WRONG += [(checks.check_latency_stats, LATENCY_STATS, fn, msg) for fn, msg in WRONG_LATENCY_STATS]
-WRONG += [(checks.check_paged_kv_tokens, PAGED_KV, fn, msg) for fn, msg in WRONG_PAGED_KV]
+WRONG = [(checks.check_quantize_keys, QUANTIZE_KEYS, fn, msg) for fn, msg in WRONG_QUANTIZE_KEYS]
+WRONG += [(checks.check_outlier_mask, OUTLIER_MASK, fn, msg) for fn, msg in WRONG_OUTLIER_MASK]
+WRONG += [(checks.check_lowrank, LOWRANK, fn, msg) for fn, msg in WRONG_LOWRANK]
+WRONG += [(checks.check_gear_nbytes, GEAR_NBYTES, fn, msg) for fn, msg in WRONG_GEAR_NBYTES]
 
 
 # ----------------------------------------------------------------------------- correct alternatives
 
 
-def alt_weight_bytes_numpy(linear_params, other_params, bits, group_size):  # numpy: bytes per parameter of each
-    counts = np.array([linear_params, other_params], dtype=np.float64)  # kind, a dot product (np.float64)
-    if bits == 16:
-        return np.dot(counts, [2.0, 2.0])
-    return np.dot(counts, [bits / 8 + (2 + bits / 8) / group_size, 2.0])
+def alt_quantize_keys_loop(k, bits, group_size):  # one slice of group_size tokens at a time, min/max over tokens
+    out = torch.empty_like(k)
+    levels = 2**bits - 1
+    for start in range(0, k.shape[2], group_size):
+        chunk = k[:, :, start : start + group_size, :]
+        lo, hi = chunk.min(dim=2, keepdim=True).values, chunk.max(dim=2, keepdim=True).values
+        step = torch.clamp((hi - lo) / levels, min=1e-8)
+        out[:, :, start : start + group_size, :] = torch.round((chunk - lo) / step).clamp(0, levels) * step + lo
+    return out
 
 
-def alt_weight_bytes_per_param(linear_params, other_params, bits, group_size):  # bits per Linear parameter first,
-    if bits == 16:  # overhead included (4-bit g64: 4 + 20 / 64 = 4.3125), then / 8
-        return 2 * linear_params + 2 * other_params
-    bits_per_param = bits + (16 + bits) / group_size
-    return linear_params * bits_per_param / 8 + 2 * other_params
+def alt_quantize_keys_transposed(k, bits, group_size):  # channels first: (b, h, d, n_groups, g), min/max over last
+    b, h, t, d = k.shape
+    g = k.transpose(-1, -2).reshape(b, h, d, t // group_size, group_size)
+    mn, mx = torch.aminmax(g, dim=-1, keepdim=True)
+    scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
+    q = ((g - mn) / scale).round().clamp(0, 2**bits - 1)
+    return (q * scale + mn).reshape(b, h, d, t).transpose(-1, -2)
 
 
-def alt_weight_bytes_parts(linear_params, other_params, bits, group_size):  # named parts summed
-    if bits == 16:
-        return 2 * (linear_params + other_params)
-    n_groups = linear_params / group_size
-    parts = {"codes": linear_params * bits / 8, "scales": 2 * n_groups, "zeros": n_groups * bits / 8,
-             "embeddings + norms": 2 * other_params}
+def alt_quantize_keys_unflatten_no_clamp(k, bits, group_size):  # unflatten; no clamp of the codes:
+    g = k.unflatten(2, (-1, group_size))  # round((x - min) / scale) lies in [0, 2^b - 1] already
+    mn = g.amin(dim=3, keepdim=True)
+    scale = torch.clamp_min((g.amax(dim=3, keepdim=True) - mn) / (2**bits - 1), 1e-8)
+    return (torch.round((g - mn) / scale) * scale + mn).flatten(2, 3)
+
+
+def alt_quantize_keys_float64(k, bits, group_size):  # the lab's formula in float64, back to float32
+    return good_quantize_keys_per_channel(k.double(), bits, group_size).to(k.dtype)
+
+
+def alt_quantize_keys_normalised(k, bits, group_size):  # (x - min) / (max - min) in [0, 1], times the levels
+    g = _token_groups(k, group_size)
+    mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
+    rng, levels = (mx - mn).clamp_min(1e-8), 2**bits - 1
+    return (torch.round((g - mn) / rng * levels) / levels * rng + mn).reshape(k.shape)
+
+
+def alt_outlier_mask_argsort(x, ratio, dim):  # argsort once: the first k and the last k positions along dim
+    n = x.shape[dim]
+    k = kv.outliers_per_side(n, ratio)
+    order = x.argsort(dim=dim)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask.scatter_(dim, order.narrow(dim, 0, k), True)  # narrow, not [-k:]: -0 would select everything
+    mask.scatter_(dim, order.narrow(dim, n - k, k), True)
+    return mask
+
+
+def alt_outlier_mask_kthvalue(x, ratio, dim):  # thresholds: the k-th smallest and the k-th largest value
+    n = x.shape[dim]
+    k = kv.outliers_per_side(n, ratio)
+    if k == 0:
+        return torch.zeros(x.shape, dtype=torch.bool)
+    lo = x.kthvalue(k, dim=dim, keepdim=True).values
+    hi = x.kthvalue(n - k + 1, dim=dim, keepdim=True).values
+    return (x <= lo) | (x >= hi)
+
+
+def alt_outlier_mask_sort_last_dim(x, ratio, dim):  # dim moved last, sorted values as thresholds, moved back
+    xm = x.movedim(dim, -1)
+    k = kv.outliers_per_side(xm.shape[-1], ratio)
+    s = xm.sort(dim=-1).values
+    mask = (xm <= s[..., k - 1 : k]) | (xm >= s[..., -k:][..., :1]) if k else torch.zeros_like(xm, dtype=torch.bool)
+    return mask.movedim(-1, dim)
+
+
+def alt_outlier_mask_topk_of_negated(x, ratio, dim):  # the smallest as the largest of -x; one scatter of both
+    k = kv.outliers_per_side(x.size(dim), ratio)
+    idx = torch.cat([x.topk(k, dim).indices, (-x).topk(k, dim).indices], dim=dim)
+    return torch.zeros(x.shape, dtype=torch.bool).scatter(dim, idx, torch.ones_like(idx, dtype=torch.bool))
+
+
+def alt_lowrank_transpose(R, Q0, iters):  # .transpose(-1, -2): the batched transpose spelled out
+    Q = Q0
+    for _ in range(iters):
+        P, _ = torch.linalg.qr(R @ Q, mode="reduced")
+        Q = R.transpose(-1, -2) @ P
+    return P @ Q.transpose(-1, -2)
+
+
+def alt_lowrank_projection(R, Q0, iters):  # P @ Q^T = P @ P^T @ R with the LAST round's P
+    Q = Q0
+    for _ in range(iters):
+        P = torch.linalg.qr(torch.matmul(R, Q)).Q
+        Q = torch.matmul(R.mT, P)
+    return P @ (P.mT @ R)
+
+
+def alt_lowrank_svd_basis(R, Q0, iters):  # orthonormal basis of R @ Q from its SVD: the same span as QR's
+    Q = Q0
+    for _ in range(iters):
+        P = torch.linalg.svd(R @ Q, full_matrices=False).U
+        Q = torch.einsum("...nd,...nr->...dr", R, P)
+    return torch.einsum("...nr,...dr->...nd", P, Q)
+
+
+def alt_lowrank_gram_schmidt(R, Q0, iters):  # modified Gram-Schmidt by hand, column by column, batched
+    Q = Q0
+    for _ in range(iters):
+        Y = R @ Q
+        cols = []
+        for j in range(Y.shape[-1]):
+            v = Y[..., j]
+            for u in cols:
+                v = v - (u * v).sum(-1, keepdim=True) * u
+            cols.append(v / v.norm(dim=-1, keepdim=True))
+        P = torch.stack(cols, dim=-1)
+        Q = R.mT @ P
+    return P @ Q.mT
+
+
+def alt_gear_nbytes_in_bits(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # bits, then / 8
+    groups = tokens * head_dim // group_size
+    total_bits = (tokens * head_dim * bits + groups * (16 + 16) + n_outliers * (16 + 8 * index_bytes)
+                  + 16 * rank * tokens + 16 * rank * head_dim)
+    return total_bits // 8
+
+
+def alt_gear_nbytes_per_entry(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # a float:
+    entries = tokens * head_dim  # bytes per entry times entries (exact: every factor is dyadic on the cases)
+    return entries * (bits / 8 + 4 / group_size) + (2 + index_bytes) * n_outliers + 2 * rank * (tokens + head_dim)
+
+
+def alt_gear_nbytes_parts(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # named parts summed
+    parts = {"codes": math.ceil(tokens * head_dim * bits / 8), "scales": 2 * tokens * head_dim // group_size,
+             "minima": 2 * tokens * head_dim // group_size, "outlier values": 2 * n_outliers,
+             "outlier indices": index_bytes * n_outliers, "P": 2 * tokens * rank, "Q": 2 * head_dim * rank}
     return sum(parts.values())
 
 
-def alt_weight_bytes_int(linear_params, other_params, bits, group_size):  # integer bytes: every case's counts are
-    if bits == 16:  # whole numbers of bytes (and whole groups), so // is exact here
-        return 2 * (linear_params + other_params)
-    groups = linear_params // group_size
-    return (linear_params * bits + groups * (16 + bits)) // 8 + 2 * other_params
-
-
-def alt_decode_bound_tokens_over_seconds(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):
-    bytes_per_step = weight_bytes + context * kv_bytes_per_token * batch  # tokens per step / seconds per step
-    seconds_per_step = bytes_per_step / (bandwidth_GBps * 1e9)
-    return batch / seconds_per_step
-
-
-def alt_decode_bound_bytes_per_token(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # each
-    per_token = weight_bytes / batch + context * kv_bytes_per_token  # token's share of the step's bytes
-    return bandwidth_GBps * 1e9 / per_token
-
-
-def alt_decode_bound_numpy(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # np.float64
-    bandwidth = np.float64(bandwidth_GBps) * 10**9
-    return batch * bandwidth / np.sum([weight_bytes, batch * context * kv_bytes_per_token])
-
-
-def alt_latency_stats_diff_mean(t_request, token_times):  # mean of the intervals = (last - first) / (n - 1)
-    times = np.asarray(token_times)
-    itl = np.diff(times).mean()
-    return times[0] - t_request, itl, 1 / itl  # numpy floats
-
-
-def alt_latency_stats_list(t_request, token_times):  # a list, and decode tokens/s as intervals / decode span
-    first, last, n = token_times[0], token_times[-1], len(token_times)
-    return [first - t_request, (last - first) / (n - 1), (n - 1) / (last - first)]
-
-
-def alt_latency_stats_numpy_floats(t_request, token_times):  # np.float64 throughout
-    times = np.array(token_times, dtype=np.float64)
-    ttft = times[0] - np.float64(t_request)
-    itl = (times[-1] - times[0]) / (times.size - 1)
-    return ttft, itl, np.reciprocal(itl)
-
-
-def alt_latency_stats_loop(t_request, token_times):  # the decode span summed interval by interval
-    span = 0.0
-    for earlier, later in zip(token_times, token_times[1:]):
-        span += later - earlier
-    itl = span / (len(token_times) - 1)
-    return token_times[0] - t_request, itl, 1 / itl
-
-
-def alt_paged_kv_modulo(cache_bytes, kv_bytes_per_token, block_size):  # the bytes left over a whole block dropped
-    block_bytes = kv_bytes_per_token * block_size
-    return int((cache_bytes - cache_bytes % block_bytes) / block_bytes) * block_size
-
-
-def alt_paged_kv_floor(cache_bytes, kv_bytes_per_token, block_size):  # math.floor of the exact ratio
-    return math.floor(cache_bytes / kv_bytes_per_token / block_size) * block_size
-
-
-def alt_paged_kv_loop(cache_bytes, kv_bytes_per_token, block_size):  # allocate block after block until full
-    per_block, blocks = kv_bytes_per_token * block_size, 0
-    blocks = int(cache_bytes // per_block)  # (a literal loop would take 2912 steps; the same count)
-    return np.int64(blocks * block_size)  # a numpy integer is still a number
+def alt_gear_nbytes_tensor(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # a 0-d tensor
+    return torch.tensor(good_gear_nbytes(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes))
 
 
 CORRECT_ALTERNATIVES = [
-    (checks.check_paged_kv_tokens, PAGED_KV, alt_paged_kv_modulo),
-    (checks.check_paged_kv_tokens, PAGED_KV, alt_paged_kv_floor),
-    (checks.check_paged_kv_tokens, PAGED_KV, alt_paged_kv_loop),
-    (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_numpy),
-    (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_per_param),
-    (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_parts),
-    (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_int),
-    (checks.check_decode_bound, DECODE_BOUND, alt_decode_bound_tokens_over_seconds),
-    (checks.check_decode_bound, DECODE_BOUND, alt_decode_bound_bytes_per_token),
-    (checks.check_decode_bound, DECODE_BOUND, alt_decode_bound_numpy),
-    (checks.check_latency_stats, LATENCY_STATS, alt_latency_stats_diff_mean),
-    (checks.check_latency_stats, LATENCY_STATS, alt_latency_stats_list),
-    (checks.check_latency_stats, LATENCY_STATS, alt_latency_stats_numpy_floats),
-    (checks.check_latency_stats, LATENCY_STATS, alt_latency_stats_loop),
+    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_loop),
+    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_transposed),
+    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_unflatten_no_clamp),
+    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_float64),
+    (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_normalised),
+    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_argsort),
+    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_kthvalue),
+    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_sort_last_dim),
+    (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_topk_of_negated),
+    (checks.check_lowrank, LOWRANK, alt_lowrank_transpose),
+    (checks.check_lowrank, LOWRANK, alt_lowrank_projection),
+    (checks.check_lowrank, LOWRANK, alt_lowrank_svd_basis),
+    (checks.check_lowrank, LOWRANK, alt_lowrank_gram_schmidt),
+    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_in_bits),
+    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_per_entry),
+    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_parts),
+    (checks.check_gear_nbytes, GEAR_NBYTES, alt_gear_nbytes_tensor),
 ]
 
 
 # ----------------------------------------------------------------------------- not done
 
 
+def _fake_quantize_plain(k: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Exercise 1 in plain Python: every channel of every head, group_size consecutive tokens at a time."""
+    out = k.tolist()
+    levels = 2**bits - 1
+    for b, heads in enumerate(out):
+        for h, tokens in enumerate(heads):
+            for c in range(len(tokens[0])):
+                for start in range(0, len(tokens), group_size):
+                    group = [tokens[t][c] for t in range(start, start + group_size)]
+                    lo, hi = min(group), max(group)
+                    scale = (hi - lo) / levels
+                    for t in range(start, start + group_size):
+                        out[b][h][t][c] = round((tokens[t][c] - lo) / scale) * scale + lo
+    return torch.tensor(out)
+
+
+def _outlier_mask_plain(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Exercise 2 along dim=-2 of a (b, n, c) tensor in plain Python: the k smallest and k largest of each column."""
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    for b, rows in enumerate(x.tolist()):
+        for c in range(len(rows[0])):
+            order = sorted(range(len(rows)), key=lambda i: rows[i][c])
+            for i in order[:k] + order[-k:]:
+                mask[b, i, c] = True
+    return mask
+
+
 def _sample_calls():
     """checker -> (args of one sample call, an independent computation of what the reference must return)."""
-    # 6400 Linear parameters at 4 bits in groups of 64, 1000 others: 3200 bytes of codes, 100 groups of a 2-byte
-    # scale and a half-byte zero, 2 bytes for each other parameter
-    nbytes = 6400 * 4 / 8 + 100 * (2 + 0.5) + 1000 * 2
-    assert nbytes == 5450
-    # 1 MB of weights, 1000 bytes of KV per token, 500 tokens of context, 4 sequences, 300 GB/s: a step reads
-    # 1e6 + 4 * 500 * 1000 = 3e6 bytes in 1e-5 s and makes 4 tokens
-    tokens_per_s = 4 / (3e6 / 300e9)
-    assert tokens_per_s == pytest.approx(400_000)
-    # requested at t = 1 s, four tokens: 0.4 s to the first, then 0.4 s for the 3 decode steps
-    times = [1.4, 1.5, 1.7, 1.8]
-    latency = (0.4, 0.4 / 3, 3 / 0.4)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 8, 3, generator=g) * 2 + 1
+    x = torch.randn(2, 10, 5, generator=g)
+    assert kv.outliers_per_side(10, 0.4) == 2  # 40 % of 10 entries: 2 on each side
+    # R = U diag(s) V^T with a start Q0 spanning V's first two columns: after any number of rounds P spans U's first
+    # two columns, and P @ Q^T is the best rank-2 approximation U_2 diag(s_2) V_2^T
+    U = torch.linalg.qr(torch.randn(6, 4, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(4, 4, generator=g)).Q
+    s = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    R = (U * s) @ V.T
+    Q0 = V[:, :2] @ torch.tensor([[1.0, 0.5], [-0.3, 2.0]])
+    best2 = (U[:, :2] * s[:2]) @ V[:, :2].T
+    # 128 tokens x 64 channels, 4 bits, groups of 32, rank 2, 10 outliers with 1-byte indices
+    nbytes = 128 * 64 * 4 // 8 + (128 * 64 // 32) * (2 + 2) + 10 * (2 + 1) + 2 * (128 * 2 + 64 * 2)
     return {
-        checks.check_weight_bytes: ((6400, 1000, 4, 64), nbytes),
-        checks.check_decode_bound: ((1e6, 1000, 500, 4, 300.0), tokens_per_s),
-        checks.check_latency_stats: ((1.0, times), latency),
-        # 1000 bytes per token, blocks of 16 (16 000 bytes each): 100 000 bytes hold 6 whole blocks = 96 tokens
-        checks.check_paged_kv_tokens: ((100_000, 1000, 16), 96),
+        checks.check_quantize_keys: ((k, 2, 4), _fake_quantize_plain(k, 2, 4)),
+        checks.check_outlier_mask: ((x, 0.4, -2), _outlier_mask_plain(x, 2)),
+        checks.check_lowrank: ((R, Q0, 2), best2),
+        checks.check_gear_nbytes: ((128, 64, 4, 32, 2, 10, 1), nbytes),
     }
 
 
 def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
-    """The lab calls weight_bytes with group 64 at 16, 8 and 4 bits (16 is plain fp16, the group ignored),
-    decode_bound with the datasheet bandwidths (ints) and int batches, latency_stats on the streamer's list of
-    time.perf_counter() stamps."""
+    """The lab calls the references on real cache shapes: quantize_keys on (1, heads, tokens, head_dim) keys,
+    outlier_mask along the tokens (dim=-2) with ratio 0 too, lowrank_residual on (1, heads, tokens, head_dim)
+    residuals with a (head_dim, r) start, gear_nbytes with kv.index_bytes."""
     def todo(*args):
         raise NotImplementedError
 
-    weight_bytes, decode_bound, latency_stats, paged_kv_tokens = (c(todo) for c in GOOD)
-    assert paged_kv_tokens(2**30, 23040, 16) == 46592  # vLLM's log for 1 GiB of SmolLM2-135M bf16 cache
+    quantize, mask, lowrank, nbytes = (c(todo) for c in GOOD)
     capsys.readouterr()
-    linear, other = checks.SMOLLM_LINEAR, checks.SMOLLM_OTHER
-    assert weight_bytes(linear, other, 16, 64) == 2 * (linear + other)
-    assert weight_bytes(linear, other, 8, 64) == linear + linear / 64 * 3 + 2 * other
-    wb4 = weight_bytes(linear, other, 4, 64)
-    assert wb4 == good_weight_bytes(linear, other, 4, 64) < weight_bytes(linear, other, 8, 64)
-    h100 = deploy.GPUS["H100-SXM"]["bandwidth_GBps"]
-    rates = [decode_bound(wb4, 23040, 4096, int(b), h100) for b in np.array([1, 4, 16])]
-    assert rates == sorted(rates) and rates[0] == pytest.approx(h100 * 1e9 / (wb4 + 4096 * 23040))
-    ttft, itl, tps = latency_stats(5.0, [5.3, 5.35, 5.4, 5.45, 5.5])
-    assert (ttft, itl, tps) == pytest.approx((0.3, 0.05, 20.0))
+    g = torch.Generator().manual_seed(1)
+    K = torch.randn(1, 3, 128, 64, generator=g)
+    torch.testing.assert_close(quantize(K, 2, 64), good_quantize_keys_per_channel(K, 2, 64))
+    for r in (0.0, 0.02, 0.08):
+        m = mask(K, r, -2)
+        assert m.dtype == torch.bool and torch.equal(m, good_outlier_mask(K, r, -2))
+        assert int(m.sum()) == 2 * kv.outliers_per_side(128, r) * 3 * 64
+    Q0 = torch.randn(64, 4, generator=g)
+    L = lowrank(K, Q0, 3)
+    assert L.shape == K.shape and int(torch.linalg.matrix_rank(L[0, 1])) == 4
+    torch.testing.assert_close(L, good_lowrank_residual(K, Q0, 3), rtol=1e-4, atol=1e-4)
+    assert nbytes(128, 64, 2, 64, 4, 2 * 2 * 64, kv.index_bytes(128)) == good_gear_nbytes(128, 64, 2, 64, 4, 256, 1)
 
 
 # ----------------------------------------------------------------------------- failed
 
 
-def _typo_weight_bytes(linear_params, other_params, bits, group_size):
-    return math.prod(linear_params, bits) / 8 + 2 * other_params  # math.prod takes one iterable
+def test_other_exceptions_in_gear_nbytes_are_failures_not_crashes(capsys):
+    """Exercise 4 gets ints (the shared helper's x.amin typo needs a tensor): a TypeError from plain Python."""
+    def typo(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):
+        return math.prod(tokens, head_dim) * bits // 8  # math.prod takes one iterable
 
-
-def _typo_decode_bound(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):
-    return batch * bandwidth_GBps * 1e9 / math.fsum(weight_bytes, batch * context * kv_bytes_per_token)
-
-
-def _typo_latency_stats(t_request, token_times):
-    itl = token_times.diff().mean()  # a list, not a tensor: AttributeError
-    return token_times[0] - t_request, itl, 1 / itl
-
-
-OTHER_EXCEPTIONS = [
-    (checks.check_weight_bytes, _typo_weight_bytes, "raised TypeError", "math.prod(linear_params, bits)"),
-    (checks.check_decode_bound, _typo_decode_bound, "raised TypeError", "math.fsum(weight_bytes,"),
-    (checks.check_latency_stats, _typo_latency_stats, "raised AttributeError", "token_times.diff().mean()"),
-]
+    out = assert_failed(checks.check_gear_nbytes, GEAR_NBYTES, typo, capsys, "raised TypeError")
+    assert "math.prod(tokens, head_dim)" in out  # the offending line is shown
 
 
 def test_returning_none_is_a_failure(capsys):
-    def forgot_return(linear_params, other_params, bits, group_size):
-        good_weight_bytes(linear_params, other_params, bits, group_size)
+    def forgot_return(k, bits, group_size):
+        good_quantize_keys_per_channel(k, bits, group_size)
 
-    def forgot_return_latency(t_request, token_times):
-        good_latency_stats(t_request, token_times)
+    def forgot_return_nbytes(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):
+        good_gear_nbytes(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes)
 
-    assert_failed(checks.check_weight_bytes, WEIGHT_BYTES, forgot_return, capsys, "expected a number, got NoneType")
+    assert_failed(checks.check_quantize_keys, QUANTIZE_KEYS, forgot_return, capsys,
+                  "expected a torch.Tensor, got NoneType")
     checks.STATUS.clear()
-    assert_failed(checks.check_latency_stats, LATENCY_STATS, forgot_return_latency, capsys,
-                  "expected a tuple of 3 numbers, got NoneType")
+    assert_failed(checks.check_gear_nbytes, GEAR_NBYTES, forgot_return_nbytes, capsys,
+                  "expected a number, got NoneType")
 
 
-def test_two_codes_per_byte_is_right_at_4_bits_only():
-    """Why wb_two_codes_per_byte passes the fp16 and 4-bit cases: bits / 8 = 0.5 exactly there; the 3-bit case tells."""
-    linear, other = checks.SMOLLM_LINEAR, checks.SMOLLM_OTHER
-    for bits, group_size in ((16, None), (4, 64)):
-        assert wb_two_codes_per_byte(linear, other, bits, group_size) == good_weight_bytes(linear, other, bits,
-                                                                                           group_size)
-    assert wb_two_codes_per_byte(linear, other, 3, 64) - good_weight_bytes(linear, other, 3, 64) > 1e6
+def test_the_integer_zero_point_is_really_different():
+    """Why qk_integer_zero_point is wrong here: rounding -min / scale to an integer moves every level by up to half a
+    step, so the group minimum is no longer reproduced exactly (the checker's 1e-4 would accept float noise only)."""
+    k = checks._keys((1, 1, 96, 12), 82, offset=5.0)
+    good, gptq = good_quantize_keys_per_channel(k, 2, 32), qk_integer_zero_point(k, 2, 32)
+    mins = k.reshape(1, 1, 3, 32, 12).amin(3)
+    torch.testing.assert_close(good.reshape(1, 1, 3, 32, 12).amin(3), mins)  # the minimum is a level, exactly
+    assert (gptq - good).abs().max() > 0.05
 
 
-def test_batch_mistakes_need_a_batch_above_one():
-    """Why three decode_bound mistakes pass the batch-1 cases: with batch 1, `x batch` and `batch x KV` change
-    nothing; only the batch-16 case (and the batch-64 one after it) tells."""
-    w4 = deploy.weight_bytes_at(checks.SMOLLM_LINEAR, checks.SMOLLM_OTHER, 4, 64)
-    for wrong in (db_kv_once_per_step, db_per_sequence, db_weights_per_sequence):
-        assert wrong(w4, 23040, 2048, 1, 3350.0) == good_decode_bound(w4, 23040, 2048, 1, 3350.0)
-        assert not wrong(w4, 23040, 2048, 16, 2039.0) == pytest.approx(good_decode_bound(w4, 23040, 2048, 16, 2039.0),
-                                                                       rel=1e-3)
+def test_int_k_is_caught_by_the_skewed_case_only():
+    """Why om_int_k fails, and where: int(ratio * n / 2) is 0 for 10 % of 16 entries (the skewed case), where
+    outliers_per_side keeps at least one per side; on the other cases' sizes the two agree."""
+    assert int(0.10 * 16 / 2) == 0 and kv.outliers_per_side(16, 0.10) == 1
+    for n, ratio in ((200, 0.02), (64, 0.04), (128, 0.05), (8, 0.0)):  # the other four cases
+        assert int(ratio * n / 2) == kv.outliers_per_side(n, ratio)
 
 
-def test_evenly_spaced_tokens_hide_the_interval_statistic():
-    """Why ls_median_interval and ls_skip_first_interval pass the first two cases: the median interval and the
-    intervals after the first equal the mean interval when tokens are evenly spaced; jittered times tell."""
-    even = [0.02, 0.27, 0.52, 0.77, 1.02]
-    jittered = [3.9, 4.0, 4.25, 4.3, 4.6, 4.62]
-    for wrong in (ls_median_interval, ls_skip_first_interval):
-        assert wrong(0.0, even) == pytest.approx(good_latency_stats(0.0, even))
-        assert abs(wrong(3.0, jittered)[1] - good_latency_stats(3.0, jittered)[1]) > 0.01
+def test_normalised_columns_are_not_an_orthonormal_basis():
+    """Why lr_normalised_columns is wrong: unit columns are not orthogonal, so P @ P^T is no projection and the
+    result differs from the power iteration's."""
+    R = checks._slow_spectrum((40, 12), 91)
+    Q0 = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    Y = R @ Q0
+    P = Y / Y.norm(dim=-2, keepdim=True)
+    torch.testing.assert_close(P.norm(dim=-2), torch.ones(2))
+    assert (P.mT @ P - torch.eye(2)).abs().max() > 0.1
+    assert (lr_normalised_columns(R, Q0, 3) - good_lowrank_residual(R, Q0, 3)).abs().max() > 1e-2
 
 
-# ----------------------------------------------------------------------------- inputs are not shared between calls
+def test_dot_T_is_right_for_2d_and_wrong_for_batched():
+    """Why lr_dot_T passes three cases: .T is .mT on a 2-D R; only the batched (2, 3, 64, 16) case tells."""
+    R = checks._slow_spectrum((40, 12), 91)
+    Q0 = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lr_dot_T(R, Q0, 3), good_lowrank_residual(R, Q0, 3))
+    with pytest.raises(RuntimeError):
+        lr_dot_T(checks._slow_spectrum((2, 3, 64, 16), 92), torch.randn(16, 4), 3)
 
 
-def mut_latency_stats(t_request, token_times):  # right, then empties the list it was given (a list is not cloned)
-    out = good_latency_stats(t_request, token_times)
-    token_times.clear()
+# ----------------------------------------------------------------------------- inputs are cloned per call
+
+
+def mut_quantize_keys(k, bits, group_size):
+    out = good_quantize_keys_per_channel(k, bits, group_size)
+    k.zero_()
     return out
 
 
-def test_summary_of_the_lab06_exercises(capsys):
-    checks.check_weight_bytes(good_weight_bytes)
-    checks.check_decode_bound(db_no_kv_cache)
+def mut_outlier_mask(x, ratio, dim):
+    out = good_outlier_mask(x, ratio, dim)
+    x.mul_(-1)
+    return out
 
-    def todo(t_request, token_times):
+
+def mut_lowrank(R, Q0, iters):
+    out = good_lowrank_residual(R, Q0, iters)
+    R.zero_(), Q0.mul_(-3)
+    return out
+
+
+MUTATING = [(checks.check_quantize_keys, QUANTIZE_KEYS, mut_quantize_keys),
+            (checks.check_outlier_mask, OUTLIER_MASK, mut_outlier_mask),
+            (checks.check_lowrank, LOWRANK, mut_lowrank)]  # gear_nbytes gets ints: nothing to mutate
+
+
+def test_summary_of_the_lab05_exercises(capsys):
+    checks.check_quantize_keys(good_quantize_keys_per_channel)
+    checks.check_outlier_mask(om_largest_abs)
+
+    def todo(R, Q0, iters):
         raise NotImplementedError
 
-    checks.check_latency_stats(todo)
+    checks.check_lowrank(todo)
+    checks.check_gear_nbytes(good_gear_nbytes)
     result, lines = summary_lines(capsys)
-    assert result == {WEIGHT_BYTES: "passed", DECODE_BOUND: "failed", LATENCY_STATS: "not done"}
-    assert len(lines) == 4 and lines[-1] == "1/3 exercises passed"
-
-
-# ----------------------------------------------------------------------------- numbers in numpy / torch clothing
-
-
-def wb_numpy_int(linear_params, other_params, bits, group_size):  # np.int64 for fp16: still a number
-    p = np.array([linear_params, other_params])
-    if bits == 16:
-        return 2 * p.sum()
-    return p[0] * bits / 8 + p[0] / group_size * (2 + bits / 8) + 2 * p[1]
-
-
-def ls_as_array(t_request, token_times):  # one array of the three numbers unpacks like the tuple
-    t = np.asarray(token_times)
-    return np.array([t[0] - t_request, (t[-1] - t[0]) / (len(t) - 1), (len(t) - 1) / (t[-1] - t[0])])
-
-
-def ls_as_tensor(t_request, token_times):
-    return torch.tensor(ls_as_array(t_request, token_times), dtype=torch.float64)
-
-
-@pytest.mark.parametrize("checker, name, fn", [(checks.check_weight_bytes, WEIGHT_BYTES, wb_numpy_int),
-                                               (checks.check_latency_stats, LATENCY_STATS, ls_as_array),
-                                               (checks.check_latency_stats, LATENCY_STATS, ls_as_tensor)],
-                         ids=lambda v: getattr(v, "__name__", ""))
-def test_numpy_and_torch_numbers_are_accepted(checker, name, fn, capsys):
-    assert_accepted(checker, name, fn, capsys)
+    assert result == {QUANTIZE_KEYS: "passed", OUTLIER_MASK: "failed", LOWRANK: "not done", GEAR_NBYTES: "passed"}
+    assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
 
 
 # ----------------------------------------------------------------------------- the tests every lab's checkers get
@@ -586,19 +751,8 @@ def test_numpy_and_torch_numbers_are_accepted(checker, name, fn, capsys):
 class TestEveryChecker(CheckerSuite):
     """tests/checker_testing.py's suite on this lab's checkers."""
 
-    TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG = __file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG
-    # the reference runs before the participant's function on each case, and each checker call builds its cases
-    # afresh: emptying the token_times list after computing cannot corrupt a comparison or a later call
-    MUTATING = [(checks.check_latency_stats, LATENCY_STATS, mut_latency_stats)]
+    TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
+                                                                   MUTATING)
+    NAMESPACE = {"kv": kv}  # the lab's outlier_mask uses kv (the lab imports compresslab.kvcache as kv)
+    TENSOR_CHECKERS = TENSOR_CHECKERS
     sample_calls = staticmethod(_sample_calls)
-
-    def assert_sample(self, checker, got):
-        args, expected = _sample_calls()[checker]
-        _assert_same_numbers(got(*args), expected)
-
-    @pytest.mark.parametrize("checker, fn, message, line", OTHER_EXCEPTIONS, ids=lambda v: getattr(v, "__name__", ""))
-    def test_other_exceptions_are_failures_not_crashes(self, checker, fn, message, line, capsys):
-        """Plain numbers and a list (the shared helper's x.amin typo needs a tensor): errors from plain Python,
-        named, with the offending line shown."""
-        out = assert_failed(checker, GOOD[checker][0], fn, capsys, message)
-        assert line in out

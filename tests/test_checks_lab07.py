@@ -1,652 +1,583 @@
-"""The lab 07 (low rank and the capstone) checkers: the solution passes, a skipped exercise is "not done", and wrong
-answers fail.
+"""The lab 07 (deployment) checkers: the solution passes, a skipped exercise is "not done", and wrong answers fail.
 
 Same structure as tests/test_checks_lab06.py. Every wrong implementation below was run against the checker's cases and
 is really wrong there (the checker must reject it); every correct alternative is really right (it must pass).
-No model is loaded: the checkers only factorize small fixed matrices (at most 96 x 80) and count integers.
-Exercises 1 and 3 are checked by the product A @ B (how S is split between the factors is the participant's choice)
-after the shapes of the two thin factors; _case_verdicts below runs a checker one case at a time, to show which cases
-catch which mistake.
+No model is loaded and no tensor is built: the three checkers only call plain-number functions (weight_bytes,
+decode_bound) and one on a list of timestamps (latency_stats).
 """
 
-import fractions
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from checker_testing import (CheckerSuite, assert_failed, summary_lines)
+from checker_testing import (CheckerSuite, assert_accepted, assert_failed, summary_lines)
 
 from compresslab import checks
-from compresslab import lowrank
+from compresslab import deploy
 
 ROOT = Path(__file__).resolve().parents[1]
-LAB = ROOT / "solutions" / "07_lowrank_capstone.py"
+LAB = ROOT / "solutions" / "07_deployment.py"
 
-TRUNCATED_SVD = "Exercise 1 · truncated_svd"
-BREAK_EVEN = "Exercise 2 · break_even_rank"
-ASVD = "Exercise 3 · asvd_factors"
+WEIGHT_BYTES = "Exercise 1 · weight_bytes"
+DECODE_BOUND = "Exercise 2 · decode_bound"
+LATENCY_STATS = "Exercise 3 · latency_stats"
+PAGED_KV = "Exercise 4 · paged_kv_tokens"
 
-# one torch thread for the module (tiny matrices); every test starts and ends with an empty exercise table
+# one torch thread for the module (the checkers import torch); every test starts and ends with an empty exercise table
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
 
 
 # ----------------------------------------------------------------------------- the lab's solutions (copied)
-# Bodies copied from solutions/07_lowrank_capstone.py (### BEGIN / END SOLUTION);
-# test_good_copies_match_the_lab_solutions keeps them in sync. good_asvd_factors calls good_truncated_svd where the lab
-# calls its truncated_svd (the good_ prefix is dropped when comparing); good_break_even_rank uses math, as the lab does.
+# Bodies copied from solutions/07_deployment.py (### BEGIN / END SOLUTION);
+# test_good_copies_match_the_lab_solutions keeps them in sync. They use no import: plain Python arithmetic.
 
 
-def good_truncated_svd(W, rank):
-    """W (d_out, d_in) -> A (d_out, rank), B (rank, d_in) with A @ B the best rank-`rank` approximation of W."""
-    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)  # (d_out, k), (k,), (k, d_in); S descending
-    root = S[:rank].sqrt()
-    return U[:, :rank] * root, root[:, None] * Vh[:rank]
+def good_weight_bytes(linear_params, other_params, bits, group_size):
+    """Bytes of the weights: Linears at `bits` (+ per group an fp16 scale and a `bits`-bit zero), the rest fp16."""
+    if bits == 16:
+        return 2.0 * (linear_params + other_params)
+    groups = linear_params / group_size
+    return linear_params * bits / 8 + groups * (2 + bits / 8) + 2.0 * other_params
 
 
-def good_break_even_rank(d_out, d_in):
-    """The largest rank r with r * (d_out + d_in) < d_out * d_in."""
-    return math.ceil(d_out * d_in / (d_out + d_in)) - 1
+def good_decode_bound(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):
+    """Upper bound on generated tokens/s for `batch` sequences at `context` tokens of cache."""
+    step_bytes = weight_bytes + batch * context * kv_bytes_per_token
+    return batch * bandwidth_GBps * 1e9 / step_bytes
 
 
-def good_asvd_factors(W, scale, rank):
-    """Truncate W diag(scale) to `rank`, then undo the scaling in B: A @ B approximates W itself."""
-    A, B = good_truncated_svd(W * scale, rank)
-    return A, B / scale
+def good_latency_stats(t_request, token_times):
+    """TTFT, mean inter-token latency and decode tokens/s from the request time and each token's arrival time."""
+    ttft = token_times[0] - t_request
+    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+    return ttft, itl, 1.0 / itl
+
+
+def good_paged_kv_tokens(cache_bytes, kv_bytes_per_token, block_size):
+    """Tokens a paged KV cache holds: whole blocks of block_size tokens."""
+    blocks = cache_bytes // (kv_bytes_per_token * block_size)
+    return int(blocks) * block_size
 
 
 GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
-    checks.check_truncated_svd: (TRUNCATED_SVD, good_truncated_svd, "truncated_svd"),
-    checks.check_break_even_rank: (BREAK_EVEN, good_break_even_rank, "break_even_rank"),
-    checks.check_asvd_factors: (ASVD, good_asvd_factors, "asvd_factors"),
+    checks.check_weight_bytes: (WEIGHT_BYTES, good_weight_bytes, "weight_bytes"),
+    checks.check_decode_bound: (DECODE_BOUND, good_decode_bound, "decode_bound"),
+    checks.check_latency_stats: (LATENCY_STATS, good_latency_stats, "latency_stats"),
+    checks.check_paged_kv_tokens: (PAGED_KV, good_paged_kv_tokens, "paged_kv_tokens"),
 }
-FACTOR_CHECKERS = [checks.check_truncated_svd, checks.check_asvd_factors]  # break_even_rank gets ints
+
+SMOLLM_HIDDEN = 576  # SmolLM2-135M's hidden size: the in_features of most of its Linears
 
 
-def _svd(W):
-    """The thin SVD (float32, as the lab's solution computes it): U (d_out, k), S (k,) descending, Vh (k, d_in)."""
-    return torch.linalg.svd(W.float(), full_matrices=False)
+def _assert_same_numbers(result, expected) -> None:
+    """A checker's reference output equals an independently computed one: a number, or a tuple of numbers, to 1e-12
+    relative (checker_testing.assert_same compares tensors and ints, not floats)."""
+    results = result if isinstance(result, tuple) else (result,)
+    expecteds = expected if isinstance(expected, tuple) else (expected,)
+    assert len(results) == len(expecteds)
+    for r, e in zip(results, expecteds):
+        assert isinstance(r, (int, float))
+        assert r == pytest.approx(e, rel=1e-12, abs=1e-15)
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 1
 
 
-def ts_smallest(W, rank):  # the LAST `rank` singular triplets: the smallest; right only at full rank
-    U, S, Vh = _svd(W)
-    return U[:, -rank:] * S[-rank:], Vh[-rank:]
+def wb_floor_div(linear_params, other_params, bits, group_size):  # bits // 8: 0 bytes per code below 8 bits
+    if bits == 16:  # (3 // 8 = 4 // 8 = 0), so the 4-bit case already tells
+        return 2.0 * (linear_params + other_params)
+    groups = linear_params // group_size
+    return linear_params * (bits // 8) + groups * (2 + bits // 8) + 2 * other_params
 
 
-def ts_no_singular_values(W, rank):  # S dropped: A = U_r, B = Vh_r (right only where the kept S are all 1)
-    U, S, Vh = _svd(W)
-    return U[:, :rank], Vh[:rank]
+def wb_no_group_overhead(linear_params, other_params, bits, group_size):  # the codes only: scales and zeros forgotten
+    if bits == 16:
+        return 2.0 * (linear_params + other_params)
+    return linear_params * bits / 8 + 2.0 * other_params
 
 
-def ts_s_twice(W, rank):  # S in both factors: A @ B = U S^2 Vh
-    U, S, Vh = _svd(W)
-    return U[:, :rank] * S[:rank], S[:rank, None] * Vh[:rank]
+def wb_fp16_zero_point(linear_params, other_params, bits, group_size):  # zero point stored fp16: 2 + 2 bytes a group
+    if bits == 16:
+        return 2.0 * (linear_params + other_params)
+    return linear_params * bits / 8 + linear_params / group_size * (2 + 2) + 2.0 * other_params
 
 
-def ts_dense_factors(W, rank):  # the truncation itself and an identity: the product is right, but nothing is saved
-    U, S, Vh = _svd(W)
-    return (U[:, :rank] * S[:rank]) @ Vh[:rank], torch.eye(W.shape[1])
+def wb_embeddings_quantized(linear_params, other_params, bits, group_size):  # other_params at `bits` too (no scales)
+    if bits == 16:
+        return 2.0 * (linear_params + other_params)
+    groups = linear_params / group_size
+    return linear_params * bits / 8 + groups * (2 + bits / 8) + other_params * bits / 8
 
 
-def ts_rank_plus_one(W, rank):  # slices :rank + 1 (one triplet too many)
-    U, S, Vh = _svd(W)
-    return U[:, : rank + 1] * S[: rank + 1], Vh[: rank + 1]
+def wb_overhead_per_row(linear_params, other_params, bits, group_size):  # group_size ignored: one scale + zero per
+    if bits == 16:  # output row of SMOLLM_HIDDEN inputs (per-channel quantization), not per group
+        return 2.0 * (linear_params + other_params)
+    rows = linear_params / SMOLLM_HIDDEN
+    return linear_params * bits / 8 + rows * (2 + bits / 8) + 2.0 * other_params
 
 
-def ts_vh_as_v(W, rank):  # Vh read as V (numpy/torch.svd confusion): B = Vh[:, :r].T, columns instead of rows
-    U, S, Vh = _svd(W)
-    return U[:, :rank] * S[:rank], Vh[:, :rank].T
+def wb_fp16_with_scales(linear_params, other_params, bits, group_size):  # no bits == 16 branch: fp16 gets groups of
+    groups = linear_params / (group_size or 64)  # 64 (the default) with a scale and a 16-bit zero each
+    return linear_params * bits / 8 + groups * (2 + bits / 8) + 2.0 * other_params
 
 
-def ts_svd_of_transpose(W, rank):  # factors of W.T, not swapped back: A (d_in, r), B (r, d_out), A @ B ~ W.T
-    U, S, Vh = _svd(W.T)
-    return U[:, :rank] * S[:rank], Vh[:rank]
+def wb_fp16_divides_by_none(linear_params, other_params, bits, group_size):  # no bits == 16 branch, group_size None
+    groups = linear_params / group_size  # for fp16: TypeError on the first case
+    return linear_params * bits / 8 + groups * (2 + bits / 8) + 2.0 * other_params
 
 
-def ts_b_transposed(W, rank):  # B returned as (d_in, rank), the way nn.Linear would NOT store it
-    U, S, Vh = _svd(W)
-    return U[:, :rank] * S[:rank], Vh[:rank].T
+def wb_in_bits(linear_params, other_params, bits, group_size):  # everything in bits, never / 8
+    if bits == 16:
+        return 16.0 * (linear_params + other_params)
+    groups = linear_params / group_size
+    return linear_params * bits + groups * (16 + bits) + 16.0 * other_params
 
 
-def ts_eigh_unsorted(W, rank):  # V from eigh(W^T W): eigenvalues come ASCENDING, so V[:, :r] are the smallest
-    _, V = torch.linalg.eigh(W.T @ W)  # (d_in, d_in)
-    Vr = V[:, :rank]
-    return W @ Vr, Vr.T
+def wb_fp32_others(linear_params, other_params, bits, group_size):  # other params at 4 bytes (fp32 as loaded)
+    if bits == 16:
+        return 2.0 * linear_params + 4.0 * other_params
+    groups = linear_params / group_size
+    return linear_params * bits / 8 + groups * (2 + bits / 8) + 4.0 * other_params
 
 
-def ts_single_matrix(W, rank):  # the rank-r approximation itself, not its two factors
-    U, S, Vh = _svd(W)
-    return (U[:, :rank] * S[:rank]) @ Vh[:rank]
+def wb_two_codes_per_byte(linear_params, other_params, bits, group_size):  # 4-bit packing hard-coded: half a byte per
+    if bits == 16:  # code and per zero point, whatever `bits` is (right for 4-bit)
+        return 2.0 * (linear_params + other_params)
+    groups = linear_params / group_size
+    return linear_params / 2 + groups * (2 + 0.5) + 2.0 * other_params
 
 
-def ts_numpy_factors(W, rank):  # numpy's SVD, factors never converted back to torch
-    U, S, Vh = np.linalg.svd(W.numpy(), full_matrices=False)
-    return U[:, :rank] * S[:rank], Vh[:rank]
-
-
-WRONG_TRUNCATED_SVD = [  # (wrong function, a fragment of the failure message it must produce, or None)
-    (ts_smallest, "square 48 x 48, rank 8"),
-    (ts_no_singular_values, "square 48 x 48, rank 8"),
-    (ts_s_twice, "square 48 x 48, rank 8"),
-    (ts_dense_factors, "two thin factors"),
-    (ts_rank_plus_one, "A is (48, 9) and B (9, 48); expected A (48, 8) and B (8, 48)"),
-    (ts_vh_as_v, "largest |error|"),  # right shapes on the square case, wrong values
-    (ts_svd_of_transpose, "largest |error|"),  # ditto: W.T's truncation
-    (ts_b_transposed, "A is (48, 8) and B (48, 8)"),
-    (ts_eigh_unsorted, "largest |error|"),
-    (ts_single_matrix, "return two factors (A, B), got Tensor"),
-    (ts_numpy_factors, "return torch tensors, got ndarray"),
+WRONG_WEIGHT_BYTES = [
+    (wb_floor_div, "4-bit g64"),  # (wrong function, a fragment of the failure message it must produce, or None)
+    (wb_no_group_overhead, "4-bit g64"),
+    (wb_fp16_zero_point, "4-bit g64"),
+    (wb_embeddings_quantized, "4-bit g64"),
+    (wb_overhead_per_row, "4-bit g64"),
+    (wb_fp16_with_scales, "fp16 (bits=16)"),
+    (wb_fp16_divides_by_none, "raised TypeError"),
+    (wb_in_bits, "fp16 (bits=16)"),
+    (wb_fp32_others, "fp16 (bits=16)"),
+    (wb_two_codes_per_byte, "3-bit g64"),  # right on the fp16 and 4-bit cases
 ]
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 2
 
 
-def be_floor(d_out, d_in):  # floor(d_out d_in / (d_out + d_in)): at an exact division that rank saves nothing
-    return math.floor(d_out * d_in / (d_out + d_in))
+def db_no_kv_cache(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # weights only: right at
+    return batch * bandwidth_GBps * 1e9 / weight_bytes  # context 0
 
 
-def be_threshold_float(d_out, d_in):  # the break-even point itself, a float: not the largest integer rank below it
-    return d_out * d_in / (d_out + d_in)
+def db_kv_once_per_step(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # one sequence's cache,
+    step_bytes = weight_bytes + context * kv_bytes_per_token  # not batch of them: right at batch 1
+    return batch * bandwidth_GBps * 1e9 / step_bytes
 
 
-def be_half_min(d_out, d_in):  # "half the full rank": true for square matrices only, and even there one too many
-    return min(d_out, d_in) // 2
+def db_per_sequence(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # not x batch: the rate of
+    step_bytes = weight_bytes + batch * context * kv_bytes_per_token  # one sequence, not of all of them
+    return bandwidth_GBps * 1e9 / step_bytes
 
 
-def be_loop_le(d_out, d_in):  # counts up while r (d_out + d_in) <= d_out d_in: the equal case counted as saving
-    r = 0
-    while (r + 1) * (d_out + d_in) <= d_out * d_in:
-        r += 1
-    return r
+def db_gibibytes(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # GiB/s: 2**30, not 1e9
+    step_bytes = weight_bytes + batch * context * kv_bytes_per_token
+    return batch * bandwidth_GBps * 2**30 / step_bytes
 
 
-def be_floor_minus_one(d_out, d_in):  # // then - 1: right at exact divisions only, one too few elsewhere
-    return d_out * d_in // (d_out + d_in) - 1
+def db_weights_per_sequence(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # weights read once
+    step_bytes = batch * (weight_bytes + context * kv_bytes_per_token)  # per sequence too: batching gains nothing
+    return batch * bandwidth_GBps * 1e9 / step_bytes
 
 
-def be_at_least_one(d_out, d_in):  # never below rank 1: but for 1 x 1 rank 1 stores 2 numbers instead of 1
-    return max(1, math.ceil(d_out * d_in / (d_out + d_in)) - 1)
+def db_seconds_per_step(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # the time of a step,
+    step_bytes = weight_bytes + batch * context * kv_bytes_per_token  # not tokens/s
+    return step_bytes / (bandwidth_GBps * 1e9)
 
 
-WRONG_BREAK_EVEN = [
-    (be_floor, "576 x 576 (SmolLM2 q_proj)"),
-    (be_threshold_float, "return an int (a rank), got float 288.0"),
-    (be_half_min, "288, expected 287"),
-    (be_loop_le, "576 x 576 (SmolLM2 q_proj)"),
-    (be_floor_minus_one, "1536 x 576 (up_proj)"),  # the first case that is no exact division
-    (be_at_least_one, "1 x 1: no rank saves anything"),
+WRONG_DECODE_BOUND = [
+    (db_no_kv_cache, "batch 1 at 2048 tokens of context"),  # right on the empty-cache case
+    (db_kv_once_per_step, "batch 16"),  # right at batch 1
+    (db_per_sequence, "batch 16"),  # right at batch 1
+    (db_gibibytes, "empty cache (context 0)"),
+    (db_weights_per_sequence, "batch 16"),  # right at batch 1
+    (db_seconds_per_step, "empty cache (context 0)"),
 ]
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 3
 
 
-def asvd_no_unscaling(W, scale, rank):  # truncates W diag(s) and stops: A @ B approximates W diag(s), not W
-    return good_truncated_svd(W * scale, rank)
+def ls_ttft_first_interval(t_request, token_times):  # TTFT between the first two tokens: a decode step, not prefill
+    ttft = token_times[1] - token_times[0]
+    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+    return ttft, itl, 1.0 / itl
 
 
-def asvd_scales_rows(W, scale, rank):  # diag(s) W: scales the OUTPUT rows (and unscales them in A)
-    A, B = good_truncated_svd(scale[:, None] * W, rank)
-    return A / scale[:, None], B
+def ls_itl_includes_prefill(t_request, token_times):  # (last - t_request) / n: the prefill mixed into the decode step
+    ttft = token_times[0] - t_request
+    itl = (token_times[-1] - t_request) / len(token_times)
+    return ttft, itl, 1.0 / itl
 
 
-def asvd_times_scale(W, scale, rank):  # multiplies B by the scale instead of dividing
-    A, B = good_truncated_svd(W * scale, rank)
-    return A, B * scale
+def ls_itl_over_n(t_request, token_times):  # n tokens but n - 1 intervals between them
+    ttft = token_times[0] - t_request
+    itl = (token_times[-1] - token_times[0]) / len(token_times)
+    return ttft, itl, 1.0 / itl
 
 
-def asvd_divides_A(W, scale, rank):  # folds 1/s into A's rows: only broadcasts on a square W, silently wrong there
-    A, B = good_truncated_svd(W * scale, rank)
-    return A / scale[:, None], B
+def ls_tps_over_total(t_request, token_times):  # decode tokens/s = n / total time: the naive rate, prefill included
+    ttft = token_times[0] - t_request
+    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+    return ttft, itl, len(token_times) / (token_times[-1] - t_request)
 
 
-def asvd_plain_svd(W, scale, rank):  # the scale ignored: plain SVD
-    return good_truncated_svd(W, rank)
+def ls_milliseconds(t_request, token_times):  # TTFT and ITL in ms (tokens/s still per second)
+    ttft = token_times[0] - t_request
+    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+    return 1e3 * ttft, 1e3 * itl, 1.0 / itl
 
 
-def asvd_scale_squared(W, scale, rank):  # alpha applied again on top of the ASVD scale: s^2 (consistently)
-    A, B = good_truncated_svd(W * scale**2, rank)
-    return A, B / scale**2
+def ls_other_order(t_request, token_times):  # a list (itl, ttft, tps): the lab unpacks ttft, itl, tps
+    ttft = token_times[0] - t_request
+    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+    return [itl, ttft, 1.0 / itl]
 
 
-def asvd_sqrt_scale(W, scale, rank):  # sqrt(s) (consistently): the scale is already ||X_j||^alpha
-    A, B = good_truncated_svd(W * scale.sqrt(), rank)
-    return A, B / scale.sqrt()
+def ls_median_interval(t_request, token_times):  # median of the intervals: right when they are all equal
+    ttft = token_times[0] - t_request
+    itl = float(np.median(np.diff(token_times)))
+    return ttft, itl, 1.0 / itl
 
 
-def asvd_unscale_only(W, scale, rank):  # plain SVD of W, then B / s: "undoes" a scaling that was never applied
-    A, B = good_truncated_svd(W, rank)
-    return A, B / scale
+def ls_skip_first_interval(t_request, token_times):  # the first decode interval dropped as "warm-up": right for
+    ttft = token_times[0] - t_request  # evenly spaced tokens
+    itl = (token_times[-1] - token_times[1]) / (len(token_times) - 2)
+    return ttft, itl, 1.0 / itl
 
 
-WRONG_ASVD = [
-    (asvd_no_unscaling, "tall 64 x 32 with three outlier input channels"),
-    (asvd_scales_rows, "raised RuntimeError"),  # a tall W: 32 scales do not broadcast over 64 rows
-    (asvd_times_scale, "tall 64 x 32 with three outlier input channels"),
-    (asvd_divides_A, "raised RuntimeError"),
-    (asvd_plain_svd, "tall 64 x 32 with three outlier input channels"),
-    (asvd_scale_squared, "tall 64 x 32 with three outlier input channels"),
-    (asvd_sqrt_scale, "tall 64 x 32 with three outlier input channels"),
-    (asvd_unscale_only, "tall 64 x 32 with three outlier input channels"),
+WRONG_LATENCY_STATS = [
+    (ls_ttft_first_interval, "prefill 0.5 s, then a token every 0.1 s"),
+    (ls_itl_includes_prefill, "prefill 0.5 s, then a token every 0.1 s"),
+    (ls_itl_over_n, "prefill 0.5 s, then a token every 0.1 s"),
+    (ls_tps_over_total, "prefill 0.5 s, then a token every 0.1 s"),
+    (ls_milliseconds, "prefill 0.5 s, then a token every 0.1 s"),
+    (ls_other_order, "prefill 0.5 s, then a token every 0.1 s"),
+    (ls_median_interval, "jittered token times"),  # the first two cases are evenly spaced
+    (ls_skip_first_interval, "jittered token times"),
 ]
 
-WRONG = [(checks.check_truncated_svd, TRUNCATED_SVD, fn, msg) for fn, msg in WRONG_TRUNCATED_SVD]
-WRONG += [(checks.check_break_even_rank, BREAK_EVEN, fn, msg) for fn, msg in WRONG_BREAK_EVEN]
-WRONG += [(checks.check_asvd_factors, ASVD, fn, msg) for fn, msg in WRONG_ASVD]
+# ----------------------------------------------------------------------------- wrong answers: exercise 4
+
+
+def pk_no_blocks(cache_bytes, kv_bytes_per_token, block_size):  # tokens, not whole blocks: 46 603 for 1 GiB
+    return int(cache_bytes // kv_bytes_per_token)
+
+
+def pk_gigabytes(cache_bytes, kv_bytes_per_token, block_size):  # "1 GiB" read as 1e9 bytes
+    blocks = (cache_bytes / 2**30 * 1e9) // (kv_bytes_per_token * block_size)
+    return int(blocks) * block_size
+
+
+def pk_blocks_not_tokens(cache_bytes, kv_bytes_per_token, block_size):  # the number of blocks (2912), not tokens
+    return int(cache_bytes // (kv_bytes_per_token * block_size))
+
+
+def pk_round_up(cache_bytes, kv_bytes_per_token, block_size):  # a partial block counted: one block too many
+    return math.ceil(cache_bytes / (kv_bytes_per_token * block_size)) * block_size
+
+
+def pk_keys_only(cache_bytes, kv_bytes_per_token, block_size):  # "bytes per token" halved: keys only, no values
+    blocks = cache_bytes // (kv_bytes_per_token / 2 * block_size)
+    return int(blocks) * block_size
+
+
+def pk_round_nearest(cache_bytes, kv_bytes_per_token, block_size):  # round() instead of floor: a block too many
+    return round(cache_bytes / (kv_bytes_per_token * block_size)) * block_size
+
+
+WRONG_PAGED_KV = [
+    (pk_no_blocks, "1 GiB, SmolLM2-135M"),
+    (pk_gigabytes, "1 GiB, SmolLM2-135M"),
+    (pk_blocks_not_tokens, "1 GiB, SmolLM2-135M"),
+    (pk_round_up, "1 GiB, SmolLM2-135M"),
+    (pk_keys_only, "1 GiB, SmolLM2-135M"),
+    (pk_round_nearest, "1 GiB, SmolLM2-135M"),  # 2912.7 blocks round up to 2913
+]
+
+WRONG = [(checks.check_weight_bytes, WEIGHT_BYTES, fn, msg) for fn, msg in WRONG_WEIGHT_BYTES]
+WRONG += [(checks.check_decode_bound, DECODE_BOUND, fn, msg) for fn, msg in WRONG_DECODE_BOUND]
+WRONG += [(checks.check_latency_stats, LATENCY_STATS, fn, msg) for fn, msg in WRONG_LATENCY_STATS]
+WRONG += [(checks.check_paged_kv_tokens, PAGED_KV, fn, msg) for fn, msg in WRONG_PAGED_KV]
 
 
 # ----------------------------------------------------------------------------- correct alternatives
 
 
-def alt_truncated_svd_S_in_A(W, rank):  # (U_r S_r, Vh_r)
-    U, S, Vh = _svd(W)
-    return U[:, :rank] * S[:rank], Vh[:rank]
+def alt_weight_bytes_numpy(linear_params, other_params, bits, group_size):  # numpy: bytes per parameter of each
+    counts = np.array([linear_params, other_params], dtype=np.float64)  # kind, a dot product (np.float64)
+    if bits == 16:
+        return np.dot(counts, [2.0, 2.0])
+    return np.dot(counts, [bits / 8 + (2 + bits / 8) / group_size, 2.0])
 
 
-def alt_truncated_svd_S_in_B(W, rank):  # (U_r, S_r Vh_r)
-    U, S, Vh = _svd(W)
-    return U[:, :rank], S[:rank, None] * Vh[:rank]
+def alt_weight_bytes_per_param(linear_params, other_params, bits, group_size):  # bits per Linear parameter first,
+    if bits == 16:  # overhead included (4-bit g64: 4 + 20 / 64 = 4.3125), then / 8
+        return 2 * linear_params + 2 * other_params
+    bits_per_param = bits + (16 + bits) / group_size
+    return linear_params * bits_per_param / 8 + 2 * other_params
 
 
-def alt_truncated_svd_diag(W, rank):  # torch.diag and matrix products
-    U, S, Vh = _svd(W)
-    return U[:, :rank] @ torch.diag(S[:rank]), Vh[:rank]
+def alt_weight_bytes_parts(linear_params, other_params, bits, group_size):  # named parts summed
+    if bits == 16:
+        return 2 * (linear_params + other_params)
+    n_groups = linear_params / group_size
+    parts = {"codes": linear_params * bits / 8, "scales": 2 * n_groups, "zeros": n_groups * bits / 8,
+             "embeddings + norms": 2 * other_params}
+    return sum(parts.values())
 
 
-def alt_truncated_svd_float64(W, rank):  # computed and returned in float64
-    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-    return U[:, :rank] * S[:rank], Vh[:rank]
+def alt_weight_bytes_int(linear_params, other_params, bits, group_size):  # integer bytes: every case's counts are
+    if bits == 16:  # whole numbers of bytes (and whole groups), so // is exact here
+        return 2 * (linear_params + other_params)
+    groups = linear_params // group_size
+    return (linear_params * bits + groups * (16 + bits)) // 8 + 2 * other_params
 
 
-def alt_truncated_svd_float64_to_float32(W, rank):  # computed in float64, returned in W's dtype
-    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-    root = S[:rank].sqrt()
-    return (U[:, :rank] * root).to(W.dtype), (root[:, None] * Vh[:rank]).to(W.dtype)
+def alt_decode_bound_tokens_over_seconds(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):
+    bytes_per_step = weight_bytes + context * kv_bytes_per_token * batch  # tokens per step / seconds per step
+    seconds_per_step = bytes_per_step / (bandwidth_GBps * 1e9)
+    return batch / seconds_per_step
 
 
-def alt_truncated_svd_numpy(W, rank):  # numpy's SVD, converted back to torch
-    U, S, Vh = np.linalg.svd(W.numpy(), full_matrices=False)
-    return torch.from_numpy(U[:, :rank] * S[:rank]), torch.from_numpy(Vh[:rank].copy())
+def alt_decode_bound_bytes_per_token(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # each
+    per_token = weight_bytes / batch + context * kv_bytes_per_token  # token's share of the step's bytes
+    return bandwidth_GBps * 1e9 / per_token
 
 
-def alt_truncated_svd_full_matrices(W, rank):  # full_matrices=True (the default): the first r columns are the same
-    U, S, Vh = torch.linalg.svd(W)
-    return U[:, :rank] * S[:rank], Vh[:rank]
+def alt_decode_bound_numpy(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):  # np.float64
+    bandwidth = np.float64(bandwidth_GBps) * 10**9
+    return batch * bandwidth / np.sum([weight_bytes, batch * context * kv_bytes_per_token])
 
 
-def alt_truncated_svd_of_transpose(W, rank):  # SVD of W.T, swapped back: W = (V' S) U'^T
-    U, S, Vh = torch.linalg.svd(W.T, full_matrices=False)
-    return Vh[:rank].T * S[:rank], U[:, :rank].T
+def alt_latency_stats_diff_mean(t_request, token_times):  # mean of the intervals = (last - first) / (n - 1)
+    times = np.asarray(token_times)
+    itl = np.diff(times).mean()
+    return times[0] - t_request, itl, 1 / itl  # numpy floats
 
 
-def alt_truncated_svd_eigh_sorted(W, rank):  # eigh of W^T W in float64, eigenvalues sorted DESCENDING: V_r spans
-    evals, V = torch.linalg.eigh(W.double().T @ W.double())  # the top right singular vectors; A = W V_r
-    Vr = V[:, evals.argsort(descending=True)[:rank]]
-    return W.double() @ Vr, Vr.T
+def alt_latency_stats_list(t_request, token_times):  # a list, and decode tokens/s as intervals / decode span
+    first, last, n = token_times[0], token_times[-1], len(token_times)
+    return [first - t_request, (last - first) / (n - 1), (n - 1) / (last - first)]
 
 
-def alt_break_even_loop(d_out, d_in):  # counts up while the next rank still stores strictly fewer numbers
-    r = 0
-    while (r + 1) * (d_out + d_in) < d_out * d_in:
-        r += 1
-    return r
+def alt_latency_stats_numpy_floats(t_request, token_times):  # np.float64 throughout
+    times = np.array(token_times, dtype=np.float64)
+    ttft = times[0] - np.float64(t_request)
+    itl = (times[-1] - times[0]) / (times.size - 1)
+    return ttft, itl, np.reciprocal(itl)
 
 
-def alt_break_even_minus_one_floor(d_out, d_in):  # integers only: r (d_out + d_in) <= d_out d_in - 1
-    return (d_out * d_in - 1) // (d_out + d_in)
+def alt_latency_stats_loop(t_request, token_times):  # the decode span summed interval by interval
+    span = 0.0
+    for earlier, later in zip(token_times, token_times[1:]):
+        span += later - earlier
+    itl = span / (len(token_times) - 1)
+    return token_times[0] - t_request, itl, 1 / itl
 
 
-def alt_break_even_divmod(d_out, d_in):  # the quotient, one less at an exact division
-    q, rem = divmod(d_out * d_in, d_out + d_in)
-    return q - 1 if rem == 0 else q
+def alt_paged_kv_modulo(cache_bytes, kv_bytes_per_token, block_size):  # the bytes left over a whole block dropped
+    block_bytes = kv_bytes_per_token * block_size
+    return int((cache_bytes - cache_bytes % block_bytes) / block_bytes) * block_size
 
 
-def alt_break_even_fraction(d_out, d_in):  # exact rational arithmetic
-    return math.ceil(fractions.Fraction(d_out * d_in, d_out + d_in)) - 1
+def alt_paged_kv_floor(cache_bytes, kv_bytes_per_token, block_size):  # math.floor of the exact ratio
+    return math.floor(cache_bytes / kv_bytes_per_token / block_size) * block_size
 
 
-def alt_break_even_numpy_int(d_out, d_in):  # np.int64 (an integer the lab can format with :d and slice with)
-    params = np.int64(d_out) * d_in
-    return (params - 1) // (d_out + d_in)
-
-
-def alt_asvd_diag(W, scale, rank):  # torch.diag(scale) matrix products
-    A, B = good_truncated_svd(W @ torch.diag(scale), rank)
-    return A, B @ torch.diag(1 / scale)
-
-
-def alt_asvd_own_svd(W, scale, rank):  # an SVD of its own, S kept in A
-    U, S, Vh = torch.linalg.svd(W * scale[None, :], full_matrices=False)
-    return U[:, :rank] * S[:rank], Vh[:rank] / scale[None, :]
-
-
-def alt_asvd_reciprocal(W, scale, rank):  # multiplies B by the reciprocal
-    A, B = good_truncated_svd(W * scale, rank)
-    return A, B * scale.reciprocal()
-
-
-def alt_asvd_float64(W, scale, rank):  # float64 throughout, float32 out
-    U, S, Vh = torch.linalg.svd(W.double() * scale.double(), full_matrices=False)
-    A, B = U[:, :rank], S[:rank, None] * Vh[:rank] / scale.double()
-    return A.float(), B.float()
-
-
-def alt_asvd_in_place(W, scale, rank):  # scales its W in place (the checker passes clones)
-    A, B = good_truncated_svd(W.mul_(scale), rank)
-    return A, B.div_(scale)
+def alt_paged_kv_loop(cache_bytes, kv_bytes_per_token, block_size):  # allocate block after block until full
+    per_block, blocks = kv_bytes_per_token * block_size, 0
+    blocks = int(cache_bytes // per_block)  # (a literal loop would take 2912 steps; the same count)
+    return np.int64(blocks * block_size)  # a numpy integer is still a number
 
 
 CORRECT_ALTERNATIVES = [
-    (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_S_in_A),
-    (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_S_in_B),
-    (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_diag),
-    (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_float64),
-    (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_float64_to_float32),
-    (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_numpy),
-    (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_full_matrices),
-    (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_of_transpose),
-    (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_eigh_sorted),
-    (checks.check_break_even_rank, BREAK_EVEN, alt_break_even_loop),
-    (checks.check_break_even_rank, BREAK_EVEN, alt_break_even_minus_one_floor),
-    (checks.check_break_even_rank, BREAK_EVEN, alt_break_even_divmod),
-    (checks.check_break_even_rank, BREAK_EVEN, alt_break_even_fraction),
-    (checks.check_break_even_rank, BREAK_EVEN, alt_break_even_numpy_int),
-    (checks.check_asvd_factors, ASVD, alt_asvd_diag),
-    (checks.check_asvd_factors, ASVD, alt_asvd_own_svd),
-    (checks.check_asvd_factors, ASVD, alt_asvd_reciprocal),
-    (checks.check_asvd_factors, ASVD, alt_asvd_float64),
-    (checks.check_asvd_factors, ASVD, alt_asvd_in_place),
+    (checks.check_paged_kv_tokens, PAGED_KV, alt_paged_kv_modulo),
+    (checks.check_paged_kv_tokens, PAGED_KV, alt_paged_kv_floor),
+    (checks.check_paged_kv_tokens, PAGED_KV, alt_paged_kv_loop),
+    (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_numpy),
+    (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_per_param),
+    (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_parts),
+    (checks.check_weight_bytes, WEIGHT_BYTES, alt_weight_bytes_int),
+    (checks.check_decode_bound, DECODE_BOUND, alt_decode_bound_tokens_over_seconds),
+    (checks.check_decode_bound, DECODE_BOUND, alt_decode_bound_bytes_per_token),
+    (checks.check_decode_bound, DECODE_BOUND, alt_decode_bound_numpy),
+    (checks.check_latency_stats, LATENCY_STATS, alt_latency_stats_diff_mean),
+    (checks.check_latency_stats, LATENCY_STATS, alt_latency_stats_list),
+    (checks.check_latency_stats, LATENCY_STATS, alt_latency_stats_numpy_floats),
+    (checks.check_latency_stats, LATENCY_STATS, alt_latency_stats_loop),
 ]
 
 
 # ----------------------------------------------------------------------------- not done
 
 
-def _orthonormal(rows, cols, seed):
-    return torch.linalg.qr(torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))).Q
-
-
-def _assert_factors(got, product, rank) -> None:
-    """got is a pair of thin factors (d_out, rank), (rank, d_in) whose product is `product` (to 1e-5)."""
-    A, B = got
-    d_out, d_in = product.shape
-    assert tuple(A.shape) == (d_out, rank) and tuple(B.shape) == (rank, d_in)
-    torch.testing.assert_close(A.double() @ B.double(), product.double(), rtol=1e-5, atol=1e-5)
-
-
 def _sample_calls():
-    """checker -> (args of one sample call, an independent computation of what the reference must return: the
-    product A @ B and the rank for the factor checkers, the rank itself for break_even_rank)."""
-    # W = U diag(4, 2, 1, 0.5) V^T (12 x 8): its best rank 2 keeps the first two singular triplets
-    U, V, s = _orthonormal(12, 4, 0), _orthonormal(8, 4, 1), torch.tensor([4.0, 2.0, 1.0, 0.5])
-    W = (U * s) @ V.T
-    best2 = (U[:, :2] * s[:2]) @ V[:, :2].T
-    # ASVD: W diag(c) = M with M's SVD known, so truncate M and fold 1/c back into the columns
-    c = torch.linspace(0.5, 4.0, 8)
-    # 576 x 576: 288 * 1152 == 576 * 576 exactly, so 287
+    """checker -> (args of one sample call, an independent computation of what the reference must return)."""
+    # 6400 Linear parameters at 4 bits in groups of 64, 1000 others: 3200 bytes of codes, 100 groups of a 2-byte
+    # scale and a half-byte zero, 2 bytes for each other parameter
+    nbytes = 6400 * 4 / 8 + 100 * (2 + 0.5) + 1000 * 2
+    assert nbytes == 5450
+    # 1 MB of weights, 1000 bytes of KV per token, 500 tokens of context, 4 sequences, 300 GB/s: a step reads
+    # 1e6 + 4 * 500 * 1000 = 3e6 bytes in 1e-5 s and makes 4 tokens
+    tokens_per_s = 4 / (3e6 / 300e9)
+    assert tokens_per_s == pytest.approx(400_000)
+    # requested at t = 1 s, four tokens: 0.4 s to the first, then 0.4 s for the 3 decode steps
+    times = [1.4, 1.5, 1.7, 1.8]
+    latency = (0.4, 0.4 / 3, 3 / 0.4)
     return {
-        checks.check_truncated_svd: ((W, 2), (best2, 2)),
-        checks.check_break_even_rank: ((576, 576), 287),
-        checks.check_asvd_factors: ((W / c, c, 2), (best2 / c, 2)),
+        checks.check_weight_bytes: ((6400, 1000, 4, 64), nbytes),
+        checks.check_decode_bound: ((1e6, 1000, 500, 4, 300.0), tokens_per_s),
+        checks.check_latency_stats: ((1.0, times), latency),
+        # 1000 bytes per token, blocks of 16 (16 000 bytes each): 100 000 bytes hold 6 whole blocks = 96 tokens
+        checks.check_paged_kv_tokens: ((100_000, 1000, 16), 96),
     }
 
 
-def _assert_sample(checker, fn) -> None:
-    args, expected = _sample_calls()[checker]
-    if checker is checks.check_break_even_rank:
-        got = fn(*args)
-        assert got == expected and isinstance(got, int)
-    else:
-        _assert_factors(fn(*args), *expected)
-
-
 def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
-    """The lab calls truncated_svd and asvd_factors on a float32 CPU weight (d_out > d_in, up_proj's orientation) at
-    several ranks with ASVD's mean-1 activation scale, and break_even_rank(*W.shape) whose int it formats with :10d
-    and hands to lowrank.svd_factors as a rank."""
+    """The lab calls weight_bytes with group 64 at 16, 8 and 4 bits (16 is plain fp16, the group ignored),
+    decode_bound with the datasheet bandwidths (ints) and int batches, latency_stats on the streamer's list of
+    time.perf_counter() stamps."""
     def todo(*args):
         raise NotImplementedError
 
-    truncated_svd, break_even_rank, asvd_factors = (c(todo) for c in GOOD)
+    weight_bytes, decode_bound, latency_stats, paged_kv_tokens = (c(todo) for c in GOOD)
+    assert paged_kv_tokens(2**30, 23040, 16) == 46592  # vLLM's log for 1 GiB of SmolLM2-135M bf16 cache
     capsys.readouterr()
-    g = torch.Generator().manual_seed(2)
-    W = torch.randn(96, 40, generator=g) * 0.05
-    s = lowrank.activation_scale(torch.rand(40, generator=g) * 30 + 1)
-    for r in (4, 16):
-        A, B = truncated_svd(W, r)
-        assert A.dtype == B.dtype == torch.float32 and A.shape == (96, r) and B.shape == (r, 40)
-        torch.testing.assert_close(A @ B, torch.matmul(*good_truncated_svd(W, r)), rtol=1e-4, atol=1e-5)
-        A, B = asvd_factors(W, s, r)
-        torch.testing.assert_close(A @ B, torch.matmul(*good_asvd_factors(W, s, r)), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.matmul(*asvd_factors(W, torch.ones(40), 4)), torch.matmul(*truncated_svd(W, 4)))
-    be = break_even_rank(*W.shape)
-    assert be == 96 * 40 // 136 and isinstance(be, int) and f"{be:10d}".strip() == str(be)
-    assert lowrank.svd_factors(W, be)[0].shape == (96, be)
+    linear, other = checks.SMOLLM_LINEAR, checks.SMOLLM_OTHER
+    assert weight_bytes(linear, other, 16, 64) == 2 * (linear + other)
+    assert weight_bytes(linear, other, 8, 64) == linear + linear / 64 * 3 + 2 * other
+    wb4 = weight_bytes(linear, other, 4, 64)
+    assert wb4 == good_weight_bytes(linear, other, 4, 64) < weight_bytes(linear, other, 8, 64)
+    h100 = deploy.GPUS["H100-SXM"]["bandwidth_GBps"]
+    rates = [decode_bound(wb4, 23040, 4096, int(b), h100) for b in np.array([1, 4, 16])]
+    assert rates == sorted(rates) and rates[0] == pytest.approx(h100 * 1e9 / (wb4 + 4096 * 23040))
+    ttft, itl, tps = latency_stats(5.0, [5.3, 5.35, 5.4, 5.45, 5.5])
+    assert (ttft, itl, tps) == pytest.approx((0.3, 0.05, 20.0))
 
 
 # ----------------------------------------------------------------------------- failed
 
 
-def test_other_exceptions_in_break_even_rank_are_failures_not_crashes(capsys):
-    """Exercise 2 gets ints (the shared helper's x.amin typo needs a tensor): a TypeError from plain Python."""
-    def typo(d_out, d_in):
-        return math.ceil(math.prod(d_out, d_in) / (d_out + d_in)) - 1  # math.prod takes one iterable
+def _typo_weight_bytes(linear_params, other_params, bits, group_size):
+    return math.prod(linear_params, bits) / 8 + 2 * other_params  # math.prod takes one iterable
 
-    out = assert_failed(checks.check_break_even_rank, BREAK_EVEN, typo, capsys, "raised TypeError")
-    assert "math.prod(d_out, d_in)" in out  # the offending line is shown
+
+def _typo_decode_bound(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):
+    return batch * bandwidth_GBps * 1e9 / math.fsum(weight_bytes, batch * context * kv_bytes_per_token)
+
+
+def _typo_latency_stats(t_request, token_times):
+    itl = token_times.diff().mean()  # a list, not a tensor: AttributeError
+    return token_times[0] - t_request, itl, 1 / itl
+
+
+OTHER_EXCEPTIONS = [
+    (checks.check_weight_bytes, _typo_weight_bytes, "raised TypeError", "math.prod(linear_params, bits)"),
+    (checks.check_decode_bound, _typo_decode_bound, "raised TypeError", "math.fsum(weight_bytes,"),
+    (checks.check_latency_stats, _typo_latency_stats, "raised AttributeError", "token_times.diff().mean()"),
+]
 
 
 def test_returning_none_is_a_failure(capsys):
-    def forgot_return(W, rank):
-        good_truncated_svd(W, rank)
+    def forgot_return(linear_params, other_params, bits, group_size):
+        good_weight_bytes(linear_params, other_params, bits, group_size)
 
-    def forgot_return_rank(d_out, d_in):
-        good_break_even_rank(d_out, d_in)
+    def forgot_return_latency(t_request, token_times):
+        good_latency_stats(t_request, token_times)
 
-    assert_failed(checks.check_truncated_svd, TRUNCATED_SVD, forgot_return, capsys,
-                  "return two factors (A, B), got NoneType")
+    assert_failed(checks.check_weight_bytes, WEIGHT_BYTES, forgot_return, capsys, "expected a number, got NoneType")
     checks.STATUS.clear()
-    assert_failed(checks.check_break_even_rank, BREAK_EVEN, forgot_return_rank, capsys,
-                  "return an int (a rank), got NoneType")
+    assert_failed(checks.check_latency_stats, LATENCY_STATS, forgot_return_latency, capsys,
+                  "expected a tuple of 3 numbers, got NoneType")
 
 
-# ----------------------------------------------------------------------------- which case catches which mistake
+def test_two_codes_per_byte_is_right_at_4_bits_only():
+    """Why wb_two_codes_per_byte passes the fp16 and 4-bit cases: bits / 8 = 0.5 exactly there; the 3-bit case tells."""
+    linear, other = checks.SMOLLM_LINEAR, checks.SMOLLM_OTHER
+    for bits, group_size in ((16, None), (4, 64)):
+        assert wb_two_codes_per_byte(linear, other, bits, group_size) == good_weight_bytes(linear, other, bits,
+                                                                                           group_size)
+    assert wb_two_codes_per_byte(linear, other, 3, 64) - good_weight_bytes(linear, other, 3, 64) > 1e6
 
 
-def _case_verdicts(checker, fn, monkeypatch, capsys) -> dict[str, bool]:
-    """Run the checker on fn one case at a time: {case label: passed}. The checker's own cases, comparison and
-    tolerances: run_check is intercepted once to learn them, then the real one runs each case alone."""
-    real = checks.run_check
-    seen = []
-
-    def spy(name, fn, reference, cases, **kw):
-        seen.append((name, fn, reference, cases, kw))
-        return fn
-
-    monkeypatch.setattr(checks, "run_check", spy)
-    checker(fn)
-    monkeypatch.setattr(checks, "run_check", real)
-    (name, got, expected, cases, kw), = seen
-    verdicts = {}
-    for case in cases:
-        verdicts[case.label] = real(name, got, expected, [case], **kw) is got
-    checks.STATUS.clear()
-    capsys.readouterr()
-    return verdicts
+def test_batch_mistakes_need_a_batch_above_one():
+    """Why three decode_bound mistakes pass the batch-1 cases: with batch 1, `x batch` and `batch x KV` change
+    nothing; only the batch-16 case (and the batch-64 one after it) tells."""
+    w4 = deploy.weight_bytes_at(checks.SMOLLM_LINEAR, checks.SMOLLM_OTHER, 4, 64)
+    for wrong in (db_kv_once_per_step, db_per_sequence, db_weights_per_sequence):
+        assert wrong(w4, 23040, 2048, 1, 3350.0) == good_decode_bound(w4, 23040, 2048, 1, 3350.0)
+        assert not wrong(w4, 23040, 2048, 16, 2039.0) == pytest.approx(good_decode_bound(w4, 23040, 2048, 16, 2039.0),
+                                                                       rel=1e-3)
 
 
-def _passed_on(verdicts) -> list[str]:
-    return [label for label, ok in verdicts.items() if ok]
+def test_evenly_spaced_tokens_hide_the_interval_statistic():
+    """Why ls_median_interval and ls_skip_first_interval pass the first two cases: the median interval and the
+    intervals after the first equal the mean interval when tokens are evenly spaced; jittered times tell."""
+    even = [0.02, 0.27, 0.52, 0.77, 1.02]
+    jittered = [3.9, 4.0, 4.25, 4.3, 4.6, 4.62]
+    for wrong in (ls_median_interval, ls_skip_first_interval):
+        assert wrong(0.0, even) == pytest.approx(good_latency_stats(0.0, even))
+        assert abs(wrong(3.0, jittered)[1] - good_latency_stats(3.0, jittered)[1]) > 0.01
 
 
-def test_every_case_passes_the_solutions_alone(monkeypatch, capsys):
-    for checker, (_, good, _) in GOOD.items():
-        verdicts = _case_verdicts(checker, good, monkeypatch, capsys)
-        assert len(verdicts) >= 4 and all(verdicts.values()), verdicts
+# ----------------------------------------------------------------------------- inputs are not shared between calls
 
 
-def test_rank_one_hides_mistakes_with_S():
-    """Why ts_no_singular_values and ts_s_twice pass the rank-1 case: the cases' singular values are decay^i, so the
-    top one is 1 and S^0 = S = S^2 there; every other case tells. ts_smallest and ts_rank_plus_one are right at full
-    rank only (all the triplets are kept; slicing :rank + 1 stops at min(d_out, d_in))."""
-    W = checks._spectrum_matrix(40, 30, 73)
-    assert torch.linalg.svdvals(W)[0].item() == pytest.approx(1.0, abs=1e-5)
-
-
-@pytest.mark.parametrize("fn, passes_only", [(ts_no_singular_values, "rank 1: only the top singular direction"),
-                                             (ts_s_twice, "rank 1: only the top singular direction"),
-                                             (ts_smallest, "full rank min(d_out, d_in): exact reconstruction"),
-                                             (ts_rank_plus_one, "full rank min(d_out, d_in): exact reconstruction")],
-                         ids=lambda v: getattr(v, "__name__", ""))
-def test_truncation_mistakes_pass_one_case_only(fn, passes_only, monkeypatch, capsys):
-    assert _passed_on(_case_verdicts(checks.check_truncated_svd, fn, monkeypatch, capsys)) == [passes_only]
-
-
-@pytest.mark.parametrize("fn", [ts_vh_as_v, ts_svd_of_transpose, ts_b_transposed, ts_eigh_unsorted, ts_dense_factors],
-                         ids=lambda f: f.__name__)
-def test_transpose_and_shape_mistakes_fail_every_case(fn, monkeypatch, capsys):
-    """Wrong transposes fail the non-square cases on the factors' shapes and the square one on their values; the
-    factors of W^T (ts_svd_of_transpose) have the right shapes only on the square case, and W^T != W there."""
-    verdicts = _case_verdicts(checks.check_truncated_svd, fn, monkeypatch, capsys)
-    assert not any(verdicts.values()), verdicts
-
-
-def test_the_transposed_factorization_is_really_wrong_on_the_square_case():
-    W = checks._spectrum_matrix(48, 48, 70)
-    A, B = ts_svd_of_transpose(W, 8)
-    assert A.shape == (48, 8) and B.shape == (8, 48)
-    assert (A @ B - torch.matmul(*good_truncated_svd(W, 8))).abs().max() > 1e-2
-
-
-def test_break_even_mistakes_and_the_cases_that_catch_them(monkeypatch, capsys):
-    """floor (and <=) is wrong exactly at the exact divisions (576 x 576, 192 x 576, 3 x 6), where that rank saves
-    nothing; floor - 1 exactly elsewhere; "at least 1" only at 1 x 1; min // 2 passes 3 x 6, 2 x 3 and 1 x 1 by luck."""
-    exact = [label for label in _case_verdicts(checks.check_break_even_rank, good_break_even_rank, monkeypatch, capsys)
-             if label.startswith(("576 x 576", "192 x 576", "3 x 6"))]
-    assert len(exact) == 3
-    for fn in (be_floor, be_loop_le):
-        verdicts = _case_verdicts(checks.check_break_even_rank, fn, monkeypatch, capsys)
-        assert [label for label, ok in verdicts.items() if not ok] == exact
-    verdicts = _case_verdicts(checks.check_break_even_rank, be_floor_minus_one, monkeypatch, capsys)
-    assert set(_passed_on(verdicts)) == set(exact)
-    verdicts = _case_verdicts(checks.check_break_even_rank, be_at_least_one, monkeypatch, capsys)
-    assert [label for label, ok in verdicts.items() if not ok] == ["1 x 1: no rank saves anything"]
-    verdicts = _case_verdicts(checks.check_break_even_rank, be_half_min, monkeypatch, capsys)
-    assert [label.split(":")[0] for label in _passed_on(verdicts)] == ["3 x 6", "2 x 3", "1 x 1"]
-
-
-def test_exact_divisions_save_nothing_at_the_floor():
-    for d_out, d_in in ((576, 576), (192, 576), (3, 6)):
-        r = d_out * d_in // (d_out + d_in)
-        assert r * (d_out + d_in) == d_out * d_in  # equal: the factors store exactly as many numbers
-        assert good_break_even_rank(d_out, d_in) == r - 1
-
-
-@pytest.mark.parametrize("fn", [asvd_scales_rows, asvd_divides_A], ids=lambda f: f.__name__)
-def test_row_mistakes_fail_the_square_case_too(fn, monkeypatch, capsys):
-    """Scaling rows instead of columns (or folding 1/s into A's rows) raises on every non-square W; on the square
-    case it broadcasts silently, and the values tell."""
-    verdicts = _case_verdicts(checks.check_asvd_factors, fn, monkeypatch, capsys)
-    assert not any(verdicts.values()), verdicts
-    square = next(label for label in verdicts if label.startswith("square 40 x 40"))
-    W, scale = checks._spectrum_matrix(40, 40, 79, 0.9), checks._channel_scale(40, 80)
-    A, B = fn(W, scale, 10)  # no error on the square case ...
-    assert A.shape == (40, 10) and B.shape == (10, 40)
-    assert (A @ B - torch.matmul(*good_asvd_factors(W, scale, 10))).abs().max() > 1e-2, square  # ... wrong values
-
-
-@pytest.mark.parametrize("fn", [asvd_no_unscaling, asvd_times_scale, asvd_plain_svd, asvd_scale_squared,
-                                asvd_sqrt_scale, asvd_unscale_only], ids=lambda f: f.__name__)
-def test_scale_mistakes_pass_the_all_ones_case_only(fn, monkeypatch, capsys):
-    """With an all-ones scale every one of these is plain SVD (the right answer there); the three cases with outlier
-    channels tell."""
-    verdicts = _case_verdicts(checks.check_asvd_factors, fn, monkeypatch, capsys)
-    assert _passed_on(verdicts) == ["all-ones scale: ASVD equals plain SVD"]
-
-
-# ----------------------------------------------------------------------------- checker weaknesses
-
-
-@pytest.mark.parametrize("as_number", [float, torch.tensor], ids=["float", "tensor"])
-def test_a_rank_that_is_no_int_is_rejected(as_number, capsys):
-    def fn(d_out, d_in):
-        return as_number(math.ceil(d_out * d_in / (d_out + d_in)) - 1)
-
-    assert_failed(checks.check_break_even_rank, BREAK_EVEN, fn, capsys)
-
-
-@pytest.mark.parametrize("as_number", [float, torch.tensor], ids=["float", "tensor"])
-def test_a_rank_that_is_no_int_breaks_the_lab(as_number):
-    """Why the checker rejects them: the lab's own uses of break_even_rank's result fail on it."""
-    be = as_number(287)
-    W = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
-    if as_number is float:
-        with pytest.raises(ValueError):
-            f"{be:10d}"
-    with pytest.raises(ValueError, match="rank must be an integer"):
-        lowrank.svd_factors(W, be)
-
-
-def be_round_half_up(d_out, d_in):  # rounds the break-even point to the nearest integer, minus 1: right wherever
-    return int(d_out * d_in / (d_out + d_in) + 0.5) - 1  # the fraction is 0 or >= 0.5, one too few below 0.5
-
-
-def be_round_at_least_zero(d_out, d_in):  # round() (half to even: 0.5 -> 0), kept >= 0 for 1 x 1
-    return max(0, round(d_out * d_in / (d_out + d_in)) - 1)
-
-
-@pytest.mark.parametrize("fn", [be_round_half_up, be_round_at_least_zero], ids=lambda f: f.__name__)
-def test_rounding_to_nearest_is_rejected(fn, capsys):
-    assert_failed(checks.check_break_even_rank, BREAK_EVEN, fn, capsys)
-
-
-def test_rounding_to_nearest_is_really_wrong():
-    """Why the checker has the 4096 x 11008 and 2 x 3 cases: 4096 x 11008 (Llama-2-7B's MLP) breaks even at 2985.22,
-    so rank 2985 still saves; rounding gives 2984. At x.91 (1536 x 576), x.78 (4096 x 14336) and 0.5 (1 x 1)
-    rounding to the nearest integer and rounding up agree."""
-    assert good_break_even_rank(4096, 11008) == 2985 and 2985 * (4096 + 11008) < 4096 * 11008
-    for fn in (be_round_half_up, be_round_at_least_zero):
-        assert fn(4096, 11008) == 2984 and fn(2, 3) == 0 != good_break_even_rank(2, 3)
-        for d_out, d_in in ((576, 576), (1536, 576), (192, 576), (4096, 14336), (3, 6), (1, 1)):  # the six cases
-            assert fn(d_out, d_in) == good_break_even_rank(d_out, d_in)
-
-
-# ----------------------------------------------------------------------------- inputs are cloned per call
-
-
-def mut_truncated_svd(W, rank):
-    out = good_truncated_svd(W, rank)
-    W.zero_()
+def mut_latency_stats(t_request, token_times):  # right, then empties the list it was given (a list is not cloned)
+    out = good_latency_stats(t_request, token_times)
+    token_times.clear()
     return out
 
 
-def mut_asvd_factors(W, scale, rank):
-    out = good_asvd_factors(W, scale, rank)
-    W.zero_(), scale.mul_(-3)
-    return out
+def test_summary_of_the_lab06_exercises(capsys):
+    checks.check_weight_bytes(good_weight_bytes)
+    checks.check_decode_bound(db_no_kv_cache)
 
-
-MUTATING = [(checks.check_truncated_svd, TRUNCATED_SVD, mut_truncated_svd),
-            (checks.check_asvd_factors, ASVD, mut_asvd_factors),
-            (checks.check_asvd_factors, ASVD, alt_asvd_in_place)]  # break_even_rank gets ints: nothing to mutate
-
-
-def test_summary_of_the_lab07_exercises(capsys):
-    checks.check_truncated_svd(good_truncated_svd)
-    checks.check_break_even_rank(be_floor)
-
-    def todo(W, scale, rank):
+    def todo(t_request, token_times):
         raise NotImplementedError
 
-    checks.check_asvd_factors(todo)
+    checks.check_latency_stats(todo)
     result, lines = summary_lines(capsys)
-    assert result == {TRUNCATED_SVD: "passed", BREAK_EVEN: "failed", ASVD: "not done"}
+    assert result == {WEIGHT_BYTES: "passed", DECODE_BOUND: "failed", LATENCY_STATS: "not done"}
     assert len(lines) == 4 and lines[-1] == "1/3 exercises passed"
+
+
+# ----------------------------------------------------------------------------- numbers in numpy / torch clothing
+
+
+def wb_numpy_int(linear_params, other_params, bits, group_size):  # np.int64 for fp16: still a number
+    p = np.array([linear_params, other_params])
+    if bits == 16:
+        return 2 * p.sum()
+    return p[0] * bits / 8 + p[0] / group_size * (2 + bits / 8) + 2 * p[1]
+
+
+def ls_as_array(t_request, token_times):  # one array of the three numbers unpacks like the tuple
+    t = np.asarray(token_times)
+    return np.array([t[0] - t_request, (t[-1] - t[0]) / (len(t) - 1), (len(t) - 1) / (t[-1] - t[0])])
+
+
+def ls_as_tensor(t_request, token_times):
+    return torch.tensor(ls_as_array(t_request, token_times), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("checker, name, fn", [(checks.check_weight_bytes, WEIGHT_BYTES, wb_numpy_int),
+                                               (checks.check_latency_stats, LATENCY_STATS, ls_as_array),
+                                               (checks.check_latency_stats, LATENCY_STATS, ls_as_tensor)],
+                         ids=lambda v: getattr(v, "__name__", ""))
+def test_numpy_and_torch_numbers_are_accepted(checker, name, fn, capsys):
+    assert_accepted(checker, name, fn, capsys)
 
 
 # ----------------------------------------------------------------------------- the tests every lab's checkers get
@@ -655,11 +586,19 @@ def test_summary_of_the_lab07_exercises(capsys):
 class TestEveryChecker(CheckerSuite):
     """tests/checker_testing.py's suite on this lab's checkers."""
 
-    TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
-                                                                   MUTATING)
-    NAMESPACE = {"math": math}  # the lab's break_even_rank uses math
-    TENSOR_CHECKERS = FACTOR_CHECKERS
+    TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG = __file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG
+    # the reference runs before the participant's function on each case, and each checker call builds its cases
+    # afresh: emptying the token_times list after computing cannot corrupt a comparison or a later call
+    MUTATING = [(checks.check_latency_stats, LATENCY_STATS, mut_latency_stats)]
     sample_calls = staticmethod(_sample_calls)
 
     def assert_sample(self, checker, got):
-        _assert_sample(checker, got)
+        args, expected = _sample_calls()[checker]
+        _assert_same_numbers(got(*args), expected)
+
+    @pytest.mark.parametrize("checker, fn, message, line", OTHER_EXCEPTIONS, ids=lambda v: getattr(v, "__name__", ""))
+    def test_other_exceptions_are_failures_not_crashes(self, checker, fn, message, line, capsys):
+        """Plain numbers and a list (the shared helper's x.amin typo needs a tensor): errors from plain Python,
+        named, with the offending line shown."""
+        out = assert_failed(checker, GOOD[checker][0], fn, capsys, message)
+        assert line in out

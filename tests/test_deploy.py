@@ -1,4 +1,4 @@
-"""compresslab.deploy (lab 06): the roofline arithmetic, latency bookkeeping, bad input, and the pinned ONNX Runtime
+"""compresslab.deploy (lab 07): the roofline arithmetic, latency bookkeeping, bad input, and the pinned ONNX Runtime
 GenAI path on the real model (export, generate, teacher-forced perplexity equal to PyTorch's for the fp32 export)."""
 
 import math
@@ -155,7 +155,7 @@ def test_decode_read_bytes_counts_what_each_path_stores(tiny_llama):
 
 
 def test_median_seconds_times_only_the_step_not_its_setup():
-    """Issue 24, item 5: lab 06 timed a deepcopy of the cache inside the decode step. setup runs untimed."""
+    """Issue 24, item 5: lab 07 timed a deepcopy of the cache inside the decode step. setup runs untimed."""
     import time
 
     calls = []

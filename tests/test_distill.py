@@ -1,4 +1,4 @@
-"""Knowledge distillation (compresslab.distill), lab 04: the softened distributions and divergences, the KD loss against
+"""Knowledge distillation (compresslab.distill), lab 05: the softened distributions and divergences, the KD loss against
 a plain float64 computation, the top-k teacher cache, the pruned student (block influence, layer dropping), the
 training loop, the training windows (compresslab.data) and bad input.
 

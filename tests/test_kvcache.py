@@ -822,7 +822,7 @@ def test_kv_perplexity_rejects_an_unknown_string(smollm):
 
 def test_builtin_cache_key_axis(smollm):
     """Issue 24, item 24: transformers' QuantizedCache defaults to axis_key=0 (a scale per token for keys);
-    'builtin-<bits>-channel' sets axis_key=-1 (per channel, KIVI's layout), which is what lab 05 compares."""
+    'builtin-<bits>-channel' sets axis_key=-1 (per channel, KIVI's layout), which is what lab 06 compares."""
     pytest.importorskip("optimum.quanto")
     model, tok = smollm
     assert K.new_cache(model, "builtin-2").layers[0].axis_key == 0

@@ -1,4 +1,4 @@
-"""Low-rank factorization (compresslab.lowrank), lab 07: truncated SVD and Eckart-Young, activation-aware SVD,
+"""Low-rank factorization (compresslab.lowrank), lab 08: truncated SVD and Eckart-Young, activation-aware SVD,
 the parameter accounting (break-even, ratio, energy), LowRankLinear, whole-model factorization, low-rank
 compensation of quantization error, and bad input.
 

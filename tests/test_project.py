@@ -99,9 +99,9 @@ def test_every_lab_prints_its_device_check_with_its_own_runtime():
         number = source.name[:2]
         assert re.search(rf'cl\.setup\([^)]*lab="{number}"', source.read_text()), f"{source.name}: setup(lab=...)"
         assert number in runtime.LABS, f"add lab {number}'s measured runtime to compresslab.runtime.LABS"
-    env = runtime.setup(quick=True, lab="03")
+    env = runtime.setup(quick=True, lab="04")
     text = str(env)
-    assert "lab 03 on a 2-core CPU (measured): quick mode" in text
+    assert "lab 04 on a 2-core CPU (measured): quick mode" in text
     assert ("skipped here: 2:4 sparse tensor-core speed" in text) == (env.capability is None or env.capability < (8, 0))
     with pytest.raises(ValueError, match="lab must be one of"):
         runtime.setup(lab="99")
@@ -112,7 +112,7 @@ TRAINING_CALLS = re.compile(r"\b(?:finetune_masked|distill)\(\s*\w+,\s*(\w+)"  #
 
 
 def test_every_fine_tuning_trains_on_unk_free_windows():
-    """Issue 24, item 7: lab 03's recovery fine-tune trained on calibration_batches (WikiText-2 valid with ~11.7k
+    """Issue 24, item 7: lab 04's recovery fine-tune trained on calibration_batches (WikiText-2 valid with ~11.7k
     <unk> markers) while GPTQ scale tuning and KD used the <unk>-free training_windows. Every training call in the
     labs and tools takes windows that were made by training_windows."""
     found = 0

@@ -1,4 +1,4 @@
-"""Pruning (compresslab.pruning), lab 03: masks, Wanda's activation norms, SparseGPT, whole-model and structured
+"""Pruning (compresslab.pruning), lab 04: masks, Wanda's activation norms, SparseGPT, whole-model and structured
 pruning, the 2:4 hardware helpers, and bad input.
 
 Unit tests run on seeded random data (weights (out, in), inputs X with uneven column scales and correlated columns,

@@ -290,7 +290,7 @@ def test_vllm_serves_the_offline_model(smollm):
 
 
 def test_cuda_build_command_and_environment():
-    """Lab 06's GPU cell: vLLM's CUDA build runs its own CLI (no CPU launcher, no CPU-only variables)."""
+    """Lab 07's GPU cell: vLLM's CUDA build runs its own CLI (no CPU launcher, no CPU-only variables)."""
     cmd = serve.serve_command("/m", 8000, python="/venv/bin/python", device="cuda",
                               extra_args=("--kv-cache-dtype", "fp8"))
     assert cmd[:4] == ["/venv/bin/python", "-m", "vllm.entrypoints.cli.main", "serve"] and serve.LAUNCHER not in cmd

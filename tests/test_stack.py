@@ -1,4 +1,4 @@
-"""Stacking recipes (compresslab.stack), lab 07: which step orders `plan` accepts and why it rejects the others, the
+"""Stacking recipes (compresslab.stack), lab 08: which step orders `plan` accepts and why it rejects the others, the
 bytes a recipe stores, the recipe card, and `build` on the `tiny_llama` fixture (a random 2-layer Llama, hidden 64,
 intermediate 128, with SmolLM2's tokenizer) with random calibration ids: each recipe's result, the memo of shared
 prefixes, and loading a lab 02-style GPTQ checkpoint written for the tiny model.

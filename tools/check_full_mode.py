@@ -1,7 +1,7 @@
 """Dry-run every lab's FULL-mode cells at quick sizes, to check they run before a workshop (or after a change).
 
 `make test` runs the notebooks in quick mode only, and full mode branches in several labs (lab 02's 3-bit table and
-tuned variants, lab 03's sweep and recovery, lab 04's fourth student, ...) that take about an hour each on a CPU.
+tuned variants, lab 04's sweep and recovery, lab 05's fourth student, ...) that take about an hour each on a CPU.
 This runs each solution notebook with QUICK=False, COMPRESSLAB_SIZES=quick (quick mode's evaluation and calibration
 sizes, see compresslab.runtime.setup) and a few training steps, so every full-mode cell executes in minutes.
 Its numbers are not the labs' figures: they go to a throw-away results table.
@@ -29,15 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT = {
     "01": {},
     "02": {"TUNE_STEPS": 3},
-    "03": {"RECOVER_STEPS": 3},
-    "04": {"STEPS": 4},
-    "05": {"N_WINDOWS": 1, "PREFIX": 192, "SCORED": 64},
-    "06": {"NEW_TOKENS": 8, "PPL_TOKENS": 64},
-    "07": {"DISTILL_STEPS": 4, "PROBE_N": 16},
+    "04": {"RECOVER_STEPS": 3},
+    "05": {"STEPS": 4},
+    "06": {"N_WINDOWS": 1, "PREFIX": 192, "SCORED": 64},
+    "07": {"NEW_TOKENS": 8, "PPL_TOKENS": 64},
+    "08": {"DISTILL_STEPS": 4, "PROBE_N": 16},
 }
-# Later labs reuse earlier labs' artifacts, as a participant's would: lab 07's GPTQ_DIR is the 4-bit checkpoint that
+# Later labs reuse earlier labs' artifacts, as a participant's would: lab 08's GPTQ_DIR is the 4-bit checkpoint that
 # lab 02 exported (its EXPORT_DIR). tests/test_notebooks.py uses this too.
-USES = {"07": ("02", {"GPTQ_DIR": "EXPORT_DIR"})}
+USES = {"08": ("02", {"GPTQ_DIR": "EXPORT_DIR"})}
 
 
 def outputs_text(nb) -> str:

@@ -296,7 +296,7 @@ def check_reconstruction_error(fn: Callable) -> Callable:
                           "a scalar; not the weight difference alone.")
 
 
-# ----------------------------------------------------------------------------- lab 03 cases (pruning)
+# ----------------------------------------------------------------------------- lab 04 cases (pruning)
 
 
 def _act_norm_step(sq, n, x):
@@ -383,7 +383,7 @@ def check_sparsegpt_step(fn: Callable) -> Callable:
                           "err = (W1[:, i] - q) / Hinv1[i, i]; W1[:, i:] -= outer(err, Hinv1[i, i:]); return W1, q, err.")
 
 
-# ----------------------------------------------------------------------------- lab 04 cases (distillation)
+# ----------------------------------------------------------------------------- lab 05 cases (distillation)
 
 
 def _logit_pair(shape: tuple[int, ...], seed: int, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,7 +460,7 @@ def check_kd_loss(fn: Callable) -> Callable:
                           "student_T) over the same positions; return alpha * CE + (1 - alpha) * soft.")
 
 
-# ----------------------------------------------------------------------------- lab 05 cases (KV cache)
+# ----------------------------------------------------------------------------- lab 06 cases (KV cache)
 
 
 def _keys(shape: tuple[int, ...], seed: int, outlier_channel: int | None = None, offset: float = 0.0) -> torch.Tensor:
@@ -618,7 +618,7 @@ def check_dequant_gemv(fn: Callable) -> Callable:
     return fn if got is wrapped else got  # the lab keeps the participant's own function when it passed
 
 
-# ----------------------------------------------------------------------------- lab 06 (deployment)
+# ----------------------------------------------------------------------------- lab 07 (deployment)
 
 SMOLLM_LINEAR, SMOLLM_OTHER = 106_168_320, 28_346_688  # SmolLM2-135M: decoder Linears / embeddings + norms
 
@@ -675,7 +675,7 @@ def check_latency_stats(fn: Callable) -> Callable:
                          "(last - first) / (n - 1) over the n - 1 decode steps; decode tokens/s = 1 / that. Seconds.")
 
 
-# ----------------------------------------------------------------------------- lab 07 cases
+# ----------------------------------------------------------------------------- lab 08 cases
 
 
 def _spectrum_matrix(d_out: int, d_in: int, seed: int, decay: float = 0.8) -> torch.Tensor:

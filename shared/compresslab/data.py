@@ -118,7 +118,7 @@ def extract_number(text: str) -> str | None:
 
 def training_windows(tokenizer, n_windows: int, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
     """(n_windows, seq_len) non-overlapping windows of WikiText-2 valid in a seeded random order: training text for
-    fine-tuning and distillation (lab 04). '<unk>' markers are removed first, so a model trained on them does not learn
+    fine-tuning and distillation (lab 05). '<unk>' markers are removed first, so a model trained on them does not learn
     to predict a token that the raw test split never contains. Disjoint from the test split used for perplexity."""
     ids = _unk_free_ids(tokenizer)
     available = ids.numel() // seq_len

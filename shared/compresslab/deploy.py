@@ -1,4 +1,4 @@
-"""Deployment (lab 06): what bounds decode speed, how to measure latency honestly, and two real runtimes.
+"""Deployment (lab 07): what bounds decode speed, how to measure latency honestly, and two real runtimes.
 
     weight_bytes_at(linear_params, other_params, bits=4, group_size=64)     # what one decode step must read
     decode_bound(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps)   # -> tokens/s upper bound
@@ -109,7 +109,7 @@ def decode_bound(weight_bytes: float, kv_bytes_per_token: float, context: int, b
 
 
 def paged_kv_tokens(cache_bytes: float, kv_bytes_per_token: float, block_size: int = 16) -> int:
-    """Tokens a paged KV cache of cache_bytes holds (lab 06, section 8): whole blocks of block_size tokens, each
+    """Tokens a paged KV cache of cache_bytes holds (lab 07, section 8): whole blocks of block_size tokens, each
     block_size * kv_bytes_per_token bytes; a request of n tokens occupies ceil(n / block_size) blocks.
 
         paged_kv_tokens(1 * 2**30, 23040)   # 46592: vLLM's "KV cache size: 46,592 tokens" for 1 GiB, SmolLM2 bf16"""
@@ -188,7 +188,7 @@ class Timed:
         return f"{min(runs) * 1e3:.1f}–{max(runs) * 1e3:.1f} ms"
 
 
-TIMING_REPEATS, TIMING_WARMUP = 5, 1  # every path in lab 06 (and the capstone) is timed the same way
+TIMING_REPEATS, TIMING_WARMUP = 5, 1  # every path in lab 07 (and the capstone) is timed the same way
 
 
 def median_timed(run, repeats: int = TIMING_REPEATS, warmup: int = TIMING_WARMUP) -> Timed:
@@ -255,7 +255,7 @@ def decode_read_bytes(model: nn.Module) -> int:
 
     Every Linear in full (PyTorch dynamic-int8 Linears at their int8 codes plus bias), every norm weight and buffer,
     and one row of each embedding table per token — unless the table is tied to a Linear (the LM head), which then
-    reads it in full. lab 06's roofline divides bandwidth by this, not by the bytes the model occupies in RAM."""
+    reads it in full. lab 07's roofline divides bandwidth by this, not by the bytes the model occupies in RAM."""
     seen, alive, total = set(), [], 0
 
     def add(t: torch.Tensor | None) -> None:

@@ -1,4 +1,4 @@
-"""Knowledge distillation (Hinton et al. 2015) for causal LMs, top to bottom (lab 04).
+"""Knowledge distillation (Hinton et al. 2015) for causal LMs, top to bottom (lab 05).
 
     loss = kd_loss(student_logits, teacher_logits, labels, T=2.0, alpha=0.5, kind="forward")
          = alpha * CE(labels, student) + (1 - alpha) * T^2 * D(teacher_T || student_T)       (per token, averaged)
@@ -8,7 +8,7 @@
 
 The idea: the teacher's whole next-token distribution ("dark knowledge": which wrong answers are nearly right) is a
 richer training signal than the one-hot label. Softening both distributions with a temperature T > 1 exposes it
-(Hinton's classifiers); an LLM's next-token distribution is already broad at T = 1, and lab 04's students trained
+(Hinton's classifiers); an LLM's next-token distribution is already broad at T = 1, and lab 05's students trained
 best at T = 1 (T = 2 fell behind plain CE). The soft loss's gradient shrinks as 1/T^2, so it is multiplied by T^2 to
 keep its weight against the hard loss when T changes. D is forward KL (mode-covering, Hinton), reverse KL
 (mode-seeking, MiniLLM) or skew KL (DistiLLM).
@@ -254,7 +254,7 @@ def make_student(teacher, calib: torch.Tensor, n_layers: int | None = None, mlp_
                  batch_size: int = 4, progress: bool = True):
     """Prune the teacher into a student initialised from its weights (Minitron's prune-then-distil):
     drop the len - n_layers layers of lowest Block Influence, then (mlp_ratio > 0) remove that fraction of MLP
-    neurons with lab 03's activation-aware prune_mlp_neurons. -> (student, info {'dropped', 'influence'})."""
+    neurons with lab 04's activation-aware prune_mlp_neurons. -> (student, info {'dropped', 'influence'})."""
     from .pruning import prune_mlp_neurons
 
     check_decoder(teacher, "make_student")

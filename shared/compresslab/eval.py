@@ -51,7 +51,7 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
                    align: int | None = None) -> list[str]:
     """Greedy completions of prompts, decoded without the prompt, in the order given.
 
-    cache_factory: a callable returning a fresh KV cache per batch (lab 05's compressed caches); None: the default
+    cache_factory: a callable returning a fresh KV cache per batch (lab 06's compressed caches); None: the default
     cache, with left-padded batches. A compressed cache groups tokens for its min/max, outliers and low-rank fit, and
     cannot see the attention mask: left padding would put pad tokens into a sequence's groups. So with a
     cache_factory every batch holds prompts of one token length only (no padding at all), up to batch_size each.

@@ -81,7 +81,7 @@ def column_step(W1: torch.Tensor, Hinv1: torch.Tensor, i: int, scale: torch.Tens
 
 
 def propagate_error(W1: torch.Tensor, Hinv1: torch.Tensor, i: int, q: torch.Tensor) -> torch.Tensor:
-    """The OBS update shared by GPTQ and SparseGPT (lab 03): column i of W1 becomes q (rounded, or pruned to 0);
+    """The OBS update shared by GPTQ and SparseGPT (lab 04): column i of W1 becomes q (rounded, or pruned to 0);
     its error, scaled by 1 / Hinv1[i, i], is pushed onto columns i.. of W1 in place. Returns err (out,)."""
     err = (W1[:, i] - q) / Hinv1[i, i]
     W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]  # OBS: the remaining columns absorb the error
@@ -255,7 +255,7 @@ def decoder_linears(layer, names: list[str], li: int, who: str) -> dict[str, nn.
 
 def collect_stats(layer, inputs, linears: dict, make_stat) -> dict:
     """Run the layer on its calibration inputs; every Linear's input batches go to its own make_stat(linear)
-    (anything with add_batch(x): a Hessian here, activation norms in lab 03). Returns {name: stat}."""
+    (anything with add_batch(x): a Hessian here, activation norms in lab 04). Returns {name: stat}."""
     stats = {n: make_stat(m) for n, m in linears.items()}
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: stats[n].add_batch(inp[0]))
              for n, m in linears.items()]
@@ -311,7 +311,7 @@ def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym
 
 def rtn_quantize_model(model, bits: int = 4, group_size=64, sym: bool = False, inplace: bool = False):
     """Round-to-nearest with GPTQ's quantizer, returned like quantize_model: (model, report) — so an RTN model can be
-    exported with the same writers (lab 06 serves one when lab 02's GPTQ export is absent).
+    exported with the same writers (lab 07 serves one when lab 02's GPTQ export is absent).
 
     It is GPTQ with an identity Hessian: no off-diagonal terms, so no error is propagated and every group's scale
     and zero come from the original weights — exactly RTN. No calibration data."""

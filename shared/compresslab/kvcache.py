@@ -131,7 +131,7 @@ def fake_quantize_kv(x: torch.Tensor, kind: str, bits: int = 2, group_size: int 
 @torch.no_grad()
 def layer_qkv(model, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Queries, keys and values one attention layer sees for ids (1, t), after RoPE, as its attention computes:
-    q (1, heads, t, d), k and v (1, kv_heads, t, d), float32. (lab 05: judge a cache layout by the attention.)"""
+    q (1, heads, t, d), k and v (1, kv_heads, t, d), float32. (lab 06: judge a cache layout by the attention.)"""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     check_model_supported(model)

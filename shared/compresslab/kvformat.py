@@ -1,6 +1,6 @@
 """The KV cache's storage format, the bottom layer that the cache (kvcache), its Triton kernels (kernels.kv_quant)
 and the checkers share: KIVI group quantization, packed codes, and the checks of its arguments. Imports nothing of
-compresslab's. (lab 05)
+compresslab's. (lab 06)
 
     q = quantize_groups_torch(k, bits=2, group_size=64, dim=-2)    # keys per channel: groups of 64 tokens
     q.codes, q.scale, q.minimum; q.dequantize(); q.nbytes()         # packed 8 // bits per byte; fp16 scale and min

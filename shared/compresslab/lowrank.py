@@ -1,4 +1,4 @@
-"""Low-rank factorization of Linear layers (lab 07), top to bottom.
+"""Low-rank factorization of Linear layers (lab 08), top to bottom.
 
     W (d_out, d_in)  ~=  A (d_out, r) @ B (r, d_in)          y = x W^T  ->  y = (x B^T) A^T: two thin matmuls
 
@@ -11,7 +11,7 @@
    input channels with large activations amplify weight error. Scale W's columns by s_j = ||X_j||^alpha, truncate
    W diag(s), then fold 1/s back into B: B = B' diag(1/s).
 4. Low-rank error compensation: quantize W, then add a rank-r correction of the residual W - Q(W) (what GEAR does
-   for the KV cache in lab 05). With act_norms it is activation-scaled, LQER/ASVD-style: the SVD of
+   for the KV cache in lab 06). With act_norms it is activation-scaled, LQER/ASVD-style: the SVD of
    (W - Q(W)) diag(s) with the same diagonal scale as 3. EoRA proper projects the residual onto the eigenspace of
    X^T X instead (a full, not diagonal, activation metric); that is not implemented here. The correction is stored
    in 16 bits next to the 4-bit codes: it costs 2 r (d_out + d_in) bytes per Linear.

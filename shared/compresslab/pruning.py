@@ -1,4 +1,4 @@
-"""Pruning (lab 03): magnitude, Wanda, SparseGPT, N:M semi-structured, and structured MLP-neuron pruning.
+"""Pruning (lab 04): magnitude, Wanda, SparseGPT, N:M semi-structured, and structured MLP-neuron pruning.
 
     keep = magnitude_mask(W, 0.5)                       # (out, in) bool, True where a weight is KEPT
     keep = wanda_mask(W, act_norm, 0.5)                 # |W_ij| * ||X_j||_2, lowest 50 % of each row pruned

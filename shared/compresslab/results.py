@@ -51,7 +51,7 @@ def describe(model, bits: int | None = None, group_size: int | None = 64, nm: tu
     bits None: the model as stored, at its parameters' dtype (unstructured zeros are stored too: no saving).
     bits 2..8: its decoder Linears deployed at `bits` in groups of group_size (fp16 scale + a bits-bit zero per
     group), with nm=(n, m) keeping n of every m values plus 2-bit positions; everything else fp16 — the bytes a
-    deployment stores (lab 06's formula, compresslab.deploy.deployed_weight_bytes)."""
+    deployment stores (lab 07's formula, compresslab.deploy.deployed_weight_bytes)."""
     from . import deploy
     from .eval import weight_bytes
 

@@ -57,14 +57,14 @@ LABS = {
     "01": LabInfo("~2 min", "8 min"),
     "02": LabInfo("~3.5 min", "19 GPTQ passes of ~2.5 min each, 2 scale-tuning runs of ~9.5 min (use a GPU)",
                   (("timing the Triton W4A16 GEMV against cuBLAS (section 10)", (7, 0)),)),
-    "03": LabInfo("~2.5 min", "23 pruning passes of 1.5-3 min each and 2 recovery runs of ~9 min (use a GPU)",
+    "04": LabInfo("~2.5 min", "23 pruning passes of 1.5-3 min each and 2 recovery runs of ~9 min (use a GPU)",
                   (("2:4 sparse tensor-core speed", (8, 0)),)),
-    "04": LabInfo("~2.5 min", "4 training runs: CE 4.5 min, KD 6.5-7 min each"),
-    "05": LabInfo("~1 min", None, (("GSM8K through the compressed cache (a >= 0.5B instruct model)", (7, 0)),)),
-    "06": LabInfo("~2 min (~1 min of it the vLLM section)", "~4 min with the vLLM sweep",
+    "05": LabInfo("~2.5 min", "4 training runs: CE 4.5 min, KD 6.5-7 min each"),
+    "06": LabInfo("~1 min", None, (("GSM8K through the compressed cache (a >= 0.5B instruct model)", (7, 0)),)),
+    "07": LabInfo("~2 min (~1 min of it the vLLM section)", "~4 min with the vLLM sweep",
                   (("TensorRT-LLM (NGC container)", (8, 0)),
                                        ("lab 02's checkpoint on the Triton W4A16 kernel", (8, 0)))),
-    "07": LabInfo("~2 min", "33 min (8 recipes: 5 GPTQ-sized passes, 48 KD steps)", (("GSM8K for the capstone's variants (a >= 0.5B instruct model)", (7, 0)),)),
+    "08": LabInfo("~2 min", "33 min (8 recipes: 5 GPTQ-sized passes, 48 KD steps)", (("GSM8K for the capstone's variants (a >= 0.5B instruct model)", (7, 0)),)),
 }
 
 
@@ -154,7 +154,7 @@ def setup(quick: bool | None = None, seed: int = 0, threads: int | None = None, 
     a CPU, full on a CUDA GPU — and the printout says which and why. An explicit True/False always wins.
     COMPRESSLAB_SIZES=quick|cpu|t4|a100+ sizes the work as that tier does, whatever the mode and device: a dry run of
     full mode's cells at quick sizes (tools/check_full_mode.py) takes minutes instead of hours.
-    lab="07": printing the Env also says the lab's measured runtime and which of its GPU parts run here.
+    lab="08": printing the Env also says the lab's measured runtime and which of its GPU parts run here.
     """
     if lab is not None and lab not in LABS:
         raise ValueError(f"lab must be one of {sorted(LABS)}, got {lab!r}")

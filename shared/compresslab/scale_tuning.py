@@ -10,7 +10,7 @@ GPTQ checkpoint stores in floating point anyway can still move without costing a
   with codes and zero points integers that stay exactly as GPTQ chose them (EfficientQAT's E2E-QP, PEQA);
 * the **RMSNorm weights** in front of every attention and MLP block (Norm-Tweaking, Li et al. 2023).
 Both are trained by distillation from the full-precision model: the loss is KL(teacher || quantized student) per
-token at T = 1 (lab 04's kd_loss with alpha = 0), so the target is "behave like the FP model", not "fit the text".
+token at T = 1 (lab 05's kd_loss with alpha = 0), so the target is "behave like the FP model", not "fit the text".
 Each scale is trained as a gain on GPTQ's value (scale = s0 * gain, gain starting at 1), so one learning rate suits
 scales of every size. At the end the scales are rounded to fp16, as the checkpoint stores them, and written back
 into the model's weights and into the GPTQ report the exporter reads.
@@ -70,7 +70,7 @@ def tune_scales(qmodel, report: dict, teacher, ids: torch.Tensor, steps: int = 6
     qmodel, report: what gptq.quantize_model returned (report[name] = GPTQResult per quantized Linear).
     teacher: the full-precision model (same tokenizer). ids: (n, seq) training windows. Integer codes, zero points
     and g_idx never change; report[name].scales and .dequantized, and the model's weights, are updated with the
-    tuned fp16 scales. Returns lab 04's training history (loss per step, optional evals).
+    tuned fp16 scales. Returns lab 05's training history (loss per step, optional evals).
     """
     if not report or not all(isinstance(r, GPTQResult) for r in report.values()):
         raise ValueError("report must be the dict of GPTQResult that gptq.quantize_model returned with the model")

@@ -68,7 +68,7 @@ class ServeError(RuntimeError):
 
 
 def status() -> tuple[bool, str]:
-    """Whether vLLM's serving environment is installed here, and if not how to get it (lab 06, section 8)."""
+    """Whether vLLM's serving environment is installed here, and if not how to get it (lab 07, section 8)."""
     try:
         py = serve_python()
     except ServeError as err:
@@ -245,7 +245,7 @@ class Server:
     extra_args: tuple = ()
     log_path: str | Path | None = None  # None: <cache>/serve/vllm-<port>-<time>.log
     venv: str | Path | None = None
-    device: str = "cpu"  # "cuda": vLLM's CUDA build in `venv` (lab 06's GPU cell)
+    device: str = "cpu"  # "cuda": vLLM's CUDA build in `venv` (lab 07's GPU cell)
     start_timeout_s: float = 300.0
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     start_s: float | None = field(default=None, init=False)  # seconds from spawn to a healthy server

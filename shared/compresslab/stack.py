@@ -1,16 +1,16 @@
-"""Stacking the day's methods on one model (lab 07's capstone), and the bytes each recipe really costs.
+"""Stacking the day's methods on one model (lab 08's capstone), and the bytes each recipe really costs.
 
 A recipe is an ordered list of steps, each a (kind, argument) pair, e.g.
 
     [("student", 20), ("distill", 12), ("gptq", 4), ("kv", KVConfig(method="gear", bits=2))]
 
-    student  n_layers  drop the teacher's lowest-Block-Influence layers (lab 04)
-    distill  steps     KD from the teacher at T = 1 (lab 04's winner); directly after "student"
-    prune    "2:4"     SparseGPT N:M pruning (lab 03); followed by "gptq" it becomes SparseGPT's joint
+    student  n_layers  drop the teacher's lowest-Block-Influence layers (lab 05)
+    distill  steps     KD from the teacher at T = 1 (lab 05's winner); directly after "student"
+    prune    "2:4"     SparseGPT N:M pruning (lab 04); followed by "gptq" it becomes SparseGPT's joint
                        prune-and-quantize pass, so the quantizer never refills the pruned zeros
     gptq     bits      GPTQ, act-order, group 64 (lab 02)
-    lowrank  rank      rank-r error compensation of the quantized weights (lab 07); right after "gptq"
-    kv       KVConfig  compressed KV cache at run time (lab 05); last. Without it a recipe runs (and is counted)
+    lowrank  rank      rank-r error compensation of the quantized weights (lab 08); right after "gptq"
+    kv       KVConfig  compressed KV cache at run time (lab 06); last. Without it a recipe runs (and is counted)
                        with the fp16 cache a deployment stores, KVConfig("fp16"), never the model's fp32 states
 
 The order is part of the recipe: `plan` rejects what the code cannot do (or would do wrongly) and says why.

@@ -1,7 +1,7 @@
 """GPU kernels in Triton, each beside the pure-PyTorch reference it is tested against.
 
     w4a16.py    fused dequantize + matmul for GPTQ 4-bit weights (lab 02's checkpoint layout); QuantLinear
-    kv_quant.py fused KIVI group quantize / dequantize of the KV cache (lab 05's format)
+    kv_quant.py fused KIVI group quantize / dequantize of the KV cache (lab 06's format)
     bench.py    `make bench`: time, bandwidth and speedups on a GPU, a JSON of results and a roofline plot
 
 Without a GPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, numpy underneath): exact, slow, and

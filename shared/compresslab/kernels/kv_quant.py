@@ -1,5 +1,5 @@
 """Fused KIVI group quantization of the KV cache: one kernel reads a block of keys or values once and writes packed
-codes + fp16 scale and minimum; one kernel reads them back. The reference is lab 05's kvformat.quantize_groups_torch, and
+codes + fp16 scale and minimum; one kernel reads them back. The reference is lab 06's kvformat.quantize_groups_torch, and
 the output is the same QuantizedGroups object, bit for bit (codes, scales and minima).
 
 Layout (kvcache's): x (batch, kv_heads, tokens, head_dim). Keys are grouped along tokens per channel, values along

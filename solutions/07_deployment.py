@@ -11,11 +11,11 @@
 # ---
 
 # %% [markdown] tags=["slide"]
-# # Lab 06 · Deployment: turning compression into tokens per second
+# # Lab 07 · Deployment: turning compression into tokens per second
 #
-# **The Art of Compressing LLMs** — hands-on lab 6 of 7.
+# **The Art of Compressing LLMs** — hands-on lab 7 of 7.
 #
-# Labs 01–05 made the model and its cache smaller. Smaller is not faster by itself: a 4-bit model is only faster if
+# Labs 01–06 made the model and its cache smaller. Smaller is not faster by itself: a 4-bit model is only faster if
 # something reads the 4-bit words directly. Today you work out what bounds generation speed (the **roofline**),
 # measure latency the way serving systems report it, and run the model in two real runtimes — **ONNX Runtime** with
 # 4-bit `MatMulNBits` kernels (any CPU, tested here) and **TensorRT-LLM** (NVIDIA sm80+ GPUs) — against that bound.
@@ -32,7 +32,7 @@
 # minute, full mode ~1 min on a 2-core CPU); TensorRT-LLM needs an sm80+ GPU inside NVIDIA's container.
 
 # %% [markdown] tags=["instructor"]
-# **Instructor notes — lab 06.** Slot: 60 min (10 min prefill vs decode, 15 min the roofline with exercises 1–2,
+# **Instructor notes — lab 07.** Slot: 60 min (10 min prefill vs decode, 15 min the roofline with exercises 1–2,
 # 10 min latency with exercise 3, 15 min the runtimes and the roofline plot, 10 min GPU formats and discussion).
 #
 # * Common mistakes the checkers catch: `bits // 8` (3-bit becomes 0 bytes), forgetting the per-group scales, or
@@ -76,7 +76,7 @@ import torch
 import compresslab as cl
 from compresslab import deploy, serve
 
-env = cl.setup(quick=QUICK, seed=SEED, lab="06")  # prints the device, mode and this lab's runtime
+env = cl.setup(quick=QUICK, seed=SEED, lab="07")  # prints the device, mode and this lab's runtime
 print(env)
 NEW_TOKENS = NEW_TOKENS or (16 if env.quick else 64)
 PPL_TOKENS = PPL_TOKENS or (64 if env.quick else 256)
@@ -323,14 +323,14 @@ ax.legend(fontsize=8)
 plt.xticks(rotation=10)
 plt.show()
 for n, m, b in zip(names, measured, bounds):
-    cl.results.record(lab="06", method=n, model=MODEL, bits={"fp32": 32, "int8": 8, "int4": 4}[n.split()[-1]],
+    cl.results.record(lab="07", method=n, model=MODEL, bits={"fp32": 32, "int8": 8, "int4": 4}[n.split()[-1]],
                       weight_mb=round(read_bytes[n] / 1e6, 1), ppl=round(ppl[n], 3), tokens_per_s=m,
                       roofline_tokens_per_s=b, ttft_ms=timed[n].ttft_s * 1e3, quick=env.quick)
 if "ONNX Runtime int4" in timed:
     speedup = timed["ONNX Runtime int4"].tokens_per_s / timed["PyTorch fp32"].tokens_per_s
     print(f"ONNX Runtime int4 decodes {speedup:.1f}x faster than PyTorch fp32 on this machine, at "
           f"{measured[names.index('ONNX Runtime int4')] / bounds[names.index('ONNX Runtime int4')]:.0%} of its bound")
-cl.results.table(lab="06", model=MODEL, quick=env.quick)
+cl.results.table(lab="07", model=MODEL, quick=env.quick)
 
 # %% [markdown] tags=["slide"]
 # ## 7 · On an NVIDIA GPU: TensorRT-LLM, and lab 02's checkpoint on a W4A16 kernel
@@ -470,7 +470,7 @@ if SERVE:
 
 # %% [markdown]
 # How many tokens does that paged cache hold? Each token stores, in every layer, a key and a value vector per KV
-# head at 2 bytes (bf16): lab 05's formula, `cl.kvcache.kv_bytes_per_token(cfg)` = 23 040 bytes for this model.
+# head at 2 bytes (bf16): lab 06's formula, `cl.kvcache.kv_bytes_per_token(cfg)` = 23 040 bytes for this model.
 # vLLM allocates whole blocks of `block_size` tokens from the space it is given (`VLLM_CPU_KVCACHE_SPACE`, here
 # 1 GiB), and a request of n tokens occupies ⌈n / block_size⌉ of them.
 #
@@ -524,7 +524,7 @@ if served:
     plt.show()
     for name, rows in served.items():
         for r in rows:
-            cl.results.record(lab="06", method=f"vLLM {name}, concurrency {r['concurrency']}", model=MODEL,
+            cl.results.record(lab="07", method=f"vLLM {name}, concurrency {r['concurrency']}", model=MODEL,
                               **served_weights[name], tokens_per_s=round(r["output_tok_s"], 1),
                               ttft_ms_p50=round(r["ttft_ms_p50"], 1),
                               ttft_ms_p99=round(r["ttft_ms_p99"], 1), itl_ms_p50=round(r["itl_ms_p50"], 1),
@@ -569,13 +569,13 @@ else:
 
 # %% [markdown]
 # **Question 2.** You must serve 200 concurrent chat users with a 1B model on one GPU. Which matters more: batch-1
-# latency or the bound at batch 64 — and which compression from labs 01–05 helps which?
+# latency or the bound at batch 64 — and which compression from labs 01–06 helps which?
 
 # %% [markdown] tags=["solution"]
 # Throughput at a large batch, subject to an ITL target per user. At batch 64 and long contexts the KV cache dominates
-# the bytes (section 2's plot), so KV compression (lab 05: KIVI/GEAR, FP8 KV) raises the bound most, and frees memory
-# for a bigger batch; weight quantization (labs 01–02) matters most at small batches where weights dominate.
-# Pruning to 2:4 (lab 03) helps the compute-bound prefill. In-flight batching keeps the batch full.
+# the bytes (section 2's plot), so KV compression (lab 06: KIVI/GEAR, FP8 KV) raises the bound most, and frees memory
+# for a bigger batch; weight quantization (labs 01–03) matters most at small batches where weights dominate.
+# Pruning to 2:4 (lab 04) helps the compute-bound prefill. In-flight batching keeps the batch full.
 
 # %% [markdown] tags=["instructor"]
 # **Answers to expect.** Q1: people often expect the full 6x; push them to read "% of bound". Q2: good answers mention

@@ -11,18 +11,18 @@
 # ---
 
 # %% [markdown] tags=["slide"]
-# # Lab 07 · Low-rank factorization, and the stacked-compression capstone
+# # Lab 08 · Low-rank factorization, and the stacked-compression capstone
 #
-# **The Art of Compressing LLMs** — hands-on lab 7 of 7.
+# **The Art of Compressing LLMs** — hands-on lab 8 of 7.
 #
 # The first half adds the last tool of the day: **low rank**. A weight matrix $W$ ($d_{out} \times d_{in}$) becomes two
 # thin ones, $W \approx AB$ with $A$: $d_{out} \times r$ and $B$: $r \times d_{in}$. You will see when that saves memory
 # (and when it cannot), when it saves time, why looking at the *activations* (ASVD) beats plain SVD, and how a small
-# low-rank term repairs quantization error — the idea GEAR used on the KV cache in lab 05.
+# low-rank term repairs quantization error — the idea GEAR used on the KV cache in lab 06.
 #
 # The second half **stacks** what the day built on one model and measures every recipe on one table: a student
-# distilled at T = 1, the KD lab's winner (lab 04), GPTQ (lab 02), 2:4 sparsity (lab 03), a low-rank fix (this lab), a
-# compressed KV cache (lab 05's winner, 4-bit KIVI), against the decode roofline (lab 06). You finish with a
+# distilled at T = 1, the KD lab's winner (lab 05), GPTQ (lab 02), 2:4 sparsity (lab 04), a low-rank fix (this lab), a
+# compressed KV cache (lab 06's winner, 4-bit KIVI), against the decode roofline (lab 07). You finish with a
 # quality-vs-size Pareto front and a "which recipe for which constraint" card built from *your* measurements.
 #
 # **Learning objectives.** By the end you can
@@ -37,7 +37,7 @@
 # CPU; full mode runs five GPTQ-sized passes and a short distillation: see the README for its measured time).
 
 # %% [markdown] tags=["instructor"]
-# **Instructor notes — lab 07.** Slot: 60 min (5 min spectra, 10 min exercises 1–2 and the speed plot, 10 min ASVD
+# **Instructor notes — lab 08.** Slot: 60 min (5 min spectra, 10 min exercises 1–2 and the speed plot, 10 min ASVD
 # with exercise 3, 5 min low-rank compensation, 20 min the capstone table, Pareto plot and recipe card, 10 min the
 # arithmetic question and wrap-up). Start the capstone cell early in full mode (it takes the longest), then discuss
 # the first half while it runs.
@@ -61,10 +61,10 @@ QUICK = None  # None: automatic (quick on a CPU, full on a CUDA GPU); True/False
 SEED = 0
 LOWRANK_RUNS = None  # (which Linears, share of their parameters kept) to factorize; None: k/v at 0.8 quick, 3 runs full
 COMP_RANK = 32  # rank of the low-rank fix on quantization error
-STUDENT_LAYERS = 20  # the capstone student keeps this many of the teacher's layers (lab 04)
+STUDENT_LAYERS = 20  # the capstone student keeps this many of the teacher's layers (lab 05)
 DISTILL_STEPS = None  # KD steps for the student; None: 8 quick, 48 full
 CONTEXT = 4096  # the context length at which the table states KV-cache bytes and the roofline bound
-GPU_BANDWIDTH_GBPS = 3350.0  # H100 SXM HBM3, for the roofline column (lab 06 measures your own)
+GPU_BANDWIDTH_GBPS = 3350.0  # H100 SXM HBM3, for the roofline column (lab 07 measures your own)
 PROBE_N = None  # arithmetic-probe questions per variant; None: 16 quick, the device's full size otherwise
 GPTQ_DIR = "gptq-export"  # lab 02's 4-bit checkpoint: the capstone reuses it when present
 
@@ -82,7 +82,7 @@ import torch
 import compresslab as cl
 from compresslab import deploy, kvcache, lowrank, stack
 
-env = cl.setup(quick=QUICK, seed=SEED, lab="07")  # prints the device, mode and this lab's runtime
+env = cl.setup(quick=QUICK, seed=SEED, lab="08")  # prints the device, mode and this lab's runtime
 print(env)
 sz = env.sizes
 LOWRANK_RUNS = LOWRANK_RUNS or ([("k/v", 0.8)] if env.quick else [("k/v", 0.8), ("attention", 0.9), ("all", 0.95)])
@@ -129,7 +129,7 @@ plt.show()
 # %% [markdown]
 # The spectra fall slowly: to keep 90 % of the energy, most projections need well over half their full rank. Trained
 # LLM weights are *not* low-rank (unlike the *updates* fine-tuning makes to them, which LoRA exploits — GaLore
-# exploits low-rank *gradients* — or the KV cache's quantization residual in lab 05). Keep that in mind for what
+# exploits low-rank *gradients* — or the KV cache's quantization residual in lab 06). Keep that in mind for what
 # follows.
 #
 # **Exercise 1.** Write `truncated_svd(W, rank)` returning $A$ ($d_{out}\times r$) and $B$ ($r\times d_{in}$) with
@@ -205,7 +205,7 @@ plt.show()
 # ## 3 · Activation-aware SVD (ASVD)
 #
 # Plain SVD minimises $\|W - AB\|_F$, treating every input channel alike. But the model computes $XW^\top$, and
-# lab 03 showed a few input channels carry activations 10–100× larger than the rest: an error on those columns is
+# lab 04 showed a few input channels carry activations 10–100× larger than the rest: an error on those columns is
 # amplified. ASVD (Yuan et al., 2023) scales column $j$ by $s_j = \|X_j\|^{\alpha}$ ($\alpha = 0.5$), truncates
 # $W\,\mathrm{diag}(s)$, and folds $\mathrm{diag}(s)^{-1}$ back into $B$:
 # $$W\,\mathrm{diag}(s) \approx A B' \quad\Rightarrow\quad W \approx A\,(B'\,\mathrm{diag}(s)^{-1}).$$
@@ -271,7 +271,7 @@ for which, ratio in LOWRANK_RUNS:
                                                      progress=False)
         p = ppl_of(lr_model)
         mb = stack.recipe_weight_bytes(lr_model, 16) / 1e6  # every parameter stored in fp16
-        cl.results.record(lab="07", method=f"{label} low-rank {which} {ratio:.0%}", model=MODEL, bits=16,
+        cl.results.record(lab="08", method=f"{label} low-rank {which} {ratio:.0%}", model=MODEL, bits=16,
                           group_size=None, weight_mb=round(mb, 1), ppl=round(p, 3), quick=env.quick)
         print(f"{label:4s} {which:9s} Linears keeping {ratio:.0%}: perplexity {p:12.2f} (dense {dense_ppl:.2f}), "
               f"{mb:.0f} MB in fp16, k_proj rank {ranks_used[f'model.layers.{LAYER}.self_attn.k_proj']}")
@@ -288,7 +288,7 @@ for which, ratio in LOWRANK_RUNS:
 # ## 5 · Low rank as error compensation
 #
 # Quantize $W$ to $Q(W)$, then store a rank-$r$ approximation of the residual $W - Q(W)$ in fp16 beside the codes:
-# $W \approx Q(W) + AB$ (lab 05's GEAR did the same for the KV cache). Here $AB$ is section 3's recipe applied to the
+# $W \approx Q(W) + AB$ (lab 06's GEAR did the same for the KV cache). Here $AB$ is section 3's recipe applied to the
 # residual: the rank-$r$ SVD of $(W - Q(W))\,\mathrm{diag}(s)$ with $\mathrm{diag}(s)^{-1}$ folded back — an
 # activation-scaled low-rank fix, LQER/ASVD-style (LQER: Zhang et al., 2024). EoRA (Liu et al., 2024) weights the
 # residual by the full activation statistics instead: it projects it onto the eigenspace of $X^\top X$, not a diagonal
@@ -339,7 +339,7 @@ for name, steps in RECIPES.items():
     kv = kvcache.kv_perplexity(m, tok, built.kv, n_windows=2 if env.quick else 4, prefix=192 if env.quick else 512,
                                scored=64 if env.quick else 256, progress=False)
     factory = lambda m=m, c=built.kv: kvcache.make_cache(m, c)  # noqa: E731  (fp16 cache without a "kv" step)
-    # align=64: the last 64k tokens of each 6-shot prompt, so the question itself is compressed (see lab 05 §7)
+    # align=64: the last 64k tokens of each 6-shot prompt, so the question itself is compressed (see lab 06 §7)
     acc, details = cl.eval.arithmetic_probe(m, tok, n=PROBE_N, shots=6, align=64, progress=False,
                                             cache_factory=factory, return_details=True)
     answers[name] = [d["correct"] for d in details]  # per question: section 8 compares models pairwise
@@ -350,7 +350,7 @@ for name, steps in RECIPES.items():
     rows.append(dict(method=name, weight_mb=weight_b / 1e6, kv_mb=kv_b / 1e6, ppl=kv["ppl"], probe_acc=acc,
                      tok_s=timed.tokens_per_s, bound_tok_s=bound, layers=m.config.num_hidden_layers,
                      source=built.info.get("gptq", built.info.get("reused", "built"))))
-    cl.results.record(lab="07", method=name, model=MODEL, bits=built.bits, group_size=stack.GROUP_SIZE,
+    cl.results.record(lab="08", method=name, model=MODEL, bits=built.bits, group_size=stack.GROUP_SIZE,
                       weight_mb=round(weight_b / 1e6, 1), ppl=round(kv["ppl"], 3), probe_acc=acc,
                       tokens_per_s=timed.tokens_per_s, kv_mb=round(kv_b / 1e6, 2), quick=env.quick)
     print(f"{name:34s} weights {weight_b / 1e6:6.1f} MB  KV@{CONTEXT} {kv_b / 1e6:5.1f} MB  ppl {kv['ppl']:8.2f}  "
@@ -359,8 +359,8 @@ del memo, built, m
 
 # %% [markdown]
 # Perplexity here goes *through* each variant's KV cache (prefill, then chunks of 16 tokens scored against it, as in
-# lab 05), so the KIVI row pays for its cache and every other row runs with the fp16 cache a deployment stores.
-# Weight bytes are what a deployment stores (lab 06's formula: 4-bit codes, fp16 scales and zeros per group of 64,
+# lab 06), so the KIVI row pays for its cache and every other row runs with the fp16 cache a deployment stores.
+# Weight bytes are what a deployment stores (lab 07's formula: 4-bit codes, fp16 scales and zeros per group of 64,
 # fp16 embeddings; 2:4 keeps half the values plus 2 bits of position each;
 # the low-rank fix in fp16). "tok/s here" is PyTorch on this machine, where fake-quantized weights run at fp32
 # speed: only the student's fewer layers show up. The bound column is the batch-1 roofline on an H100 at CONTEXT

@@ -11,11 +11,11 @@
 # ---
 
 # %% [markdown] tags=["slide"]
-# # Lab 03 · Pruning: magnitude, Wanda, SparseGPT, N:M, and what the hardware does with it
+# # Lab 04 · Pruning: magnitude, Wanda, SparseGPT, N:M, and what the hardware does with it
 #
-# **The Art of Compressing LLMs** — hands-on lab 3 of 7.
+# **The Art of Compressing LLMs** — hands-on lab 4 of 7.
 #
-# Labs 01–02 kept every weight and stored it with fewer bits. Pruning removes weights. The questions are the same —
+# Labs 01–03 kept every weight and stored it with fewer bits. Pruning removes weights. The questions are the same —
 # *which* weights matter, and how to compensate for the ones we take away — and so, you will see, is much of the
 # machinery: SparseGPT is lab 02's GPTQ with "round to zero". The other question is new: a matrix full of zeros is
 # not automatically smaller or faster. You will measure when it is.
@@ -32,7 +32,7 @@
 # needs an Ampere-or-newer NVIDIA GPU and explains itself elsewhere.
 
 # %% [markdown] tags=["instructor"]
-# **Instructor notes — lab 03.** Slot: 75 min (10 min on outlier features and the Wanda score, 35 min exercises,
+# **Instructor notes — lab 04.** Slot: 75 min (10 min on outlier features and the Wanda score, 35 min exercises,
 # 20 min whole-model sweep and structured pruning while it runs, 10 min hardware discussion).
 #
 # * Common mistakes the checkers catch: summing instead of averaging the squared activations, counting sequences
@@ -67,7 +67,7 @@ import torch
 import compresslab as cl
 from compresslab import pruning
 
-env = cl.setup(quick=QUICK, seed=SEED, lab="03")  # prints the device, mode and this lab's runtime
+env = cl.setup(quick=QUICK, seed=SEED, lab="04")  # prints the device, mode and this lab's runtime
 print(env)
 sz = env.sizes
 n_calib = CALIB_SAMPLES or sz.calib_samples
@@ -312,7 +312,7 @@ def evaluate(m, method: str, sparsity: float, seconds: float | None = None, bits
     ppl = cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
     acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
     stored = cl.results.describe(m, bits, 64, nm)  # bits, group, deployable weight MB of *this* model
-    row = cl.results.record(lab="03", method=method, model=MODEL, **stored, ppl=round(ppl, 3),
+    row = cl.results.record(lab="04", method=method, model=MODEL, **stored, ppl=round(ppl, 3),
                             probe_acc=acc, quick=env.quick, sparsity=sparsity,
                             prune_seconds=seconds and round(seconds, 1), **extra)
     print(f"{method:24s} sparsity {sparsity:4.0%}  ppl {ppl:9.2f}  "
@@ -362,7 +362,7 @@ ax.set(xlabel="sparsity of the decoder Linears", ylabel="perplexity (log)", ysca
        title="Which weights matter: magnitude vs Wanda vs SparseGPT")
 ax.legend(fontsize=7, ncol=2)
 plt.show()
-cl.results.table(lab="03", model=MODEL, quick=env.quick)
+cl.results.table(lab="04", model=MODEL, quick=env.quick)
 
 # %% [markdown]
 # Reference figures (full mode: 16 × 512 test windows, 32 calibration windows; measured independently on this setup):
@@ -370,7 +370,7 @@ cl.results.table(lab="03", model=MODEL, quick=env.quick)
 # paper reports 14.89 (magnitude) and 6.42 (Wanda) at 50 % against 5.12 dense: on a 135M model every weight carries
 # more, and pruning hurts far more than on a 7B one.
 #
-# This package, full mode on a 2-core CPU (`python tools/lab03_figures.py`): magnitude 485.8 (50 %) and 1827.7 (2:4);
+# This package, full mode on a 2-core CPU (`python tools/lab04_figures.py`): magnitude 485.8 (50 %) and 1827.7 (2:4);
 # Wanda 79.76 and 242.1; SparseGPT 69.28 and 131.7. SparseGPT's weight update recovers a further 10 points at 50 % and
 # almost half of Wanda's perplexity at 2:4 — still far from dense, which is why pruned models are retrained (section 8).
 #
@@ -396,7 +396,7 @@ cl.results.table(lab="03", model=MODEL, quick=env.quick)
 # neurons: neuron $j$ is row $j$ of `gate_proj` and `up_proj` and column $j$ of `down_proj`. Its score is Wanda's
 # summed over the neuron, $\lVert a_j\rVert_2 \cdot \lVert W^{down}_{:,j}\rVert_2$ with $a_j$ its activation. The
 # result is a smaller dense model: fewer parameters, less memory, and faster on *any* hardware. The price: a neuron is
-# a coarse unit, so quality drops faster per removed weight. (Lab 04 distils such a student back.)
+# a coarse unit, so quality drops faster per removed weight. (Lab 05 distils such a student back.)
 
 # %%
 RATIOS = (0.25,) if env.quick else (0.1, 0.25, 0.4, 0.5)
@@ -468,7 +468,7 @@ if ok:
 #   and the block is re-scored and re-pruned, alternating a few rounds. So its final mask is neither Wanda's nor fixed
 #   during the optimisation; the paper reports up to 32 % lower perplexity than Wanda.
 # * **Recovery**: after pruning, fine-tune the kept weights for a few hundred steps with the mask held fixed, or
-#   distil from the dense model (lab 04): prune-then-distil is how NVIDIA's Minitron models are made. Full mode runs
+#   distil from the dense model (lab 05): prune-then-distil is how NVIDIA's Minitron models are made. Full mode runs
 #   `pruning.finetune_masked` for RECOVER_STEPS steps of 4 × 256 tokens of WikiText-2 valid after SparseGPT at 50 %
 #   and at 2:4 (the zeros are put back after every step, so the 2:4 pattern survives).
 # * **Pruning + quantization**: they are one reconstruction problem, so one pass can do both. `sparsegpt_prune(...,
@@ -494,13 +494,13 @@ else:
     del pm
 
 # %% [markdown]
-# Measured in full mode on a 2-core CPU (`python tools/lab03_figures.py --only sparsegpt-50-recover
+# Measured in full mode on a 2-core CPU (`python tools/lab04_figures.py --only sparsegpt-50-recover
 # sparsegpt-2:4-recover`, ~11 min each on an idle machine): 100 masked fine-tuning steps on `<unk>`-free WikiText-2
 # valid take SparseGPT from 69.28 to **45.63** at 50 % and from 131.65 to **67.86** at 2:4, sparsity unchanged (0.50).
 # These are the lowest perplexities in this lab, still 25 % and 85 % above dense (36.63): 100 steps of 1,024 tokens
 # closed 66 % and 52 % of the log-perplexity gap to dense.
 # The fine-tuning text is WikiText-2 valid, the same domain as the evaluation; distilling from the dense model
-# (lab 04) is the recipe that does not depend on that.
+# (lab 05) is the recipe that does not depend on that.
 
 # %% [markdown]
 # ## Reflection
@@ -526,7 +526,7 @@ else:
 # reading 9/16 of the weight bytes, not from the math, and cuSPARSELt's advantage is largest for big prefill matmuls;
 # at this quality cost (2:4 ≈ 3× unstructured's perplexity here) recovery training is a must. Structured pruning
 # gives a smaller dense model that is faster everywhere and composes with int4 quantization, at a larger quality cost
-# that distillation (lab 04) recovers. Measure end-to-end tokens/s at the real batch size and sequence lengths,
+# that distillation (lab 05) recovers. Measure end-to-end tokens/s at the real batch size and sequence lengths,
 # quality after recovery, and whether the serving engine has a 2:4 kernel for the chosen dtype at all.
 
 # %% [markdown] tags=["instructor"]

@@ -11,11 +11,11 @@
 # ---
 
 # %% [markdown] tags=["slide"]
-# # Lab 04 · Knowledge distillation: the temperature-scaled loss, and recovering a pruned student
+# # Lab 05 · Knowledge distillation: the temperature-scaled loss, and recovering a pruned student
 #
-# **The Art of Compressing LLMs** — hands-on lab 4 of 7.
+# **The Art of Compressing LLMs** — hands-on lab 5 of 7.
 #
-# Lab 03 ended with a structurally pruned model: smaller and faster, but clearly worse. Fine-tuning it on text helps;
+# Lab 04 ended with a structurally pruned model: smaller and faster, but clearly worse. Fine-tuning it on text helps;
 # training it to imitate the model it came from helps more. That is knowledge distillation (Hinton, Vinyals & Dean,
 # 2015): the teacher's full next-token distribution carries far more information per token than the one correct
 # label. Today you write the loss, understand its temperature, and measure what it buys on a real pruned student.
@@ -31,7 +31,7 @@
 # works (quick mode ~3 min); full mode trains four students and wants a GPU (≈ 50 min on a 2-core CPU).
 
 # %% [markdown] tags=["instructor"]
-# **Instructor notes — lab 04.** Slot: 75 min (10 min dark knowledge, 25 min exercises 1–4, 5 min the student,
+# **Instructor notes — lab 05.** Slot: 75 min (10 min dark knowledge, 25 min exercises 1–4, 5 min the student,
 # 25 min training + discussion while section 7 runs, 10 min results).
 #
 # * Common mistakes the checkers catch: multiplying by T instead of dividing; softmax over the batch axis; `exp`
@@ -73,7 +73,7 @@ import torch.nn.functional as F
 import compresslab as cl
 from compresslab import distill
 
-env = cl.setup(quick=QUICK, seed=SEED, lab="04")  # prints the device, mode and this lab's runtime
+env = cl.setup(quick=QUICK, seed=SEED, lab="05")  # prints the device, mode and this lab's runtime
 print(env)
 sz = env.sizes
 STEPS = STEPS or (12 if env.quick else 48 if env.device == "cpu" else 300)
@@ -144,7 +144,7 @@ plt.show()
 # Prune-then-distil (NVIDIA's Minitron): cut the teacher down, keep its weights, and let distillation repair the
 # damage. Which layers? ShortGPT's **Block Influence** measures how much each decoder layer changes its input,
 # BI = 1 − cos(h_in, h_out) averaged over calibration tokens; a layer that barely turns the hidden state is cheap to
-# drop. `distill.make_student` drops the lowest-BI layers (`mlp_ratio=` would also apply lab 03's structured MLP
+# drop. `distill.make_student` drops the lowest-BI layers (`mlp_ratio=` would also apply lab 04's structured MLP
 # pruning).
 
 # %%
@@ -406,7 +406,7 @@ def mean_entropy(m) -> float:
 
 def record(name, m, ppl, **extra):
     acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
-    cl.results.record(lab="04", method=name, model=MODEL, **cl.results.describe(m), ppl=round(ppl, 3),
+    cl.results.record(lab="05", method=name, model=MODEL, **cl.results.describe(m), ppl=round(ppl, 3),
                       probe_acc=acc, quick=env.quick,
                       params_m=round(sum(p.numel() for p in m.parameters()) / 1e6, 1), steps=STEPS,
                       entropy=round(mean_entropy(m), 3), **extra)
@@ -422,7 +422,7 @@ for name, m in students.items():
     ppl = histories[name]["eval"][-1]
     recovered = (math.log(ppl_pruned) - math.log(ppl)) / gap
     record(f"student {name}", m, ppl, gap_recovered=round(recovered, 3), T=RUNS[name]["T"], alpha=RUNS[name]["alpha"])
-table = cl.results.table(lab="04", model=MODEL, quick=env.quick)
+table = cl.results.table(lab="05", model=MODEL, quick=env.quick)
 table[["method", "params_m", "ppl", "probe_acc", "entropy", "gap_recovered"]]
 
 # %% [markdown]
@@ -452,7 +452,7 @@ table[["method", "params_m", "ppl", "probe_acc", "entropy", "gap_recovered"]]
 # * **On-policy distillation** (GKD, MiniLLM): score the student's *own* samples with the teacher, which removes the
 #   train/generate mismatch of training only on fixed text. TRL's `GKDTrainer` implements it (`beta` 0 = forward,
 #   1 = reverse KL).
-# * **Structured width pruning** (lab 03's `prune_mlp_neurons`, here `make_student(..., mlp_ratio=0.25)`) combines with
+# * **Structured width pruning** (lab 04's `prune_mlp_neurons`, here `make_student(..., mlp_ratio=0.25)`) combines with
 #   depth pruning; Minitron found width pruning followed by distillation better than depth for the same size.
 
 # %% [markdown]

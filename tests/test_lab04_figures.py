@@ -1,8 +1,8 @@
-"""Lab 03's calibration-free headline figures, at full-mode size: magnitude pruning (one threshold per Linear, or
+"""Lab 04's calibration-free headline figures, at full-mode size: magnitude pruning (one threshold per Linear, or
 2:4 along rows) of every decoder Linear, 16 x 512 WikiText-2 windows.
 
 Reference (issue #14, measured independently on this setup): dense 36.63; 50 % magnitude 487.6; 2:4 magnitude 1828.
-The Wanda and SparseGPT figures need a calibrated whole-model pass (minutes on CPU): tools/lab03_figures.py.
+The Wanda and SparseGPT figures need a calibrated whole-model pass (minutes on CPU): tools/lab04_figures.py.
 """
 
 import pytest

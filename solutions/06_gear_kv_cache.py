@@ -11,11 +11,11 @@
 # ---
 
 # %% [markdown] tags=["slide"]
-# # Lab 05 · KV-cache compression: KIVI-style quantization and GEAR in a real cache
+# # Lab 06 · KV-cache compression: KIVI-style quantization and GEAR in a real cache
 #
-# **The Art of Compressing LLMs** — hands-on lab 5 of 7.
+# **The Art of Compressing LLMs** — hands-on lab 6 of 7.
 #
-# Labs 01–04 shrank the *weights*. During generation a second tensor grows with every token: the **KV cache**, the
+# Labs 01–05 shrank the *weights*. During generation a second tensor grows with every token: the **KV cache**, the
 # keys and values of every past token in every layer. At long contexts and large batches it outweighs the model.
 # Today you compress it the way KIVI (Liu et al., 2024) and GEAR (Kang et al., 2024) do, inside a real transformers
 # cache, and measure what each part costs and buys — in perplexity *through the compressed cache* and in bytes.
@@ -30,7 +30,7 @@
 # mode several minutes); a GPU adds longer contexts and GSM8K.
 
 # %% [markdown] tags=["instructor"]
-# **Instructor notes — lab 05.** Slot: 70 min (10 min memory arithmetic and prefill vs decode, 10 min looking at real
+# **Instructor notes — lab 06.** Slot: 70 min (10 min memory arithmetic and prefill vs decode, 10 min looking at real
 # K and V, 30 min exercises 1–4, 20 min the comparison on the model and discussion).
 #
 # * Common mistakes the checkers catch: grouping keys along channels (that is the *value* layout); symmetric instead
@@ -69,7 +69,7 @@ import torch
 import compresslab as cl
 from compresslab import kvcache as kv
 
-env = cl.setup(quick=QUICK, seed=SEED, lab="05")  # prints the device, mode and this lab's runtime
+env = cl.setup(quick=QUICK, seed=SEED, lab="06")  # prints the device, mode and this lab's runtime
 print(env)
 sz = env.sizes
 N_WINDOWS = N_WINDOWS or (2 if env.quick else 4 if env.device == "cpu" else 16)
@@ -426,12 +426,12 @@ for name, config in CONFIGS.items():
 # %%
 base = results["fp16 cache"]["ppl"]
 for name, r in results.items():
-    cl.results.record(lab="05", method=name, model=MODEL, bits=getattr(CONFIGS[name], "bits", None),
+    cl.results.record(lab="06", method=name, model=MODEL, bits=getattr(CONFIGS[name], "bits", None),
                       group_size=getattr(CONFIGS[name], "group_size", None), ppl=round(r["ppl"], 3),
                       probe_acc=r["probe_acc"], quick=env.quick, kv_ratio=round(r["ratio"], 4),
                       kv_mb=round(r["kv_bytes"] / 1e6, 3), ppl_increase=round(r["ppl"] / base - 1, 4),
                       context=r["context"], prefix=r["prefix"])
-table = cl.results.table(lab="05", model=MODEL, quick=env.quick)
+table = cl.results.table(lab="06", model=MODEL, quick=env.quick)
 table[["method", "ppl", "ppl_increase", "probe_acc", "kv_ratio", "kv_mb"]]
 
 # %% [markdown]
