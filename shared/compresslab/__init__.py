@@ -22,7 +22,27 @@ from .runtime import Env, require_cuda, setup  # noqa: E402
 from .models import load_model  # noqa: E402
 from . import checkpoint, checks, data, eval, formats, gptq, kvcache, quant, results, widgets  # noqa: F401,E402
 
+# The entry points and their configs (compresslab.api), resolved on first use: cl.quantize(model, cl.GPTQConfig())
+_API = ("quantize", "prune", "RTNConfig", "GPTQConfig", "AWQConfig", "W8A8Config", "MXConfig",
+        "MagnitudeConfig", "WandaConfig", "SparseGPTConfig")
+
+
+def __getattr__(name: str):
+    """cl.quantize, cl.GPTQConfig, ... from compresslab.api, and any submodule (cl.stack, cl.awq) on first use."""
+    import importlib
+
+    if name in _API:  # lab 03's configs live in their algorithms' files
+        home = {"AWQConfig": ".awq", "W8A8Config": ".actquant", "MXConfig": ".actquant"}.get(name, ".api")
+        return getattr(importlib.import_module(home, __name__), name)
+    try:
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
 __version__ = "0.1.0"
 __all__ = ["Env", "setup", "require_cuda", "load_model",
            "checkpoint", "checks", "data", "eval", "formats", "gptq", "kvcache", "quant", "results",
-           "widgets"]
+           "widgets", *_API]

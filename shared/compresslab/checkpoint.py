@@ -97,6 +97,63 @@ def _architectures(model) -> list[str]:
     return list(getattr(model.config, "architectures", None) or [type(model).__name__])
 
 
+def _dense_state(model) -> dict:
+    """model.state_dict() with each quantized module (anything with dequantized_weight(), e.g. quant.QuantLinear)
+    seen as a Linear: `<module>.weight` (dequantized) and `<module>.bias`, its storage buffers left out. The
+    writers take their codes from a report, never from these weights."""
+    quantized = {n: m for n, m in model.named_modules() if hasattr(m, "dequantized_weight")}
+    state = {}
+    for name, p in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in quantized:
+            if name.endswith(".bias"):
+                state[name] = p
+            elif f"{module}.weight" not in state:
+                state[f"{module}.weight"] = quantized[module].dequantized_weight()
+        else:
+            state[name] = p
+    return state
+
+
+def report_of(model) -> dict:
+    """{module name: GPTQResult-like record} read from the model's quant.QuantLinear modules: the quantized state
+    lives in the model (compresslab.quantize puts it there), and this is what the writers below take."""
+    from types import SimpleNamespace
+
+    report = {}
+    for name, m in model.named_modules():
+        if hasattr(m, "dequantized_weight") and hasattr(m, "codes"):
+            g_idx = getattr(m, "g_idx", None)
+            g_idx = torch.arange(m.in_features, device=m.scales.device) // m.group_size if g_idx is None else g_idx
+            report[name] = SimpleNamespace(codes=m.codes().to(torch.int16), scales=m.scales.float(),
+                                           zeros=m.zeros.float(), g_idx=g_idx.long(),
+                                           damp_used=getattr(m, "damp_used", 0.0))
+    return report
+
+
+def save_quantized(model, path, *, format: str = "auto", tokenizer=None) -> Path:
+    """Write a model quantized by compresslab.quantize (its state in quant.QuantLinear modules, its options in
+    model.config.quantization_config) as a real checkpoint; compresslab.quantize makes model.save_pretrained(path)
+    call this. format: "compressed-tensors" (pack-quantized, what vLLM serves), "gptq" (gptq_v2, what GPTQModel
+    loads) or "auto": compressed-tensors unless act-order with dynamic groups needs GPTQ's g_idx."""
+    qc = getattr(model.config, "quantization_config", None)
+    report = report_of(model)
+    if not report or not isinstance(qc, dict) or qc.get("quant_method") != "compresslab":
+        raise ValueError("this model holds no compresslab-quantized Linear: quantize it first with "
+                         "compresslab.quantize(model, RTNConfig(...) or GPTQConfig(...))")
+    dynamic = any(not torch.equal(r.g_idx.cpu(), torch.arange(r.g_idx.numel()) // qc["group_size"])
+                  for r in report.values())
+    if format not in ("auto", "compressed-tensors", "gptq"):
+        raise ValueError(f"format must be 'auto', 'compressed-tensors' or 'gptq', got {format!r}")
+    if format == "auto":
+        format = "gptq" if dynamic else "compressed-tensors"
+    if format == "gptq":
+        return save_gptq(model, report, path, qc["bits"], qc["group_size"], qc["sym"], qc["act_order"],
+                         static_groups=not dynamic, tokenizer=tokenizer, checkpoint_format="gptq_v2")
+    return save_compressed_tensors(model, report, path, qc["bits"], qc["group_size"], qc["sym"], qc["act_order"],
+                                   static_groups=not dynamic, tokenizer=tokenizer)
+
+
 def save_gptq(model, report: dict, path, bits: int, group_size: int, sym: bool, desc_act: bool,
               static_groups: bool = False, tokenizer=None, checkpoint_format: str = "gptq") -> Path:
     """Write `model` (already GPTQ-quantized; `report` from gptq.quantize_model) as a GPTQ checkpoint.
@@ -113,7 +170,7 @@ def save_gptq(model, report: dict, path, bits: int, group_size: int, sym: bool, 
                          "straddling 3-bit layout, which this exporter does not write. Quantize with bits=4.")
     path, tmp = _staging(path)
     tensors = {}
-    for name, p in model.state_dict().items():
+    for name, p in _dense_state(model).items():
         module = name.rsplit(".", 1)[0]
         if module in report and name.endswith(".weight"):
             res = report[module]
@@ -235,7 +292,7 @@ def save_compressed_tensors(model, report: dict, path, bits: int, group_size, sy
     path, tmp = _staging(path)
     try:
         tensors = {}
-        for name, p in model.state_dict().items():
+        for name, p in _dense_state(model).items():
             module = name.rsplit(".", 1)[0]
             if module in report and name.endswith(".weight"):
                 res = report[module]

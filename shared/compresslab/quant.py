@@ -240,8 +240,41 @@ class QuantLinear(nn.Module):
             m.bias = nn.Parameter(linear.bias.detach().clone())  # keeps the layer's dtype
         return m
 
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int, group_size: int,
+                   sym: bool, g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> "QuantLinear":
+        """A QuantLinear holding codes that an algorithm already chose (GPTQ, AWQ): codes (out, in) in
+        [0, 2^bits - 1], scales and zeros (out, n_groups) (scales fp16-exact: they are stored as float16),
+        g_idx (in,) the group of each column when it is not column // group_size (GPTQ's act-order, dynamic groups)."""
+        check_bits(bits)
+        out_f, in_f = codes.shape
+        if codes.min() < 0 or codes.max() > 2**bits - 1:
+            raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits}-bit storage")
+        m = cls(in_f, out_f, bits, group_size, sym, bias is not None).to(codes.device)
+        if scales.shape != m.scales.shape or zeros.shape != m.zeros.shape:
+            raise ValueError(f"scales/zeros must be {tuple(m.scales.shape)} for a ({out_f}, {in_f}) weight at "
+                             f"group_size={group_size}; got {tuple(scales.shape)} / {tuple(zeros.shape)}")
+        codes = codes.to(torch.uint8)
+        m.qweight.copy_(pack_bits(codes, bits) if bits in (2, 4, 8) else codes)
+        m.scales.copy_(scales.half())
+        m.zeros.copy_(zeros.to(torch.uint8))
+        if g_idx is not None and not torch.equal(g_idx.cpu().long(), torch.arange(in_f) // m.group_size):
+            m.register_buffer("g_idx", g_idx.to(torch.int32).clone())  # only when it is not the trivial order
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone())
+        return m
+
+    def codes(self) -> torch.Tensor:
+        """(out, in) uint8 codes, unpacked."""
+        return unpack_bits(self.qweight, self.bits) if self.bits in (2, 4, 8) else self.qweight
+
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        codes = unpack_bits(self.qweight, self.bits) if self.bits in (2, 4, 8) else self.qweight  # (out, in)
+        codes = self.codes()  # (out, in)
+        g_idx = getattr(self, "g_idx", None)
+        if g_idx is not None:  # act-order groups: column j belongs to group g_idx[j]
+            g = g_idx.long()
+            w = (codes.float() - self.zeros.float()[:, g]) * self.scales.float()[:, g]
+            return w.to(dtype)
         codes = codes.reshape(self.out_features, -1, self.group_size)  # (out, n_groups, g)
         w = (codes.float() - self.zeros.float()[..., None]) * self.scales.float()[..., None]
         return w.reshape(self.out_features, self.in_features).to(dtype)
