@@ -201,3 +201,38 @@ def mxfp4_quantize(w: torch.Tensor) -> BlockFP4:
     shared = (exponent - 1 - 2).clamp(-127, 127)  # (n_blocks, 1) int
     scales = torch.ldexp(torch.ones_like(block_amax), shared)  # 2^shared, exact
     return BlockFP4(round_to_e2m1(blocks / scales), scales, 1.0, w.shape)
+
+
+# ----------------------------------------------------------------------------- microscaled FP8: MXFP8
+
+STORAGE["mxfp8"] = (8, 32, 8, "an E8M0 (power-of-two) scale")
+E4M3_EMAX = 8  # largest exponent of E4M3 (448 = 1.75 * 2^8)
+
+
+@dataclass
+class BlockFP8(BlockFP4):
+    """E4M3 elements in blocks with one power-of-two scale each (MXFP8): w ≈ elements * block_scales.
+
+    Same fields as BlockFP4: elements (n_blocks, block) float32, each an exact E4M3 value in [-448, 448];
+    block_scales (n_blocks, 1) float32 powers of two; tensor_scale 1.0 (MX has no per-tensor scale); shape.
+    """
+
+
+def mxfp8_quantize(w: torch.Tensor) -> BlockFP8:
+    """MXFP8 (OCP Microscaling v1.0): E4M3 elements, an E8M0 power-of-two scale per 32 values (8.25 bits/element).
+
+        w_hat = mxfp8_quantize(w).dequantize()      # w (..., n), n a multiple of 32 (activation-quantization lab)
+
+    As MXFP4 with E4M3 elements: the shared scale is X = 2^(floor(log2(block amax)) - 8), 8 being E4M3's largest
+    exponent (448 = 1.75 * 2^8); elements = w / X cast to float8_e4m3fn (round to nearest even) after clamping to
+    ±448 (torch's cast does not saturate). A block's largest value lands in [256, 512) * X, so one in (448, 512) * X
+    is clipped to 448 * X (kernels that round the scale up instead, 2^ceil(log2(amax / 448)), never clip but use a
+    coarser grid). Exponents are clamped to E8M0's -127 .. 127; an all-zero block comes back as zeros.
+    """
+    blocks = _fp4_blocks(w, 32, "MXFP8")  # (n_blocks, 32)
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)  # (n_blocks, 1)
+    _, exponent = torch.frexp(block_amax)  # floor(log2 amax) = exponent - 1
+    shared = (exponent - 1 - E4M3_EMAX).clamp(-127, 127)  # (n_blocks, 1) int
+    scales = torch.ldexp(torch.ones_like(block_amax), shared)  # 2^shared, exact
+    elements = (blocks / scales).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()  # exact E4M3 values
+    return BlockFP8(elements, scales, 1.0, w.shape)
