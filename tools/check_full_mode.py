@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT = {
     "01": {},
     "02": {"TUNE_STEPS": 3},
+    "03": {},
     "04": {"RECOVER_STEPS": 3},
     "05": {"STEPS": 4},
     "06": {"N_WINDOWS": 1, "PREFIX": 192, "SCORED": 64},

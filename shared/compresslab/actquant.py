@@ -77,7 +77,8 @@ def check_granularity(fmt: str, granularity, amax) -> None:
 def fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
     """Round x to the nearest float8_e4m3fn value, saturating at ±448; returns x's dtype.
 
-    torch's cast does not saturate (a value above 448 + half a step becomes NaN, e4m3fn has no inf), so clamp first.
+    E4M3 has no infinity: a cast that does not saturate turns an out-of-range value into NaN. torch 2.13's cast
+    saturates, but that is the library's choice, so clamp first and the result does not depend on it.
     """
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
 

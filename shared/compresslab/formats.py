@@ -225,9 +225,9 @@ def mxfp8_quantize(w: torch.Tensor) -> BlockFP8:
 
     As MXFP4 with E4M3 elements: the shared scale is X = 2^(floor(log2(block amax)) - 8), 8 being E4M3's largest
     exponent (448 = 1.75 * 2^8); elements = w / X cast to float8_e4m3fn (round to nearest even) after clamping to
-    ±448 (torch's cast does not saturate). A block's largest value lands in [256, 512) * X, so one in (448, 512) * X
-    is clipped to 448 * X (kernels that round the scale up instead, 2^ceil(log2(amax / 448)), never clip but use a
-    coarser grid). Exponents are clamped to E8M0's -127 .. 127; an all-zero block comes back as zeros.
+    ±448 (explicitly: whether a cast saturates is the library's choice). A block's largest value lands in
+    [256, 512) * X, so one in (448, 512) * X is clipped to 448 * X (kernels that round the scale up instead,
+    2^ceil(log2(amax / 448)), never clip but use a coarser grid). Exponents are clamped to E8M0's -127 .. 127; an all-zero block comes back as zeros.
     """
     blocks = _fp4_blocks(w, 32, "MXFP8")  # (n_blocks, 32)
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)  # (n_blocks, 1)

@@ -57,6 +57,7 @@ LABS = {
     "01": LabInfo("~2 min", "8 min"),
     "02": LabInfo("~3.5 min", "19 GPTQ passes of ~2.5 min each, 2 scale-tuning runs of ~9.5 min (use a GPU)",
                   (("timing the Triton W4A16 GEMV against cuBLAS (section 10)", (7, 0)),)),
+    "03": LabInfo("~2.5 min", None, (("FP8 / INT4-AWQ checkpoints on TensorRT-LLM, NVFP4 through Model Optimizer", (8, 9)),)),
     "04": LabInfo("~2.5 min", "23 pruning passes of 1.5-3 min each and 2 recovery runs of ~9 min (use a GPU)",
                   (("2:4 sparse tensor-core speed", (8, 0)),)),
     "05": LabInfo("~2.5 min", "4 training runs: CE 4.5 min, KD 6.5-7 min each"),
