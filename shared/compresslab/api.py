@@ -144,7 +144,6 @@ def quantize(model, config, calibration=None, *, batch_size: int = 8, progress: 
     (cl.data.calibration_batches), needed by every config but RTNConfig and activation configs with dynamic scales."""
     _check_model(model)
     if isinstance(config, RTNConfig):
-        gptq.check_decoder(model, "quantize(RTNConfig)")
         _, report = gptq.rtn_quantize_model(model, config.bits, config.group_size, config.sym, inplace=True)
         _store(model, report, config, "rtn")
     elif isinstance(config, GPTQConfig):

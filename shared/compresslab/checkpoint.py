@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,13 +61,21 @@ PACKABLE_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word (3-bit GPTQ pack
 # ----------------------------------------------------------------------------- writer
 
 
-def _staging(path) -> tuple[Path, Path]:
-    """(path, an empty <path>.tmp folder): a writer fills the folder, then renames it onto path in one step."""
+@contextmanager
+def staged(path):
+    """with staged(path) as tmp: fill the empty folder <path>.tmp; on success it replaces path in one step, on an
+    error it is removed and path is left as it was (no half-written checkpoint)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return path, tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
 
 
 def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -168,45 +177,43 @@ def save_gptq(model, report: dict, path, bits: int, group_size: int, sym: bool, 
     if bits not in PACKABLE_BITS:
         raise ValueError(f"export packs {PACKABLE_BITS}-bit codes into int32 words; {bits}-bit needs the "
                          "straddling 3-bit layout, which this exporter does not write. Quantize with bits=4.")
-    path, tmp = _staging(path)
-    tensors = {}
-    for name, p in _dense_state(model).items():
-        module = name.rsplit(".", 1)[0]
-        if module in report and name.endswith(".weight"):
-            res = report[module]
-            out_f, in_f = res.codes.shape
-            if in_f % (32 // bits) or out_f % (32 // bits):
-                raise ValueError(f"{module}: in/out features ({in_f}, {out_f}) must be multiples of {32 // bits}")
-            tensors[f"{module}.qweight"] = _pack_rows(res.codes.t().contiguous(), bits)  # (in*bits/32, out)
-            offset = 1 if checkpoint_format == "gptq" else 0
-            stored_zeros = (res.zeros.t().to(torch.int64) - offset) & (2**bits - 1)  # v1: zero - 1, wrapped
-            tensors[f"{module}.qzeros"] = _pack_rows(stored_zeros.t().contiguous(), bits).t().contiguous()
-            tensors[f"{module}.scales"] = res.scales.t().contiguous().half()  # (n_groups, out)
-            tensors[f"{module}.g_idx"] = res.g_idx.to(torch.int32)
-        elif not (name == "lm_head.weight" and model.config.tie_word_embeddings):  # a tied head is stored once
-            tensors[name] = p.detach().contiguous()
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config["architectures"] = _architectures(model)
-    damp = min(r.damp_used for r in report.values())
-    config["quantization_config"] = {
-        "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
-        "static_groups": static_groups, "true_sequential": True, "checkpoint_format": checkpoint_format,
-        "damp_percent": damp,
-        "modules_in_block_to_quantize": None,
-    }
-    if checkpoint_format == "gptq_v2":  # GPTQModel's fields: it reads `format` first, `checkpoint_format` as legacy
-        config["quantization_config"].update({
-            "format": "gptq_v2", "pack_dtype": "int32",
-            "meta": {"quantizer": [_quantizer_tag()], "damp_percent": damp, "static_groups": static_groups,
-                     "true_sequential": True},
-        })
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
+    with staged(path) as tmp:
+        tensors = {}
+        for name, p in _dense_state(model).items():
+            module = name.rsplit(".", 1)[0]
+            if module in report and name.endswith(".weight"):
+                res = report[module]
+                out_f, in_f = res.codes.shape
+                if in_f % (32 // bits) or out_f % (32 // bits):
+                    raise ValueError(f"{module}: in/out features ({in_f}, {out_f}) must be multiples of {32 // bits}")
+                tensors[f"{module}.qweight"] = _pack_rows(res.codes.t().contiguous(), bits)  # (in*bits/32, out)
+                offset = 1 if checkpoint_format == "gptq" else 0
+                stored_zeros = (res.zeros.t().to(torch.int64) - offset) & (2**bits - 1)  # v1: zero - 1, wrapped
+                tensors[f"{module}.qzeros"] = _pack_rows(stored_zeros.t().contiguous(), bits).t().contiguous()
+                tensors[f"{module}.scales"] = res.scales.t().contiguous().half()  # (n_groups, out)
+                tensors[f"{module}.g_idx"] = res.g_idx.to(torch.int32)
+            elif not (name == "lm_head.weight" and model.config.tie_word_embeddings):  # a tied head is stored once
+                tensors[name] = p.detach().contiguous()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config["architectures"] = _architectures(model)
+        damp = min(r.damp_used for r in report.values())
+        config["quantization_config"] = {
+            "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+            "static_groups": static_groups, "true_sequential": True, "checkpoint_format": checkpoint_format,
+            "damp_percent": damp,
+            "modules_in_block_to_quantize": None,
+        }
+        if checkpoint_format == "gptq_v2":  # GPTQModel's fields: it reads `format` first, `checkpoint_format` as legacy
+            config["quantization_config"].update({
+                "format": "gptq_v2", "pack_dtype": "int32",
+                "meta": {"quantizer": [_quantizer_tag()], "damp_percent": damp, "static_groups": static_groups,
+                         "true_sequential": True},
+            })
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- compressed-tensors writer
@@ -289,8 +296,7 @@ def save_compressed_tensors(model, report: dict, path, bits: int, group_size, sy
     maxq = 2**bits - 1
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     ignore = [n for n in linears if n not in report]  # llm-compressor: every Linear the scheme did not quantize
-    path, tmp = _staging(path)
-    try:
+    with staged(path) as tmp:
         tensors = {}
         for name, p in _dense_state(model).items():
             module = name.rsplit(".", 1)[0]
@@ -327,12 +333,7 @@ def save_compressed_tensors(model, report: dict, path, bits: int, group_size, sy
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- reader (independent of the writer)

@@ -119,6 +119,23 @@ def _fail(name: str, ref_name: str, reason: str, hint: str, reference: Callable)
     return reference
 
 
+def run_adapted(name: str, fn: Callable, reference: Callable, adapt: Callable, cases: list[Case], hint: str,
+                atol: float = 1e-5, rtol: float = 0.0) -> Callable:
+    """run_check on adapt(fn(*args), *args) against adapt(reference(*args), *args), for results run_check cannot
+    compare as they come (a list inside a tuple, a dtype to keep); adapt raises, with a message, on a wrong form.
+    Returns fn itself if it passed, else the reference."""
+    def got(*args):
+        return adapt(fn(*args), *args)
+
+    def expected(*args):
+        return adapt(reference(*args), *args)
+
+    got.__name__ = getattr(fn, "__name__", "fn")
+    expected.__module__, expected.__name__ = reference.__module__, reference.__name__
+    chosen = run_check(name, got, expected, cases, hint, atol, rtol)
+    return fn if chosen is got else reference
+
+
 def summary() -> dict[str, str]:
     """Print and return the status of every exercise checked in this kernel."""
     marks = {"passed": "✅", "failed": "❌", "not done": "⏳"}
@@ -340,19 +357,17 @@ def check_fp8_per_token(fn: Callable) -> Callable:
              Case("float16 input: return float16", (_activations((3, 2, 32), 104, dtype=torch.float16),)),
              Case("an all-zero token (scale 0: it must come back as zeros, not NaN)", (zero_token,))]
 
-    def same_dtype(x):
-        out = fn(x)
+    def same_dtype(out, x):
         if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != x.dtype:
             raise TypeError(f"returned {out.dtype} for a {x.dtype} input: cast the result back with .to(x.dtype)")
         return out
 
-    same_dtype.__name__ = getattr(fn, "__name__", "fp8_per_token")
-    chosen = run_check("Exercise 1 · fp8_per_token", same_dtype, _fp8_per_token_reference, cases, atol=1e-5, rtol=1e-5,
+    return run_adapted("Exercise 1 · fp8_per_token", fn, _fp8_per_token_reference, same_dtype, cases,
+                       atol=1e-5, rtol=1e-5,
                        hint="in float32: scale = x.abs().amax(dim=-1, keepdim=True) / 448 (one per token; 448 is "
                             "E4M3's largest value, not 127), 1 where it is 0; q = (x / scale).clamp(-448, 448)"
                             ".to(torch.float8_e4m3fn) (the cast rounds; no torch.round); return (q.float() * scale)"
                             ".to(x.dtype).")
-    return fn if chosen is same_dtype else chosen
 
 
 def _smooth_reference(norm_weight: torch.Tensor, weights: list[torch.Tensor], act_amax: torch.Tensor,
@@ -393,7 +408,7 @@ def check_smoothing(fn: Callable) -> Callable:
              Case("a dead channel (act_amax 0) and an all-zero weight column, alpha 0.5: clamp both to 1e-5",
                   (*dead, 0.5))]
 
-    def flat(out, weights):
+    def flat(out, norm_weight, weights, act_amax, alpha):
         if not isinstance(out, (tuple, list)) or len(out) != 3 or not isinstance(out[2], (tuple, list)):
             raise ValueError(f"return (s, new_norm_weight, new_weights) with new_weights a list of tensors, got "
                              f"{type(out).__name__}" + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
@@ -401,20 +416,11 @@ def check_smoothing(fn: Callable) -> Callable:
             raise ValueError(f"new_weights has {len(out[2])} tensors for {len(weights)} weights: one each")
         return (out[0], out[1], *out[2])  # (s, norm, W_1, W_2, ...)
 
-    def got(norm_weight, weights, act_amax, alpha):
-        return flat(fn(norm_weight, weights, act_amax, alpha), weights)
-
-    def expected(norm_weight, weights, act_amax, alpha):
-        return flat(_smooth_reference(norm_weight, weights, act_amax, alpha), weights)
-
-    got.__name__ = getattr(fn, "__name__", "smooth")
-    expected.__module__, expected.__name__ = _smooth_reference.__module__, _smooth_reference.__name__
-    chosen = run_check("Exercise 2 · smooth", got, expected, cases, atol=1e-5, rtol=1e-5,
+    return run_adapted("Exercise 2 · smooth", fn, _smooth_reference, flat, cases, atol=1e-5, rtol=1e-5,
                        hint="w_amax = max |W_ij| over the rows (dim=0) of EVERY weight (stack them, then max): one "
                             "value per input channel; s = act_amax.clamp(min=1e-5) ** alpha / w_amax.clamp(min=1e-5) "
                             "** (1 - alpha), clamped to >= 1e-5; return s, norm_weight / s, [W * s for W in weights] "
                             "(the norm divides, the weight columns multiply).")
-    return fn if chosen is got else _smooth_reference
 
 
 def _awq_reference(W: torch.Tensor, X: torch.Tensor, bits: int = 4, group_size: int = 64, grid: int = 20):
@@ -456,7 +462,7 @@ def check_awq_search(fn: Callable) -> Callable:
     scale search with symmetric round-to-nearest (the lab's rtn)."""
     cases = _awq_cases()
 
-    def pair(out):
+    def pair(out, *args):
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise ValueError(f"return (s, errors), got {type(out).__name__}")
         s, errors = out
@@ -464,21 +470,12 @@ def check_awq_search(fn: Callable) -> Callable:
             raise TypeError(f"errors must be a list of floats (errors.append(err.item())), got {type(errors).__name__}")
         return s, tuple(errors)
 
-    def got(W, X, bits, group_size, grid):
-        return pair(fn(W, X, bits, group_size, grid))
-
-    def expected(W, X, bits, group_size, grid):
-        return pair(_awq_reference(W, X, bits, group_size, grid))
-
-    got.__name__ = getattr(fn, "__name__", "awq_search")
-    expected.__module__, expected.__name__ = _awq_reference.__module__, _awq_reference.__name__
     # errors: the reference sums tr(D G D^T) (G = X^T X), the exercise the squared outputs: equal to float32 rounding
-    chosen = run_check("Exercise 3 · awq_search", got, expected, cases, atol=1e-6, rtol=1e-5,
+    return run_adapted("Exercise 3 · awq_search", fn, _awq_reference, pair, cases, atol=1e-6, rtol=1e-5,
                        hint="for i in range(grid): s = X.abs().mean(dim=0) ** (i / grid) (mean |x| over tokens, not "
                             "|w|), clamped to >= 1e-4, then s / sqrt(s.max() * s.min()); error = ((X @ W.T - (X / s) @ "
                             "rtn(W * s, bits, group_size).T) ** 2).sum() on the layer's OUTPUTS; return the s of the "
                             "smallest error and the list of all grid errors as floats.")
-    return fn if chosen is got else _awq_reference
 
 
 def _nvfp4_reference(w: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,6 @@ import copy
 import importlib.util
 import json
 import re
-import shutil
 import warnings
 from contextlib import redirect_stdout
 from io import StringIO
@@ -79,6 +78,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .checkpoint import staged
 from .quant import divisors, linear_in_features
 
 MODELOPT_VERSION = "0.47.0"  # the pinned version (shared/pyproject.toml): the config names and export layout below
@@ -346,21 +346,13 @@ def export(model: nn.Module, path, *, tokenizer=None, copy_model: bool = True) -
 
     if not getattr(model.config, "architectures", None):  # engines pick the model class from it
         model.config.architectures = [type(model).__name__]
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged(path) as tmp:
         with torch.no_grad(), warnings.catch_warnings():  # ModelOpt's own torch.tensor(tensor) in its FP8 path
             warnings.filterwarnings("ignore", message="To copy construct from a tensor")
             export_hf_checkpoint(copy.deepcopy(model) if copy_model else model, export_dir=tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- reader (no ModelOpt: files only)
