@@ -1,0 +1,147 @@
+"""Each lab's expected figures, per mode, and the "your numbers vs expected" cell at the end of every lab.
+
+    cl.expected.compare("02", MODEL, env)   # prints this run's rows beside the reference, flags what is out of band
+
+The reference files live in compresslab/expected/, one per lab and mode: `NN_name.quick-cpu.json` (quick mode on a
+CPU), `NN_name.full-cpu.json`, and `NN_name.<mode>-<gpu>.json` (e.g. `full-nvidia-h100-80gb-hbm3`) only once a run
+on that GPU was measured. They are written by `tools/expected_figures.py` from the results rows of real runs (never
+by hand) and read by the tests, which hold each quick-mode solution run to its quick-cpu file.
+
+A figure is in band when it is within the file's noise band of the reference: perplexity within a relative 1 % (runs
+on one machine reproduce to the last digit; another CPU's float kernels, thread count or BLAS move GPTQ's Cholesky and
+a training run's steps by far less), probe accuracy within two answers of the probe's n, weight MB within rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+FOLDER = Path(__file__).with_name("expected")
+KEY = ("method", "bits", "group_size")
+# metric -> (kind, width): "rel" is a fraction of the reference, "abs" an absolute difference
+BANDS = {"ppl": ("rel", 0.01), "probe_acc": ("abs", 0.07), "weight_mb": ("abs", 0.051)}
+
+
+def mode_of(env) -> str:
+    """'quick-cpu' / 'full-cpu' on a CPU, 'quick-<gpu>' / 'full-<gpu>' on a GPU (its name, lower case, dashes)."""
+    mode = "quick" if env.quick else "full"
+    if env.device == "cpu" or not env.gpu_name:
+        return f"{mode}-cpu"
+    return f"{mode}-" + re.sub(r"[^a-z0-9]+", "-", env.gpu_name.lower()).strip("-")
+
+
+def path(lab: str, mode: str) -> Path | None:
+    """The reference file of lab 'NN' in this mode, or None when that mode was never measured."""
+    if not re.fullmatch(r"\d\d", str(lab)):
+        raise ValueError(f"lab must be a two-digit lab number such as '02', got {lab!r}")
+    found = sorted(FOLDER.glob(f"{lab}_*.{mode}.json"))
+    return found[0] if found else None
+
+
+def load(lab: str, mode: str) -> dict | None:
+    p = path(lab, mode)
+    return json.loads(p.read_text()) if p else None
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in KEY)
+
+
+def _in_band(metric: str, got, want, bands: dict) -> bool:
+    if want is None or got is None:
+        return want is None and got is None
+    kind, width = bands[metric]
+    tol = width * abs(want) if kind == "rel" else width
+    return math.isfinite(got) and abs(got - want) <= tol + 1e-12
+
+
+def differences(rows: list[dict], reference: dict) -> list[str]:
+    """Every way rows differ from the reference beyond its bands: a missing or extra row, a figure out of band."""
+    bands = {**BANDS, **{k: tuple(v) for k, v in reference.get("bands", {}).items()}}
+    want = {_key(r): r for r in reference["rows"]}
+    got = {_key(r): r for r in rows}
+    problems = [f"missing: {k[0]!r} (bits {k[1]}, group {k[2]}) is in the reference but was not measured"
+                for k in want if k not in got]
+    problems += [f"extra: {k[0]!r} (bits {k[1]}, group {k[2]}) was measured but is not in the reference"
+                 for k in got if k not in want]
+    for k in want.keys() & got.keys():
+        for metric in bands:
+            if not _in_band(metric, got[k].get(metric), want[k].get(metric), bands):
+                problems.append(f"{k[0]!r}: {metric} {got[k].get(metric)} vs expected {want[k].get(metric)} "
+                                f"(band {_band_text(metric, bands)})")
+    return problems
+
+
+def _band_text(metric: str, bands: dict) -> str:
+    kind, width = bands[metric]
+    return f"±{width:.0%}" if kind == "rel" else f"±{width:g}"
+
+
+def compare(lab: str, model: str, env, rows: list[dict] | None = None):
+    """Print this run's rows of lab `lab` beside the reference for this mode and machine; flag what is out of band.
+    Returns the table (pandas), or None when there is no reference for this mode or model."""
+    import pandas as pd
+
+    from . import results
+
+    mode = mode_of(env)
+    reference = load(lab, mode)
+    if rows is None:
+        rows = results.table(lab=lab, model=model, quick=env.quick).to_dict("records")
+    if reference is None:
+        print(f"No expected figures for lab {lab} in mode {mode} yet (only measured modes have a reference file): "
+              "your numbers are the reference. tools/expected_figures.py writes one from a run.")
+        return None
+    if model != reference["model"]:
+        print(f"The reference for lab {lab} ({mode}) was measured on {reference['model']}, not {model}: "
+              "nothing to compare.")
+        return None
+    bands = {**BANDS, **{k: tuple(v) for k, v in reference.get("bands", {}).items()}}
+    mine = {_key(r): r for r in rows}
+    table = []
+    for ref in reference["rows"]:
+        got = mine.get(_key(ref), {})
+        line = {"method": ref["method"], "bits": ref["bits"], "group": ref["group_size"]}
+        flags = []
+        for metric in bands:
+            if ref.get(metric) is None and got.get(metric) is None:
+                continue
+            line[metric] = got.get(metric)
+            line[f"expected {metric}"] = ref.get(metric)
+            if not _in_band(metric, got.get(metric), ref.get(metric), bands):
+                flags.append(metric)
+        line["check"] = "not run" if not got else ("⚠ " + ", ".join(flags) if flags else "✓")
+        table.append(line)
+    df = pd.DataFrame(table)
+    out = [line for line in table if line["check"] != "✓"]
+    print(f"Lab {lab}, mode {mode}: reference measured on {reference['machine']} ({reference['measured']}); "
+          f"bands: " + ", ".join(f"{m} {_band_text(m, bands)}" for m in bands))
+    print("every figure within its band" if not out else
+          f"{len(out)} of {len(table)} rows outside the band or not run: a different model, mode, seed or edited "
+          "cell explains most; otherwise compare your exercise outputs with the reference")
+    return df
+
+
+def write(stem: str, mode: str, rows: list[dict], *, model: str, machine: str, measured: str, command: str,
+          bands: dict | None = None) -> Path:
+    """Write the reference file of lab `stem` (e.g. '02_gptq') in `mode` from a run's results rows; bands override
+    BANDS per metric (the tool widens probe accuracy to two answers of the mode's probe size)."""
+    if not re.fullmatch(r"\d\d_\w+", stem):
+        raise ValueError(f"stem must be a lab's file stem such as '02_gptq', got {stem!r}")
+    keep = [{k: r.get(k) for k in (*KEY, *BANDS)} for r in rows if r.get("model") == model]
+    if not keep:
+        raise ValueError(f"no rows of model {model!r} to write for {stem} ({mode})")
+    if len({_key(r) for r in keep}) != len(keep):
+        raise ValueError(f"{stem}: two rows share (method, bits, group_size): the reference needs them unique")
+    FOLDER.mkdir(exist_ok=True)
+    out = FOLDER / f"{stem}.{mode}.json"
+    doc = {"lab": stem[:2], "mode": mode, "model": model, "machine": machine, "measured": measured,
+           "command": command, "bands": {k: list(v) for k, v in {**BANDS, **(bands or {})}.items()}, "rows": keep}
+    head = {k: v for k, v in doc.items() if k != "rows"}
+    lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]  # one field, and one row, per line
+    lines += [' "rows": [', ",\n".join(f"  {json.dumps(r)}" for r in keep), " ]"]
+    out.write_text("{\n" + "\n".join(lines) + "\n}\n")
+    return out

@@ -1,0 +1,121 @@
+"""compresslab.expected: the per-lab, per-mode reference figures and the "your numbers vs expected" cell.
+
+The quick-mode solution runs themselves are held to the committed quick-cpu files in tests/test_notebooks.py; here,
+the comparison logic, the writer, and the committed files' form."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from compresslab import expected
+
+ROOT = Path(__file__).resolve().parents[1]
+STEMS = {p.stem for p in (ROOT / "solutions").glob("[0-9][0-9]_*.py")}
+CPU_QUICK = SimpleNamespace(quick=True, device="cpu", gpu_name=None)
+
+
+def _reference(rows, bands=None):
+    return {"model": "m", "machine": "test box", "measured": "today", "bands": bands or {}, "rows": rows}
+
+
+ROWS = [{"method": "fp32", "bits": 32, "group_size": None, "ppl": 37.1, "probe_acc": 0.34, "weight_mb": 538.1},
+        {"method": "RTN", "bits": 4, "group_size": 64, "ppl": 50.9, "probe_acc": 0.06, "weight_mb": 171.4},
+        {"method": "RTN", "bits": 3, "group_size": 64, "ppl": 120.5, "probe_acc": 0.0, "weight_mb": 158.2}]
+
+
+def test_mode_names():
+    assert expected.mode_of(CPU_QUICK) == "quick-cpu"
+    assert expected.mode_of(SimpleNamespace(quick=False, device="cpu", gpu_name=None)) == "full-cpu"
+    h100 = SimpleNamespace(quick=False, device="cuda", gpu_name="NVIDIA H100 80GB HBM3")
+    assert expected.mode_of(h100) == "full-nvidia-h100-80gb-hbm3"
+
+
+def test_the_same_rows_have_no_differences():
+    assert expected.differences([dict(r) for r in ROWS], _reference(ROWS)) == []
+
+
+@pytest.mark.parametrize("change, found", [
+    (lambda rows: rows[1].update(ppl=50.9 * 1.011), "'RTN': ppl"),           # just outside 1 %
+    (lambda rows: rows[1].update(probe_acc=0.06 + 0.08), "'RTN': probe_acc"),
+    (lambda rows: rows[0].update(weight_mb=538.2), "'fp32': weight_mb"),     # bytes counted differently
+    (lambda rows: rows.pop(2), "missing: 'RTN' (bits 3"),                     # a row the reference has
+    (lambda rows: rows.append(dict(ROWS[0], method="GPTQ")), "extra: 'GPTQ'"),
+    (lambda rows: rows[1].update(ppl=float("nan")), "'RTN': ppl"),
+    (lambda rows: rows[1].update(ppl=None), "'RTN': ppl"),
+])
+def test_differences_flag_each_kind_of_change(change, found):
+    rows = [dict(r) for r in ROWS]
+    change(rows)
+    problems = expected.differences(rows, _reference(ROWS))
+    assert len(problems) == 1 and problems[0].startswith(found), problems
+
+
+def test_changes_inside_the_band_pass_and_the_file_bands_win():
+    rows = [dict(r) for r in ROWS]
+    rows[1]["ppl"] = 50.9 * 1.009
+    rows[1]["probe_acc"] = 0.06 + 0.06
+    assert expected.differences(rows, _reference(ROWS)) == []
+    assert expected.differences(rows, _reference(ROWS, bands={"ppl": ["rel", 0.005]}))[0].startswith("'RTN': ppl")
+
+
+def test_compare_prints_the_table_and_flags(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(expected, "FOLDER", tmp_path)
+    expected.write("09_demo", "quick-cpu", [dict(r, model="m", lab="09") for r in ROWS], model="m",
+                   machine="test box", measured="today", command="test")
+    mine = [dict(r) for r in ROWS[:2]]
+    mine[1]["ppl"] = 60.0
+    df = expected.compare("09", "m", CPU_QUICK, rows=mine)
+    out = capsys.readouterr().out
+    assert list(df["check"]) == ["✓", "⚠ ppl", "not run"]
+    assert "2 of 3 rows outside the band or not run" in out and "test box" in out
+    assert expected.compare("09", "other-model", CPU_QUICK, rows=mine) is None
+    assert "not other-model" in capsys.readouterr().out
+    assert expected.compare("09", "m", SimpleNamespace(quick=False, device="cpu", gpu_name=None), rows=mine) is None
+    assert "No expected figures for lab 09 in mode full-cpu" in capsys.readouterr().out
+
+
+def test_bad_input_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(expected, "FOLDER", tmp_path)
+    with pytest.raises(ValueError, match="two-digit lab number"):
+        expected.path("2", "quick-cpu")
+    with pytest.raises(ValueError, match="lab's file stem"):
+        expected.write("gptq", "quick-cpu", ROWS, model="m", machine="x", measured="d", command="c")
+    with pytest.raises(ValueError, match="no rows of model"):
+        expected.write("02_gptq", "quick-cpu", [dict(r, model="other") for r in ROWS], model="m", machine="x",
+                       measured="d", command="c")
+    with pytest.raises(ValueError, match="unique"):
+        expected.write("02_gptq", "quick-cpu", [dict(ROWS[0], model="m")] * 2, model="m", machine="x",
+                       measured="d", command="c")
+
+
+def test_the_tool_writes_one_file_per_lab_from_results_rows(tmp_path, monkeypatch):
+    results = tmp_path / "results.jsonl"
+    rows = [dict(r, lab="01", model="smollm2-135m", quick=True) for r in ROWS]
+    rows += [dict(ROWS[0], lab="01", model="smollm2-135m", quick=False)]  # another mode: left out
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "expected"
+    code = ("import sys; sys.path.insert(0, 'tools'); import expected_figures as t; from pathlib import Path; "
+            f"t.expected.FOLDER = Path({str(out)!r}); "
+            f"raise SystemExit(t.main(['quick-cpu', {str(results)!r}, '--machine', 'test box']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "01_quantization_fundamentals.quick-cpu.json").read_text())
+    assert doc["machine"] == "test box" and len(doc["rows"]) == 3
+    assert doc["bands"]["probe_acc"] == ["abs", round(2 / 32 + 1e-3, 4)]  # two answers of the quick probe
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "shared/compresslab/expected").glob("*.json")), ids=lambda p: p.name)
+def test_committed_reference_files_are_well_formed(path):
+    stem, mode = path.name.removesuffix(".json").split(".")
+    assert stem in STEMS, f"{path.name}: no lab source solutions/{stem}.py"
+    assert re.fullmatch(r"(quick|full)-[a-z0-9-]+", mode)
+    doc = json.loads(path.read_text())
+    assert doc["lab"] == stem[:2] and doc["mode"] == mode and doc["machine"] and doc["rows"]
+    keys = [(r["method"], r["bits"], r["group_size"]) for r in doc["rows"]]
+    assert len(set(keys)) == len(keys)
+    assert expected.differences(doc["rows"], doc) == []

@@ -1,0 +1,62 @@
+"""Write each lab's reference figures for one mode (compresslab/expected/NN_name.<mode>.json) from measured runs.
+
+The input is the results rows (COMPRESSLAB_RESULTS files) of solution runs in that mode; the rows of every lab found
+are written, one file per lab. The quick-CPU files come from the test suite's own solution runs:
+
+    pytest tests/test_notebooks.py -k test_solution_passes        # quick mode, papermill, this machine
+    python tools/expected_figures.py quick-cpu /tmp/pytest-of-$USER/pytest-current/*-solution0/results.jsonl \\
+        --machine "2-core x86-64 CPU sandbox, torch 2.13.0+cpu"
+
+A GPU file needs a run on that GPU (`QUICK = False` on the device, mode e.g. full-nvidia-h100-80gb-hbm3, the name
+compresslab.expected.mode_of gives). Never edit the files by hand: rerun the runs and this tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "shared"))
+
+from compresslab import expected, runtime  # noqa: E402
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", help="quick-cpu, full-cpu, or <quick|full>-<gpu> as compresslab.expected.mode_of names it")
+    parser.add_argument("results", nargs="+", type=Path, help="results.jsonl files of solution runs in that mode")
+    parser.add_argument("--machine", required=True, help="the machine the runs were measured on, in words")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    args = parser.parse_args(argv)
+    quick = args.mode.startswith("quick-")
+    if not (quick or args.mode.startswith("full-")):
+        parser.error(f"mode must start with quick- or full-, got {args.mode!r}")
+    stems = {p.stem[:2]: p.stem for p in (ROOT / "solutions").glob("[0-9][0-9]_*.py")}
+    by_lab: dict[str, list[dict]] = {}
+    for f in args.results:
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("quick") == quick and row.get("model") == args.model:
+                by_lab.setdefault(row["lab"], []).append(row)
+    if not by_lab:
+        parser.error(f"no {args.mode} rows of {args.model} in {len(args.results)} file(s)")
+    today = datetime.date.today().isoformat()
+    command = " ".join(["python tools/expected_figures.py", args.mode, "<results of the solution runs>"])
+    tier = "cpu" if args.mode.endswith("-cpu") else "a100+"  # the probe's size in this mode (compresslab.runtime)
+    probe_n = (runtime.QUICK_SIZES if quick else runtime.FULL_SIZES[tier]).probe_n
+    bands = {"probe_acc": ("abs", round(2 / probe_n + 1e-3, 4))}  # two answers of the probe
+    for lab, rows in sorted(by_lab.items()):
+        out = expected.write(stems[lab], args.mode, rows, model=args.model, machine=args.machine, measured=today,
+                             command=command, bands=bands)
+        print(f"{out}: {len(rows)} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
