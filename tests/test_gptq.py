@@ -596,10 +596,10 @@ def test_v1_zero_point_off_by_one(exported, bits):
 
 def test_v1_zero_point_at_the_top_of_the_range_wraps_to_zero():
     """zero = 2^bits - 1 is stored as 2^bits - 2; zero 1 as 0: the writer subtracts exactly one, nothing else."""
-    from compresslab.checkpoint import _pack_rows
+    from compresslab.packing import pack
 
     zeros = torch.tensor([[0, 1, 7, 15, 14, 2, 3, 8]])  # (n_groups=1, out=8) 4-bit zero points
-    stored = _unpack(_pack_rows(((zeros.t() - 1) & 15).contiguous(), 4).t().contiguous(), 4, axis=1)
+    stored = _unpack(pack(((zeros.t() - 1) & 15).t(), 4, dim=1, word=torch.int32), 4, axis=1)
     assert stored.tolist() == [[15, 0, 6, 14, 13, 1, 2, 7]]
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compresslab import checkpoint, gptq, kernels
+from compresslab import checkpoint, gptq, kernels, packing
 from compresslab.kernels import w4a16 as W
 from layer_testing import gen, hessian_of, make_inputs
 
@@ -156,7 +156,7 @@ def test_v2_checkpoint_zero_offset(m):
     zeros[0, 0], zeros[1, 0] = 0, 15  # the ends: a v1 reader of v2 data (or the reverse) shifts these
     scales = (0.5 + torch.rand(n, k // gs, generator=g)) * 0.01
     qweight, qzeros_v1, scales_h, g_idx = W.pack_gptq(codes, zeros, scales, torch.arange(k) // gs)
-    qzeros_v2 = checkpoint._pack_rows(zeros, 4).t().contiguous()  # true zeros, 8 per word along N: (G, N/8)
+    qzeros_v2 = packing.pack(zeros.t(), 4, dim=1, word=torch.int32)  # true zeros, 8 per word along N: (G, N/8)
     assert qzeros_v2.shape == qzeros_v1.shape and not torch.equal(qzeros_v2, qzeros_v1)
 
     w1 = W.dequantize_gptq(qweight, qzeros_v1, scales_h, None, gs)
@@ -195,7 +195,7 @@ def test_pack_gptq_of_an_act_order_result(act_order_result):
     w = W.dequantize_gptq(qweight, qzeros, scales, g_idx)
     torch.testing.assert_close(w, res.dequantized, rtol=2**-11, atol=0)  # scales are stored in fp16
     # the exporter writes the same tensors
-    assert torch.equal(qweight, checkpoint._pack_rows(res.codes.t().contiguous(), 4))
+    assert torch.equal(qweight, packing.pack(res.codes.t(), 4, dim=0, word=torch.int32))
     assert torch.equal(checkpoint.read_gptq_layer({"l.qweight": qweight, "l.qzeros": qzeros, "l.scales": scales,
                                                    "l.g_idx": g_idx}, "l", 4), w)
 

@@ -117,7 +117,7 @@ def test_unpack_int4_nibble_order():
     codes = torch.tensor([[-8, 7, 0], [1, -1, 3], [5, -3, -2], [2, 4, -7]], dtype=torch.int8)  # (out 4, in 3)
     u = codes.to(torch.int16) & 0xF  # two's complement nibbles
     packed = (u[0::2] | (u[1::2] << 4)).to(torch.uint8)  # (2, 3): row 2r low nibble, row 2r + 1 high
-    assert torch.equal(nvmodelopt.unpack_int4(packed), codes)
+    assert torch.equal(nvmodelopt.unpack_modelopt_int4(packed), codes)
 
 
 # ----------------------------------------------------------------------------- quantize, export, read back

@@ -1,26 +1,22 @@
 """compresslab: the helper package of The Art of Compressing LLMs.
 
-One file per concern, arrows pointing down:
-    runtime (setup, device)  paths  data  models  quant  formats  gptq  checkpoint  pruning  distill  kvcache  eval
-    lowrank  deploy  stack  results  checks  widgets  (kernels: the Triton W4A16 and KV-cache kernels)
+One file per concern, arrows pointing down: a module imports only from layers below its own (tests/test_imports.py
+holds this table and fails on an upward or sideways import, or a cycle):
+    0 bottom   paths  runtime (setup, device, the Triton switch)  packing  kvformat  data
+    1 storage  quant  models  checkpoint  eval
+    2 methods  formats  gptq  smoothquant  widgets  deploy  serve  nvmodelopt  kernels (Triton W4A16, KV cache)
+    3          pruning  awq  actquant  kvcache  results
+    4          distill  lowrank  expected
+    5 recipes  api (cl.quantize / cl.prune)  scale_tuning  stack  kernels.bench
+    6 labs     checks (the harness, and one module of checkers per lab)
 Notebooks call these; they never paste them.
 """
 
-import os as _os
-import sys as _sys
-
-import torch as _torch
-
-# triton.language already imported without the interpreter (compresslab.kernels then refuses, saying why)
-_TRITON_PRELOADED = "triton.language" in _sys.modules and _os.environ.get("TRITON_INTERPRET", "0") in ("0", "")
-if not _torch.cuda.is_available():
-    # Triton reads this when triton.language is first imported (transformers and torch may import it): set it before
-    # anything else, so compresslab.kernels run in the interpreter on CPU whatever the import order after this one
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from .runtime import Env, require_cuda, setup  # noqa: E402
-from .models import load_model  # noqa: E402
-from . import checkpoint, checks, data, eval, formats, gptq, kvcache, quant, results, widgets  # noqa: F401,E402
+# runtime comes first: importing it sets TRITON_INTERPRET on a machine without CUDA (the package's one switch)
+from .runtime import Env, require_cuda, setup
+from .models import load_model
+# every other module (cl.gptq, cl.checks, cl.kvcache, ...) is imported on first use, by __getattr__ below: importing
+# the package costs torch and these two small modules, not transformers and every algorithm
 
 # The entry points and their configs (compresslab.api), resolved on first use: cl.quantize(model, cl.GPTQConfig())
 _API = ("quantize", "prune", "RTNConfig", "GPTQConfig", "AWQConfig", "W8A8Config", "MXConfig",

@@ -55,6 +55,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import packing
+
 PACKABLE_BITS = (2, 4, 8)  # bit widths that tile a 32-bit word (3-bit GPTQ packing straddles words)
 
 
@@ -76,16 +78,6 @@ def staged(path):
         raise
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
-
-
-def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes (rows, cols) ints in [0, 2^bits) -> (rows * bits / 32, cols) int32, packing consecutive rows."""
-    per_word = 32 // bits
-    rows, cols = codes.shape
-    c = codes.to(torch.int64).reshape(rows // per_word, per_word, cols)  # (words, per_word, cols)
-    shifts = (torch.arange(per_word, dtype=torch.int64, device=codes.device) * bits).view(1, -1, 1)
-    words = (c << shifts).sum(dim=1)  # (words, cols) in [0, 2^32)
-    return (words - (words >= 2**31).to(torch.int64) * 2**32).to(torch.int32)  # reinterpret as signed int32
 
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # v1 (zero - 1 stored) and v2 (zero stored as is)
@@ -186,10 +178,10 @@ def save_gptq(model, report: dict, path, bits: int, group_size: int, sym: bool, 
                 out_f, in_f = res.codes.shape
                 if in_f % (32 // bits) or out_f % (32 // bits):
                     raise ValueError(f"{module}: in/out features ({in_f}, {out_f}) must be multiples of {32 // bits}")
-                tensors[f"{module}.qweight"] = _pack_rows(res.codes.t().contiguous(), bits)  # (in*bits/32, out)
+                tensors[f"{module}.qweight"] = packing.pack(res.codes.t(), bits, dim=0, word=torch.int32)  # (in*bits/32, out)
                 offset = 1 if checkpoint_format == "gptq" else 0
                 stored_zeros = (res.zeros.t().to(torch.int64) - offset) & (2**bits - 1)  # v1: zero - 1, wrapped
-                tensors[f"{module}.qzeros"] = _pack_rows(stored_zeros.t().contiguous(), bits).t().contiguous()
+                tensors[f"{module}.qzeros"] = packing.pack(stored_zeros, bits, dim=1, word=torch.int32)
                 tensors[f"{module}.scales"] = res.scales.t().contiguous().half()  # (n_groups, out)
                 tensors[f"{module}.g_idx"] = res.g_idx.to(torch.int32)
             elif not (name == "lm_head.weight" and model.config.tie_word_embeddings):  # a tied head is stored once

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .quant import compute_qparams, group_view, search_clip_qparams
+from .quant import compute_qparams, gptq_qparams, group_view, search_clip_qparams  # noqa: F401 (gptq_qparams: cl.gptq's)
 
 GPTQ_BITS = (2, 3, 4, 8)
 
@@ -48,25 +48,6 @@ class Hessian:
 
 
 # ----------------------------------------------------------------------------- the GPTQ quantizer (one group)
-
-
-def gptq_qparams(w: torch.Tensor, bits: int, sym: bool, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference GPTQ quantizer: per row of w (out, g), range forced to include 0, unsigned codes 0..2^b-1.
-
-    asym: scale = (xmax - xmin) / maxq, zero = round(-xmin / scale);  sym: range [-absmax, absmax], zero = (maxq+1)/2.
-    clip=True (asym only) shrinks the range to minimise the group's error (the reference quantizer's `mse` option).
-    Scales are rounded to float16, the precision a checkpoint stores, so the exported model equals the in-memory one.
-    """
-    maxq = 2**bits - 1
-    if sym and clip:
-        raise ValueError("clip=True searches an asymmetric range; use sym=False with it")
-    if sym:
-        absmax = w.float().abs().amax(dim=-1, keepdim=True)  # (out, 1)
-        scale, zero = (2 * absmax / maxq).clamp(min=1e-8), torch.full_like(absmax, (maxq + 1) / 2)
-    else:
-        # lab 01's asymmetric quantizer is exactly GPTQ's; the clip search shrinks its range
-        scale, zero = search_clip_qparams(w, bits) if clip else compute_qparams(w, bits, sym=False)
-    return scale.clamp(min=2**-24).half().float(), zero  # checkpoints store fp16 scales: quantize against them
 
 
 def column_step(W1: torch.Tensor, Hinv1: torch.Tensor, i: int, scale: torch.Tensor, zero: torch.Tensor, maxq: int):

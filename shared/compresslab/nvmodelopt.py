@@ -371,7 +371,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+def unpack_modelopt_int4(packed: torch.Tensor) -> torch.Tensor:
     """ModelOpt's INT4 weight (out / 2, in) uint8 -> signed codes (out, in) int8 in [-8, 7].
 
     Byte [r, c] holds output rows 2r (low nibble) and 2r + 1 (high nibble) of column c, two's complement."""
@@ -388,7 +388,7 @@ def _dequantize(algo: str, tensors: dict, m: str, group_size: int | None) -> tor
         return w.float() * (scale if scale.dim() == 0 else scale.view(-1, 1))
     if algo == "W8A8_SQ_PER_CHANNEL":  # int8 codes, one scale per output row
         return w.float() * scale.view(-1, 1)
-    codes = unpack_int4(w).float()  # (out, in)
+    codes = unpack_modelopt_int4(w).float()  # (out, in)
     per_group = codes.shape[1] // scale.shape[1]  # scale (out, in / group)
     if group_size is not None and per_group != group_size:
         raise ValueError(f"{m}: weight_scale {tuple(scale.shape)} means groups of {per_group}, "

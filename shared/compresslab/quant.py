@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import packing
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 EPS = 1e-8  # smallest scale: an all-zero group must not divide by zero
 
@@ -124,6 +126,28 @@ def search_clip_qparams(x: torch.Tensor, bits: int = 4, grid: int = 100, maxshri
 # ----------------------------------------------------------------------------- quantize / dequantize
 
 
+def gptq_qparams(w: torch.Tensor, bits: int, sym: bool, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference GPTQ quantizer: per row of w (out, g), range forced to include 0, unsigned codes 0..2^b-1.
+
+    asym: scale = (xmax - xmin) / maxq, zero = round(-xmin / scale);  sym: range [-absmax, absmax], zero = (maxq+1)/2.
+    clip=True (asym only) shrinks the range to minimise the group's error (the reference quantizer's `mse` option).
+    Scales are rounded to float16, the precision a checkpoint stores, so the exported model equals the in-memory one.
+    It lives here, beside lab 01's quantizer it extends, so that the kernels' and checkpoints' code needs no GPTQ.
+    Note its symmetric convention (unsigned codes around zero = 2^(b-1), GPTQ's and the checkpoints') differs from
+    compute_qparams' (signed codes, zero 0, scale absmax / (2^(b-1) - 1), lab 01's).
+    """
+    maxq = 2**bits - 1
+    if sym and clip:
+        raise ValueError("clip=True searches an asymmetric range; use sym=False with it")
+    if sym:
+        absmax = w.float().abs().amax(dim=-1, keepdim=True)  # (out, 1)
+        scale, zero = (2 * absmax / maxq).clamp(min=1e-8), torch.full_like(absmax, (maxq + 1) / 2)
+    else:
+        # lab 01's asymmetric quantizer is exactly GPTQ's; the clip search shrinks its range
+        scale, zero = search_clip_qparams(w, bits) if clip else compute_qparams(w, bits, sym=False)
+    return scale.clamp(min=2**-24).half().float(), zero  # checkpoints store fp16 scales: quantize against them
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int = 4, sym: bool = False) -> torch.Tensor:
     """Integer codes, round-to-nearest then clamp to the code range. Same shape as x, dtype int16."""
     qmin, qmax = qrange(bits, sym)
@@ -158,31 +182,18 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (..., n) with 8 // bits codes per byte, lowest bits first -> (..., n * bits / 8) uint8.
 
     bits must divide 8 (2, 4, 8). Code i of a byte sits at bit offset i * bits (int4: element 2k in the low nibble).
+    The package's one packer (compresslab.packing) does the work.
     """
     if bits not in (2, 4, 8):
         raise ValueError(f"pack_bits packs 2-, 4- or 8-bit codes; got bits={bits} (3-bit codes are stored one per byte)")
-    per_byte = 8 // bits
-    if q.shape[-1] % per_byte:
-        raise ValueError(f"last dim {q.shape[-1]} must be a multiple of {per_byte} to pack {bits}-bit codes")
-    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2**bits):
-        raise ValueError(f"codes must be unsigned {bits}-bit values in [0, {2**bits - 1}]; "
-                         "shift symmetric codes by 2^(bits-1) first")
-    q = q.to(torch.uint8).reshape(*q.shape[:-1], -1, per_byte)  # (..., n / per_byte, per_byte)
-    packed = torch.zeros(q.shape[:-1], dtype=torch.uint8, device=q.device)
-    for i in range(per_byte):
-        packed |= q[..., i] << (i * bits)
-    return packed
+    return packing.pack(q, bits)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of pack_bits: (..., m) uint8 -> (..., m * 8 / bits) uint8 codes."""
-    if bits not in (2, 4, 8):
-        raise ValueError(f"unpack_bits unpacks 2-, 4- or 8-bit codes; got bits={bits}")
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be uint8, got {packed.dtype}")
-    per_byte, mask = 8 // bits, 2**bits - 1
-    parts = [(packed >> (i * bits)) & mask for i in range(per_byte)]  # per_byte x (..., m)
-    return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
+    return packing.unpack(packed, bits)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

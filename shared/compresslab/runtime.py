@@ -15,8 +15,20 @@ import logging
 import random
 from dataclasses import dataclass, field
 
+import sys
+
 import numpy as np
 import torch
+
+# ----------------------------------------------------------------------------- Triton on a CPU: the one switch
+
+# Triton decides when triton.language is first imported whether kernels are compiled or interpreted, and transformers
+# or torch may import it early; so the package sets TRITON_INTERPRET here, when `import compresslab` first imports
+# this module, before anything else. TRITON_PRELOADED records that it came too late (compresslab.kernels then
+# refuses, saying why). No other module of the package sets the variable.
+TRITON_PRELOADED = "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("0", "")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ----------------------------------------------------------------------------- sizes per tier
 
@@ -173,9 +185,7 @@ def setup(quick: bool | None = None, seed: int = 0, threads: int | None = None, 
         why = ("automatic: quick on a CPU (full mode runs the slot's long loops: set QUICK = False to force it)"
                if quick else "automatic: full mode on a CUDA GPU (set QUICK = True for the short version)")
     notes.append(f"mode {'QUICK' if quick else 'FULL'} — " + (why or "set by the notebook's QUICK parameter"))
-    if device == "cpu":
-        # Triton kernels run on CPU through the interpreter (slow, but exact): tests and labs use it.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if device == "cpu":  # Triton kernels run through the interpreter here (TRITON_INTERPRET, set at import)
         if threads:
             torch.set_num_threads(threads)
         notes.append("no GPU: quantization kernels run in PyTorch / the Triton interpreter; "

@@ -5,8 +5,9 @@
     bench.py    `make bench`: time, bandwidth and speedups on a GPU, a JSON of results and a roofline plot
 
 Without a GPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, numpy underneath): exact, slow, and
-how CI tests them. Importing this package on a machine without CUDA sets that variable, because Triton decides at
-`@triton.jit` time whether a function is compiled or interpreted. On a GPU the same code is compiled.
+how CI tests them. `import compresslab` sets that variable on a machine without CUDA (compresslab.runtime, the one
+place), because Triton decides at `@triton.jit` time whether a function is compiled or interpreted. On a GPU the same
+code is compiled.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ import os
 
 import torch
 
-from .. import _TRITON_PRELOADED  # recorded by compresslab/__init__.py before it set TRITON_INTERPRET
+from ..runtime import TRITON_PRELOADED  # recorded before TRITON_INTERPRET was set
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    if _TRITON_PRELOADED:  # its builtins (tl.zeros, tl.sum...) were already bound for compiling: kernels would fail
+    if TRITON_PRELOADED:  # its builtins (tl.zeros, tl.sum...) were already bound for compiling: kernels would fail
         raise ImportError("triton.language was imported (e.g. by transformers) before TRITON_INTERPRET was set, so "
                           "Triton cannot interpret kernels on this CPU. Import compresslab before transformers and "
                           "triton, or export TRITON_INTERPRET=1 before starting Python.")

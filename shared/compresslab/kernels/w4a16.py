@@ -26,6 +26,7 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
+from .. import packing
 from . import check_device, interpreting
 
 PACK = 8  # 4-bit codes per int32 word
@@ -35,14 +36,6 @@ GEMV_MAX_M = 8  # up to 8 rows (decode batches) take the GEMV kernel, more take 
 # ----------------------------------------------------------------------------- reference (PyTorch)
 
 
-def unpack_int4(words: torch.Tensor, dim: int) -> torch.Tensor:
-    """int32 words -> int32 codes 0..15, each word expanded into 8 codes along `dim`, lowest nibble first."""
-    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)  # (8,)
-    w = words.movedim(dim, -1).unsqueeze(-1)  # (..., words, 1)
-    codes = (w >> shifts) & 0xF  # (..., words, 8): the arithmetic shift's sign bits are masked off
-    return codes.flatten(-2).movedim(-1, dim)
-
-
 def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
     """The trivial g_idx (no act-order, or act-order with static groups): column k is in group k // group_size."""
     return torch.arange(in_features, device=device, dtype=torch.int32) // group_size
@@ -50,8 +43,8 @@ def default_g_idx(in_features: int, group_size: int, device=None) -> torch.Tenso
 
 def dequantize_gptq(qweight, qzeros, scales, g_idx=None, group_size=None, zero_offset: int = 1) -> torch.Tensor:
     """The weight (N, K) in float32 from the packed layout (zero_offset=1 for v1 checkpoints, 0 for v2)."""
-    codes = unpack_int4(qweight, 0)  # (K, N)
-    zeros = (unpack_int4(qzeros, 1) + zero_offset) & 0xF  # (G, N)
+    codes = packing.unpack(qweight, 4, dim=0)  # (K, N) int32 codes 0..15
+    zeros = (packing.unpack(qzeros, 4, dim=1) + zero_offset) & 0xF  # (G, N)
     g = default_g_idx(codes.shape[0], group_size, codes.device) if g_idx is None else g_idx.long()  # (K,)
     w = (codes - zeros[g]).float() * scales[g].float()  # (K, N): each input column gathers its group's row
     return w.t()
@@ -70,21 +63,18 @@ def w4a16_matmul_ref(x, qweight, qzeros, scales, g_idx=None, group_size=None, bi
 
 def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor):
     """codes (N, K), zeros and scales (N, G), g_idx (K,) -> (qweight, qzeros, scales, g_idx) in the v1 layout."""
-    from ..checkpoint import _pack_rows  # the exporter's packer: QuantLinear holds exactly what the checkpoint holds
-
     n, k = codes.shape
     if k % PACK or n % PACK:
         raise ValueError(f"in_features ({k}) and out_features ({n}) must be multiples of {PACK} to pack 4-bit codes")
-    qweight = _pack_rows(codes.t().to(torch.int64).contiguous(), 4)  # (K/8, N)
+    qweight = packing.pack(codes.t().to(torch.int64), 4, dim=0, word=torch.int32)  # (K/8, N): the exporter's packer
     stored = (zeros.t().to(torch.int64) - 1) & 0xF  # (G, N) v1: zero - 1, wrapped
-    qzeros = _pack_rows(stored.t().contiguous(), 4).t().contiguous()  # (G, N/8)
+    qzeros = packing.pack(stored, 4, dim=1, word=torch.int32)  # (G, N/8)
     return qweight, qzeros, scales.t().contiguous().half(), g_idx.to(torch.int32).contiguous()
 
 
 def rtn_gptq(weight: torch.Tensor, group_size: int = 128):
     """Round-to-nearest 4-bit in GPTQ's quantizer (asymmetric, range through 0) -> the packed v1 layout."""
-    from ..gptq import gptq_qparams
-    from ..quant import quantize
+    from ..quant import gptq_qparams, quantize
 
     n, k = weight.shape
     _check_group_size(k, group_size)
