@@ -547,8 +547,7 @@ def builtin_quantized_cache(model, bits: int = 4, group_size: int = 64, residual
 
 @torch.no_grad()
 def kv_perplexity(model, tokenizer, config: KVConfig | None | str = None, n_windows: int = 4, prefix: int = 512,
-                  scored: int = 512, chunk: int = 16, batch_size: int = 4, progress: bool = True,
-                  cache_factory=None) -> dict:
+                  scored: int = 512, chunk: int = 16, batch_size: int = 4, progress: bool = True) -> dict:
     """Perplexity that goes through the compressed cache: prefill `prefix` tokens of each WikiText-2 test window,
     then feed the next `scored` tokens `chunk` at a time (teacher forcing) and score each chunk's next-token
     predictions. Every scored token attends to the compressed past. Returns ppl and the measured cache bytes.
