@@ -7,6 +7,7 @@ No model is loaded: the checkers only run small fixed tensors.
 
 from pathlib import Path
 
+import json
 import pytest
 import torch
 from checker_testing import (CheckerSuite, assert_failed, summary_lines)
@@ -452,3 +453,36 @@ class TestEveryChecker(CheckerSuite):
         for r, e in zip(result if isinstance(result, tuple) else (result,),
                         expected if isinstance(expected, tuple) else (expected,)):
             assert torch.equal(r, e)
+
+
+def test_hints_come_in_two_tiers(fresh_status, capsys, monkeypatch):
+    """Issue 26: the first failure says which case failed and by how much, with the short hint; the second failure
+    of the same exercise adds the stronger one (more=); passing later does not need it."""
+    monkeypatch.setattr(checks, "FAILURES", {})
+    def wrong(x, bits):  # the scale of 2**bits levels instead of 2**bits - 1 steps
+        scale, zero = quant.compute_qparams(x, bits, sym=False)
+        return scale * (2**bits - 1) / 2**bits, zero
+    checks.check_qparams(wrong)
+    first = capsys.readouterr().out
+    assert "FAILED" in first and "largest |error|" in first and 'case "' in first
+    assert "one (scale, zero) per ROW" in first and "stronger hint (attempt" not in first
+    assert "a second failure shows a stronger hint" in first
+    checks.check_qparams(wrong)
+    second = capsys.readouterr().out
+    assert "stronger hint (attempt 2): scale = (xmax - xmin)" in second
+    checks.check_qparams(lambda x, bits: quant.compute_qparams(x, bits, sym=False))
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_verdicts_go_to_the_exercise_log(fresh_status, tmp_path, monkeypatch, capsys):
+    log = tmp_path / "exercises.jsonl"
+    monkeypatch.setenv("COMPRESSLAB_EXERCISE_LOG", str(log))
+
+    def not_done(x, bits):
+        raise NotImplementedError()
+
+    checks.check_qparams(not_done)
+    checks.check_pack_int4(quant.pack_int4)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"exercise": "Exercise 1 · compute_qparams", "status": "not done"},
+        {"exercise": "Exercise 4 · pack_int4", "status": "passed"}]

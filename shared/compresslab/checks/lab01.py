@@ -35,7 +35,9 @@ def check_qparams(fn: Callable) -> Callable:
     """Exercise: fn(x, bits) -> (scale, zero), asymmetric, one pair per row of x (n_groups, group_len)."""
     cases = [Case(f"{label}, {bits}-bit", (x, bits)) for label, x in _lab01_tensors().items() for bits in (8, 4, 3)]
     return run_check("Exercise 1 · compute_qparams", fn, _qparams_asym, cases,
-                     hint="scale = (xmax - xmin) / (2**bits - 1) with xmin = min(x.min, 0), xmax = max(x.max, 0) "
+                     hint="one (scale, zero) per ROW of x, each of shape (n_groups, 1); the range must include 0 "
+                          "so that 0 is exact, and the zero point is an integer code.",
+                     more="scale = (xmax - xmin) / (2**bits - 1) with xmin = min(x.min, 0), xmax = max(x.max, 0) "
                           "per row (dim=-1, keepdim=True); zero = round(-xmin / scale); clamp the scale to >= 1e-8.")
 
 
@@ -60,7 +62,9 @@ def check_quant_dequant(fn: Callable) -> Callable:
     cases.append(Case("x outside the calibrated range (codes must be clamped to [0, 2**bits - 1])",
                       (x, scale, zero, 4)))
     return run_check("Exercise 2 · quantize_dequantize", fn, _quant_dequant, cases,
-                     hint="q = clamp(round(x / scale) + zero, 0, 2**bits - 1); x_hat = (q - zero) * scale.")
+                     hint="round to the nearest code, keep the codes inside the range an unsigned bits-bit integer "
+                          "can hold, then map the codes back to real values.",
+                     more="q = clamp(round(x / scale) + zero, 0, 2**bits - 1); x_hat = (q - zero) * scale.")
 
 
 def _fake_quant_groups(w, bits, group_size):
@@ -75,7 +79,9 @@ def check_fake_quantize_groups(fn: Callable) -> Callable:
     cases.append(Case("(4, 576) weight like SmolLM2's, group 64", (_weights(4, 576, 5), 4, 64)))
     cases.append(Case("group_size == in_features (per-channel)", (_weights(5, 64, 6), 4, 64)))
     return run_check("Exercise 3 · fake_quantize_groups", fn, _fake_quant_groups, cases,
-                     hint="reshape w (out, in) to (-1, group_size) so each row is one group of consecutive input "
+                     hint="a group is group_size CONSECUTIVE input columns of one output row; reuse exercises 1 and "
+                          "2 on the groups, and return the same shape as w.",
+                     more="reshape w (out, in) to (-1, group_size) so each row is one group of consecutive input "
                           "columns, quantize-dequantize the rows, then reshape back to w.shape.", atol=1e-5)
 
 
@@ -90,5 +96,7 @@ def check_pack_int4(fn: Callable) -> Callable:
         Case("int64 input codes (cast to uint8)", (torch.randint(0, 16, (3, 6), generator=g),)),
     ]
     return run_check("Exercise 4 · pack_int4", fn, quant.pack_int4, cases, atol=0,
-                     hint="view the last dim as pairs (..., n/2, 2); byte = low | (high << 4), "
+                     hint="two neighbours along the last dim share one byte, the even one in the low 4 bits; the "
+                          "result is uint8 with half as many elements in the last dim.",
+                     more="view the last dim as pairs (..., n/2, 2); byte = low | (high << 4), "
                           "with low = element 2k and high = element 2k+1; return uint8.")

@@ -60,7 +60,9 @@ def check_fp8_per_token(fn: Callable) -> Callable:
 
     return run_adapted("Exercise 1 · fp8_per_token", fn, _fp8_per_token_reference, same_dtype, cases,
                        atol=1e-5, rtol=1e-5,
-                       hint="in float32: scale = x.abs().amax(dim=-1, keepdim=True) / 448 (one per token; 448 is "
+                       hint="one scale per token (a row of the last dim) that maps the row's largest magnitude onto "
+                            "E4M3's largest value; the float8 cast does the rounding; return x's dtype.",
+                       more="in float32: scale = x.abs().amax(dim=-1, keepdim=True) / 448 (one per token; 448 is "
                             "E4M3's largest value, not 127), 1 where it is 0; q = (x / scale).clamp(-448, 448)"
                             ".to(torch.float8_e4m3fn) (the cast rounds; no torch.round); return (q.float() * scale)"
                             ".to(x.dtype).")
@@ -113,7 +115,9 @@ def check_smoothing(fn: Callable) -> Callable:
         return (out[0], out[1], *out[2])  # (s, norm, W_1, W_2, ...)
 
     return run_adapted("Exercise 2 · smooth", fn, _smooth_reference, flat, cases, atol=1e-5, rtol=1e-5,
-                       hint="w_amax = max |W_ij| over the rows (dim=0) of EVERY weight (stack them, then max): one "
+                       hint="s has one value per INPUT channel, from the activation's max and the max over all the "
+                            "weights that read the norm's output; the norm divides by s, the weight columns multiply.",
+                       more="w_amax = max |W_ij| over the rows (dim=0) of EVERY weight (stack them, then max): one "
                             "value per input channel; s = act_amax.clamp(min=1e-5) ** alpha / w_amax.clamp(min=1e-5) "
                             "** (1 - alpha), clamped to >= 1e-5; return s, norm_weight / s, [W * s for W in weights] "
                             "(the norm divides, the weight columns multiply).")
@@ -168,7 +172,10 @@ def check_awq_search(fn: Callable) -> Callable:
 
     # errors: the reference sums tr(D G D^T) (G = X^T X), the exercise the squared outputs: equal to float32 rounding
     return run_adapted("Exercise 3 · awq_search", fn, _awq_reference, pair, cases, atol=1e-6, rtol=1e-5,
-                       hint="for i in range(grid): s = X.abs().mean(dim=0) ** (i / grid) (mean |x| over tokens, not "
+                       hint="a grid of exponents alpha = i / grid over the mean |x| per input channel; judge each "
+                            "candidate s by the error of the layer's OUTPUTS with W * s quantized and X / s as input, "
+                            "and return the best s with every grid error.",
+                       more="for i in range(grid): s = X.abs().mean(dim=0) ** (i / grid) (mean |x| over tokens, not "
                             "|w|), clamped to >= 1e-4, then s / sqrt(s.max() * s.min()); error = ((X @ W.T - (X / s) @ "
                             "rtn(W * s, bits, group_size).T) ** 2).sum() on the layer's OUTPUTS; return the s of the "
                             "smallest error and the list of all grid errors as floats.")
@@ -211,7 +218,9 @@ def check_nvfp4(fn: Callable) -> Callable:
              Case("elements exactly on E2M1 midpoints (0.25, 0.75, ..., 5): ties round to the even code",
                   (_e2m1_ties(),))]
     return run_check("Exercise 4 · nvfp4", fn, _nvfp4_reference, cases, atol=0, rtol=1e-5,
-                     hint="s_t = w.abs().max() / (448 * 6) (the whole tensor); blocks = w.reshape(-1, 16); scale = "
+                     hint="two levels: one fp32 scale for the whole tensor, then per block of 16 consecutive values "
+                          "an E4M3-rounded scale relative to it; the elements round to E2M1.",
+                     more="s_t = w.abs().max() / (448 * 6) (the whole tensor); blocks = w.reshape(-1, 16); scale = "
                           "(blocks.abs().amax(-1, keepdim=True) / 6 / s_t).clamp(max=448).to(torch.float8_e4m3fn)"
                           ".float(); elements = formats.round_to_e2m1(blocks / (scale * s_t)) (0 where the scale is "
                           "0); return (elements * scale * s_t).reshape(w.shape).")
