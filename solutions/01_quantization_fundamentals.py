@@ -220,7 +220,7 @@ for name, w_hat in casts.items():
 # centred on 0, so half of it is wasted when the data is one-signed.
 
 # %% [markdown]
-# ### Exercise 1 — compute the scale and zero point
+# ### Exercise 1 — compute the scale and zero point (8 min)
 # Complete `compute_qparams(x, bits)`: `x` has shape `(n_groups, group_len)`; return `scale` and `zero`, each of
 # shape `(n_groups, 1)` (reduce over the last dimension with `keepdim=True`), float32. Clamp the scale to `>= 1e-8`.
 
@@ -239,7 +239,7 @@ def compute_qparams(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 compute_qparams = cl.checks.check_qparams(compute_qparams)
 
 # %% [markdown]
-# ### Exercise 2 — quantize, then dequantize
+# ### Exercise 2 — quantize, then dequantize (7 min)
 # Complete `quantize_dequantize(x, scale, zero, bits)`: round to the nearest code, **clamp** to $[0, 2^b-1]$, and map
 # back. The scale and zero broadcast over each row.
 
@@ -284,7 +284,7 @@ for name, x in {"weight rows (q_proj)": W, "SiLU activations": silu_out}.items()
 # in_features** — 576 on this model: 128 does not divide it, 64 does.
 
 # %% [markdown]
-# ### Exercise 3 — group-wise fake quantization
+# ### Exercise 3 — group-wise fake quantization (12 min)
 # Complete `fake_quantize_groups(w, bits, group_size)` for a weight `w` of shape `(out_features, in_features)`:
 # split each row into groups of `group_size` consecutive columns, quantize-dequantize each group with *your*
 # `compute_qparams` and `quantize_dequantize`, and return a tensor of `w`'s shape.
@@ -530,7 +530,7 @@ cl.results.table(lab="01", model=MODEL, quick=env.quick)
 # the integer codes: two 4-bit codes per byte.
 
 # %% [markdown]
-# ### Exercise 4 — pack two 4-bit codes per byte
+# ### Exercise 4 — pack two 4-bit codes per byte (8 min)
 # Complete `pack_int4(q)`: `q` has shape `(..., n)` with codes in $[0, 15]$ (n even). Return uint8 of shape
 # `(..., n/2)` where byte k holds element 2k in its **low** nibble and element 2k+1 in its **high** nibble — the
 # layout `cl.quant.QuantLinear` reads (GPTQ checkpoints put codes in the same low-bits-first order, eight to an int32
@@ -656,6 +656,17 @@ cl.results.table(lab="01", model=MODEL, quick=env.quick)
 #   point buys about as much, and NVFP4 / MXFP4 earn their place on hardware that computes in FP4.
 # * 8-bit RTN is free (here partly by construction: the weights came from Q4_1); 4-bit RTN costs noticeable quality;
 #   3-bit and below breaks — lab 02 (GPTQ) fixes much of that.
+
+# %% [markdown]
+# ## Your numbers vs expected
+# Every figure this run recorded, beside the reference measured in the same mode on a named machine
+# (`compresslab/expected`, written by `tools/expected_figures.py` from real runs) and its noise band. ✓: within the
+# band. ⚠: outside it — another model, mode or seed, or an edited cell, explains most; if not, look at your
+# exercises' outputs. Modes nobody has measured yet (a GPU the project has not run on) say so: your numbers are then
+# the reference.
+
+# %%
+cl.expected.compare("01", MODEL, env)
 
 # %%
 cl.checks.summary()

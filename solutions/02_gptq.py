@@ -31,16 +31,25 @@
 # **Hardware:** CPU is fine in quick mode; a GPU for full mode.
 
 # %% [markdown] tags=["instructor"]
-# **Instructor notes — lab 02.** Slot: 90 min (15 min on the OBS derivation at the whiteboard, 40 min exercises,
-# 20 min whole-model results while GPTQ runs, 15 min export and discussion). Section 10 (the Triton GEMV) is optional:
+# **Instructor notes — lab 02.** Slot: 90 min (15 min on the OBS derivation at the whiteboard, 40 min exercises —
+# 6 + 5 + 3 + 6 for the warm-ups, 20 for Exercise 5, the whole loop —, 20 min whole-model results while GPTQ runs,
+# 15 min export and discussion). Section 10 (the Triton GEMV) is optional:
 # give it to fast groups, or run it as a 15-minute live-coding demo; the usual bugs are the shift (k % 8, not
 # 4 * (k % 8)), forgetting the v1 zero's + 1, and no mask on the last columns — the checker names each.
 #
-# * Common mistakes the checkers catch: summing instead of averaging the Hessian (second batch case), forgetting the
-#   factor 2, dividing the error by `Hinv[i, i]` twice or not at all, forgetting the clamp, reading the
-#   column `Hinv[i:, i]` instead of the row `Hinv[i, i:]` (the factor is upper-triangular, not symmetric), sorting
-#   act-order ascending, writing `g_idx = perm // group_size` (the inverse permutation is needed), and measuring
-#   reconstruction error on the weights instead of the outputs.
+# * Common mistakes the checkers catch: forgetting to re-weight the old Hessian average (the three-batch case),
+#   counting sequences instead of tokens, dividing the error by `Hinv[i, i]` twice or not at all, forgetting the
+#   clamp, reading the column `Hinv[i:, i]` instead of the row `Hinv[i, i:]` (the factor is upper-triangular, not
+#   symmetric), sorting act-order ascending, writing `g_idx = perm // group_size` (the inverse permutation is
+#   needed), and measuring reconstruction error on the weights instead of the outputs. A Hessian summed instead of
+#   averaged, or without the factor 2, passes (with a note): GPTQ's dampening is relative to mean diag H, so a
+#   positive scale changes nothing.
+# * Exercise 5 (the loop): forgetting the lazy update of the later blocks (the first case fails), pushing `q`
+#   instead of `err` onto them, computing every group's qparams up front (static, not dynamic), taking a group's
+#   qparams from the block copy when the group spans blocks (second case), permuting `W` but not `H`, and undoing
+#   the permutation with `perm` instead of `argsort(perm)`. Fast groups: ask why the package's default 128-column
+#   blocks give other weights than blocks of 64 with groups of 64 (the text explains; on layer 0's `q_proj` most
+#   weights change, the layer's error by about 0.1 %).
 # * Discussion prompts: "why does act-order help most where there are outlier input channels?"; "static groups lose
 #   a little accuracy but make g_idx trivial: when is that worth it?"; "GPTQ closed only part of RTN's gap here —
 #   what is special about this model?" (it was distributed as Q4_1: see section 1).
@@ -119,10 +128,14 @@ print(f"integer-zero 4-bit g32 error (GPTQ's grid): {(cl.quant.fake_quantize(W, 
 # If $H$ were diagonal, rounding each weight to its nearest grid point (RTN) would be optimal. It is not: input
 # channels are correlated, so errors in two columns can add up or cancel. GPTQ exploits that.
 #
-# ### Exercise 1 — accumulate the Hessian
+# ### Exercise 1 — accumulate the Hessian (6 min)
 # Calibration data arrives in batches. Complete `accumulate_hessian(H, n, x)`: given the running average `H` over
 # `n` tokens so far and a new batch `x` of shape `(..., in_features)`, return the updated `(H, n)` such that
 # $H = \tfrac{2}{n} \sum_t x_t x_t^\top$ over all `n` tokens seen.
+# The checker feeds a few batches through your function, starting from `H = 0, n = 0`. GPTQ's result does not change
+# (up to float rounding) when $H$ is multiplied by a positive number, since its dampening is a fraction of
+# mean diag $H$: so a running sum, or $x x^\top$ without the 2, passes too, with a note of the factor. The lab keeps
+# the average because it stays on one scale however many tokens you calibrate on.
 
 # %%
 def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -151,8 +164,9 @@ inputs0 = []
 
 def grab(module, inp, out):
     global H0, n0
-    inputs0.append(inp[0].reshape(-1, inp[0].shape[-1]).float())
-    H0, n0 = accumulate_hessian(H0, n0, inp[0])
+    x = inp[0].detach().float().cpu()  # (batch, seq, 576): this one-layer study runs on the CPU
+    inputs0.append(x.reshape(-1, x.shape[-1]))
+    H0, n0 = accumulate_hessian(H0, n0, x)
 
 
 handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(grab)
@@ -161,6 +175,7 @@ with torch.no_grad():
         model(calib[i : i + 4].to(env.device))
 handle.remove()
 X0 = torch.cat(inputs0)  # (tokens, 576): the layer's inputs, kept for the error measurements below
+W0 = model.model.layers[0].self_attn.q_proj.weight.detach().float().cpu().clone()  # (576, 576), a copy
 print(f"H from {n0} tokens; diag range {H0.diag().min():.3g} .. {H0.diag().max():.3g}")
 
 # %% tags=["slide"]
@@ -196,7 +211,7 @@ plt.show()
 # Before the Cholesky, $H$ is **dampened**: $H + \lambda I$ with $\lambda = 0.01 \cdot \text{mean}(\text{diag } H)$,
 # raised step by step if the factorisation still fails.
 #
-# ### Exercise 2 — one column: quantize and propagate
+# ### Exercise 2 — one column: quantize and propagate (5 min)
 # Complete `gptq_column_step(W1, Hinv1, i, scale, zero, maxq)` for a block `W1` of shape `(out, B)` and the matching
 # block `Hinv1` `(B, B)` of $U$. Quantize column `i` with the given per-row `scale` and `zero` (each `(out,)`; codes
 # clamped to `[0, maxq]`), compute `err = (w - q) / Hinv1[i, i]`, subtract `err ⊗ Hinv1[i, i:]` from columns `i:` of
@@ -218,38 +233,11 @@ def gptq_column_step(W1, Hinv1, i: int, scale, zero, maxq: int):
 gptq_column_step = cl.checks.check_column_step(gptq_column_step)
 
 # %% [markdown]
-# With your step, GPTQ on one layer is a short loop. Here it is on layer 0's `q_proj` (no act-order, dynamic groups,
-# no lazy batching), compared with the package's `gptq_quantize_weight`. One subtlety of the reference implementation,
-# which the package follows: a group's scale and zero are computed from the weights *as of the start of the current
-# lazy block*. With blocks of 128 and groups of 64, the second group of each block does not yet see the error
-# feedback from the first; with `block_size = group_size` every group starts a block and the two agree exactly.
-
-# %%
-def my_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp: float = 0.01) -> torch.Tensor:
-    """Plain GPTQ of W (out, in) with the exercise's column step; one block = the whole matrix."""
-    W = W.clone().float()
-    H = H + damp * H.diag().mean() * torch.eye(H.shape[0])
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H.double())), upper=True).float()
-    Q = torch.zeros_like(W)
-    for i in range(W.shape[1]):
-        if i % group_size == 0:  # dynamic groups: qparams from the error-updated weights
-            scale, zero = cl.gptq.gptq_qparams(W[:, i : i + group_size], bits, sym=False)
-        W, Q[:, i], _ = gptq_column_step(W, U, i, scale[:, 0], zero[:, 0], 2**bits - 1)
-    return Q
-
-
-W0 = model.model.layers[0].self_attn.q_proj.weight.detach().float()  # (576, 576)
-t0 = time.perf_counter()
-Q_mine = my_gptq(W0, H0, bits=4, group_size=GROUP_SIZE)
-t_mine = time.perf_counter() - t0
-t0 = time.perf_counter()
-ref = cl.gptq.gptq_quantize_weight(W0, H0, bits=4, group_size=GROUP_SIZE, act_order=False, block_size=GROUP_SIZE)
-t_ref = time.perf_counter() - t0
-print(f"your loop vs the package: max |difference| {(Q_mine - ref.dequantized).abs().max():.2e} "
-      f"({t_mine:.2f} s vs {t_ref:.2f} s)")
+# Your step is the inner loop of GPTQ. Exercise 5, once act-order is explained (section 4), builds the whole loop around
+# it: blocks, groups and act-order. Until then, the package's `cl.gptq.gptq_quantize_weight` stands in for it.
 
 # %% [markdown]
-# ### Exercise 3 — the layer reconstruction error
+# ### Exercise 3 — the layer reconstruction error (3 min)
 # GPTQ minimises the error of the layer's *outputs*, not of its weights.
 # Complete `reconstruction_error(W, W_hat, X)` $= \lVert X W^\top - X \hat W^\top \rVert_F^2$ for weights `(out, in)`
 # and inputs `X` `(tokens, in)`; return a scalar tensor.
@@ -298,7 +286,7 @@ for bits in (4, 3):
 # $W$. **Static groups** compute all qparams on the original weights in the original order before GPTQ starts:
 # `g_idx` is the trivial `j // group_size` and no kernel needs any of this, at a small accuracy cost.
 #
-# ### Exercise 4 — the act-order permutation and `g_idx`
+# ### Exercise 4 — the act-order permutation and `g_idx` (6 min)
 # Complete `act_order(H, group_size)`: return `perm` (column indices by diag(H), descending) and `g_idx`, the group of
 # every *original* column under dynamic groups (column `perm[j]` is quantized j-th).
 
@@ -328,6 +316,96 @@ ax.plot(static.g_idx.numpy(), "-", label="static groups (or no act-order)")
 ax.set(xlabel="input column (original order)", ylabel="group", title="g_idx: which scale each column reads")
 ax.legend(fontsize=8)
 plt.show()
+
+# %% [markdown] tags=["slide"]
+# ### Exercise 5 — the GPTQ loop over a layer: blocks, groups, act-order (20 min)
+# Put the pieces together. Complete `my_gptq(W, H, bits, group_size, block_size, act_order)`: GPTQ of a weight `W`
+# `(out, in)` given its Hessian `H` `(in, in)`, with asymmetric dynamic groups; return the dequantized weights
+# `(out, in)` in `W`'s original column order. Leave `W` and `H` unchanged (work on copies).
+# 1. **Act-order** (if `act_order`): quantize the columns in order of diag(H), largest first. Reorder `W`'s columns,
+#    and `H` to match: $H$ pairs input channels, so its rows *and* its columns follow the new order. (Inside
+#    `my_gptq` the argument `act_order` hides Exercise 4's function of that name: sort diag(H) directly.)
+# 2. **The factor** (given): `U = cl.gptq.inverse_cholesky(H, 0.01)[0].float()` dampens `H` and returns the upper
+#    Cholesky factor of its inverse (section 3). It must be the factor of `H` in quantization order.
+# 3. **Blocks**: walk the columns in blocks of `block_size` (the last one may be shorter). Run your
+#    `gptq_column_step` over a copy of the block, with the block's square of `U`, and keep every column's `q` and
+#    `err`. Inside the block, each step updates the block's later columns at once.
+# 4. **Groups**: when a column starts a group (`col % group_size == 0`), compute the group's scale and zero from its
+#    `group_size` columns *as they are now*, with the error feedback received so far:
+#    `cl.gptq.gptq_qparams(cols, bits, sym=False)` returns them, each `(out, 1)`.
+# 5. **Lazy update**: at the end of a block, apply in one matrix product what the block's column steps would have
+#    done to every later column (write out one step's update for all the block's columns and sum them).
+# 6. **Undo** the permutation.
+
+# %% [markdown]
+# Here `block_size` divides `group_size`, so every group starts a block. That matters for step 4: the reference
+# implementation, which the package follows, takes a group's qparams from the weights as of the start of the
+# current block. With the package's default blocks of 128 and groups of 64, the second group of each block is
+# measured before the first group's error feedback reaches it; when each group starts a block, "as of the start of
+# the block" and "as they are now" are the same thing. The checker runs five small layers (random weights; Hessians
+# from correlated inputs with two outlier channels) against `cl.gptq.gptq_quantize_weight`: with and without
+# act-order, blocks smaller than the layer and than a group, and a last block shorter than the others. Tolerance
+# 1e-3, a fifth of the smallest grid step there: every code must be the package's, while a group's fp16 scale may
+# round to its neighbour when your arithmetic differs from the package's in its last bits.
+
+# %%
+def my_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, block_size: int,
+            act_order: bool) -> torch.Tensor:
+    """GPTQ of W (out, in) with Hessian H (in, in) -> dequantized weights (out, in), in W's column order."""
+    ### BEGIN SOLUTION
+    W, maxq = W.clone().float(), 2**bits - 1
+    if act_order:  # the most active input channels first; H follows the columns
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U = cl.gptq.inverse_cholesky(H, 0.01)[0].float()  # (in, in) upper factor of the dampened H^-1
+    Q = torch.zeros_like(W)  # dequantized, in quantization order
+    for i1 in range(0, W.shape[1], block_size):
+        i2 = min(i1 + block_size, W.shape[1])
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])  # (out, B) each
+        for i in range(i2 - i1):
+            if (i1 + i) % group_size == 0:  # a group starts: qparams from the error-updated weights
+                scale, zero = cl.gptq.gptq_qparams(W[:, i1 + i : i1 + i + group_size], bits, sym=False)
+            W1, Q[:, i1 + i], Err1[:, i] = gptq_column_step(W1, U[i1:i2, i1:i2], i, scale[:, 0], zero[:, 0], maxq)
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy: the later columns absorb the whole block's errors at once
+    return Q[:, torch.argsort(perm)] if act_order else Q
+    ### END SOLUTION
+
+
+# %%
+my_gptq = cl.checks.check_gptq(my_gptq)
+
+# %% [markdown]
+# Now on a real layer: layer 0's `q_proj`, 4-bit with act-order and groups of 64, your loop (or the reference, if it
+# did not pass) against the package. The last line times your loop with blocks of one column too: GPTQ without lazy
+# batching, where every column's update reaches all later columns at once.
+
+# %%
+t0 = time.perf_counter()
+ref = cl.gptq.gptq_quantize_weight(W0, H0, bits=4, group_size=GROUP_SIZE, act_order=True, block_size=GROUP_SIZE)
+t_ref = time.perf_counter() - t0
+t0 = time.perf_counter()
+Q_mine = my_gptq(W0, H0, 4, GROUP_SIZE, GROUP_SIZE, True)
+t_mine = time.perf_counter() - t0
+t0 = time.perf_counter()
+my_gptq(W0, H0, 4, GROUP_SIZE, 1, True)
+t_unbatched = time.perf_counter() - t0
+moved = int((Q_mine != ref.dequantized).sum())
+print(f"your loop vs the package (4-bit, act-order, g{GROUP_SIZE}): max |difference| "
+      f"{(Q_mine - ref.dequantized).abs().max():.2e} in {moved} of {W0.numel()} weights "
+      f"(median grid step {ref.scales.median():.2g})")
+print(f"output error: yours {reconstruction_error(W0, Q_mine, X0):.5g}, "
+      f"package {reconstruction_error(W0, ref.dequantized, X0):.5g}")
+print(f"time: yours {t_mine:.2f} s with blocks of {GROUP_SIZE}, {t_unbatched:.2f} s with blocks of 1 (no lazy "
+      f"batching); package {t_ref:.2f} s")
+
+# %% [markdown]
+# A max difference of 0 means your loop rounds every weight exactly as the package does. A few differing weights with
+# the same output error mean that your arithmetic differs from the package's in its last bits (a float32 Cholesky,
+# or no blocks at all): usually a group's fp16 scale rounded to its neighbour (differences of about a thousandth),
+# more rarely a code that went the other way (a whole grid step). Harmless either way; many differences, or a larger
+# output error, point to a bug that the checker's small layers missed. The lazy batches save a little on a CPU; the
+# GPTQ paper introduced them for GPUs, where a rank-1 update of every remaining column is limited by memory traffic,
+# not arithmetic, and the saving is much larger.
 
 # %% [markdown] tags=["slide"]
 # ## 5 · The whole model, layer by layer
@@ -593,7 +671,7 @@ else:
           "A 135M model is too weak for GSM8K to tell quantizers apart; the arithmetic probe is the CPU stand-in.")
 
 # %% [markdown] tags=["slide"]
-# ## 10 · Optional puzzle: the kernel that makes 4-bit fast
+# ## 10 · Optional puzzle: the kernel that makes 4-bit fast (15 min)
 #
 # A 4-bit checkpoint is only faster if a kernel reads the packed words and **dequantizes in registers**: decode reads
 # every weight once per token, so its time is bytes ÷ bandwidth. fp16 reads 2 bytes per weight; W4A16 at g64 reads
@@ -719,6 +797,17 @@ else:
 # * Act-order quantizes important columns first; dynamic groups then scatter `g_idx`, static groups keep it trivial.
 # * Checkpoints store packed codes, v1 zeros (minus one!), fp16 scales and `g_idx`: get the format right or the
 #   deployed model is garbage.
+
+# %% [markdown]
+# ## Your numbers vs expected
+# Every figure this run recorded, beside the reference measured in the same mode on a named machine
+# (`compresslab/expected`, written by `tools/expected_figures.py` from real runs) and its noise band. ✓: within the
+# band. ⚠: outside it — another model, mode or seed, or an edited cell, explains most; if not, look at your
+# exercises' outputs. Modes nobody has measured yet (a GPU the project has not run on) say so: your numbers are then
+# the reference.
+
+# %%
+cl.expected.compare("02", MODEL, env)
 
 # %%
 cl.checks.summary()

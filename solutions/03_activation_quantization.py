@@ -633,5 +633,16 @@ cl.results.table(lab="03", model=MODEL, quick=env.quick)
 # * NVFP4 = E2M1 + E4M3 per 16 + FP32 per tensor (4.5 bits); MXFP4 = E2M1 + E8M0 per 32 (4.25).
 # * Model Optimizer does the same in NVIDIA's stack and exports what TensorRT-LLM loads.
 
+# %% [markdown]
+# ## Your numbers vs expected
+# Every figure this run recorded, beside the reference measured in the same mode on a named machine
+# (`compresslab/expected`, written by `tools/expected_figures.py` from real runs) and its noise band. ✓: within the
+# band. ⚠: outside it — another model, mode or seed, or an edited cell, explains most; if not, look at your
+# exercises' outputs. Modes nobody has measured yet (a GPU the project has not run on) say so: your numbers are then
+# the reference.
+
+# %%
+cl.expected.compare("03", MODEL, env)
+
 # %%
 cl.checks.summary()

@@ -25,20 +25,25 @@
 # 2. write the distillation loss with its T² factor, and show by measurement why the factor is there;
 # 3. contrast forward KL (mode-covering) with reverse KL (mode-seeking);
 # 4. combine hard and soft losses with label masking, as real training code does;
-# 5. prune a model into a student (drop layers) and recover it: CE fine-tuning vs distillation at equal steps.
+# 5. prune a model into a student (drop layers) and recover it: CE fine-tuning vs distillation at equal steps;
+# 6. distil hidden states too (Minitron): the student's states, through a learned projection, against the teacher's.
 #
-# **Time:** about 75 minutes (30 min of exercises, 25 min of training that runs while we discuss). **Hardware:** CPU
-# works (quick mode ~3 min); full mode trains four students and wants a GPU (≈ 50 min on a 2-core CPU).
+# **Time:** about 75 minutes (30 min of exercises, 20 min of training that runs while we discuss). **Hardware:** CPU
+# works (quick mode ~3 min); full mode trains five students and wants a GPU (≈ 60 min on a 2-core CPU).
 
 # %% [markdown] tags=["instructor"]
-# **Instructor notes — lab 05.** Slot: 75 min (10 min dark knowledge, 25 min exercises 1–4, 5 min the student,
-# 25 min training + discussion while section 7 runs, 10 min results).
+# **Instructor notes — lab 05.** Slot: 75 min (10 min dark knowledge, 18 min exercises 1–4, 5 min the student,
+# 20 min training + discussion while section 7 runs, 12 min exercise 5, 10 min results and section 8's run).
+# Exercises: 3 + 6 + 3 + 6 + 12 = 30 min.
 #
 # * Common mistakes the checkers catch: multiplying by T instead of dividing; softmax over the batch axis; `exp`
 #   overflow at large logits; forgetting T² (or using T); `F.kl_div(..., reduction="mean")`, which also divides by the
 #   vocabulary size, or `"batchmean"` on (batch, seq, vocab), which divides by the batch only; the KL arguments swapped
 #   (`kl_div` wants the student's *log*-probabilities first); in the combined loss, masking the CE but averaging the
-#   KL over every position (padding included), or swapping alpha and 1 − alpha.
+#   KL over every position (padding included), or swapping alpha and 1 − alpha; in the hidden loss, indexing
+#   `hidden_states[s]` for layer s (entry 0 is the embeddings), averaging over padding or per sequence, indexing with
+#   the int64 attention mask itself (integer indexing, not a selection), projecting the teacher instead of the
+#   student, and leaving the teacher's states attached to the graph (the right value, a gradient into the teacher).
 # * Discussion prompts: "at T = 1 the teacher gives *Paris* only about half its mass — what does the other half
 #   teach?" (section 1's plot); "why would reverse KL suit a small student generating text?" (it does not have the
 #   capacity to cover every mode, so it had
@@ -57,6 +62,7 @@ STEPS = None  # optimizer steps per student; None: from the mode (12 quick; full
 T = 2.0  # the raised temperature of sections 3-6 (and of the extra full-mode run in section 7)
 TRAIN_T = 1.0  # temperature of the KD students of section 7 (1, as in MiniLLM and Minitron; section 7 also tries 2)
 ALPHA = 0.5  # weight of the hard-label CE in the KD runs (Hinton's mix; 0 is pure distillation, as Minitron)
+HIDDEN_WEIGHT = 5.0  # weight (beta) of section 8's intermediate-state loss, added to KD forward's loss
 
 # %% [markdown]
 # ## 0 · Setup
@@ -78,8 +84,8 @@ print(env)
 sz = env.sizes
 STEPS = STEPS or (12 if env.quick else 48 if env.device == "cpu" else 300)
 BATCH, TRAIN_LEN = (2, 128) if env.quick else (4, 256)  # windows per step, tokens per window
-print("expected runtime: " + ("~3 min" if env.quick else f"four students x {STEPS} steps of {BATCH}x{TRAIN_LEN} "
-      "tokens: about 50 min on a 2-core CPU, a few minutes on a GPU"))
+print("expected runtime: " + ("~3 min" if env.quick else f"five students x {STEPS} steps of {BATCH}x{TRAIN_LEN} "
+      "tokens: about 60 min on a 2-core CPU, a few minutes on a GPU"))
 
 teacher, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)
 calib = cl.data.calibration_batches(tok, n_samples=sz.calib_samples, seq_len=sz.calib_len, seed=SEED)
@@ -95,7 +101,7 @@ print(f"teacher: {MODEL}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1
 # probabilities, so we raise the **temperature**: $p_i(T) = \exp(z_i/T) / \sum_j \exp(z_j/T)$. T = 1 is the model's
 # own distribution; T > 1 flattens it and lets the small probabilities speak; T → 0 tends to the one-hot argmax.
 #
-# ### Exercise 1 — the softened softmax
+# ### Exercise 1 — the softened softmax (3 min)
 # Complete `softmax_T(logits, T)`: the softmax of `logits / T` over the last dimension (the vocabulary), for any
 # leading shape. It must not overflow for logits in the thousands.
 
@@ -180,7 +186,7 @@ print(f"student {n_student / 1e6:.1f}M parameters ({n_student / n_teacher:.0%}),
 # $$\mathcal{L}_{soft} = T^2 \cdot \frac{1}{N}\sum_{\text{positions}} \mathrm{KL}(p^T \,\|\, q^T), \qquad
 #   \mathrm{KL}(p\,\|\,q) = \sum_v p_v (\log p_v - \log q_v).$$
 #
-# ### Exercise 2 — the soft loss
+# ### Exercise 2 — the soft loss (6 min)
 # Complete `soft_loss(student_logits, teacher_logits, T)` for logits of shape (batch, seq, V). Use `log_softmax` for
 # the student (never `log(softmax)`). If you use `F.kl_div`, read its documentation on `reduction` carefully.
 
@@ -239,7 +245,7 @@ print("gradient norm ratio T=4 / T=16 without T²: "
 # space between modes gives text the teacher would never write. DistiLLM's **skew KL** KL(p ‖ 0.1·p + 0.9·q) is forward KL
 # kept finite by mixing a little of the teacher into the student.
 #
-# ### Exercise 3 — reverse KL
+# ### Exercise 3 — reverse KL (3 min)
 # Complete `reverse_kl(student_logits, teacher_logits, T)`: the same reduction as exercise 2 (T² · mean over
 # positions), with the divergence KL(q^T ‖ p^T).
 
@@ -290,7 +296,7 @@ plt.show()
 # instruction tuning the prompt tokens. By convention their label is −100 (what `F.cross_entropy` ignores by
 # default), and the *same* positions must be left out of the KL term too — averaged over the counted positions only.
 #
-# ### Exercise 4 — the combined loss with masking
+# ### Exercise 4 — the combined loss with masking (6 min)
 # Complete `kd_loss(student_logits, teacher_logits, labels, T, alpha)`. `labels[b, t]` is the token
 # `logits[b, t]` should predict (already shifted), or −100.
 
@@ -443,7 +449,158 @@ table[["method", "params_m", "ppl", "probe_acc", "entropy", "gap_recovered"]]
 # rerun with another `SEED` to see how far one run moves, and try more steps (on a GPU: `STEPS = 300`), alpha, and T.
 
 # %% [markdown] tags=["slide"]
-# ## 8 · Going further
+# ## 8 · Distilling the inside too: an intermediate-state loss (Minitron)
+#
+# The logit loss tells the student what to output, not how to get there. Minitron (Muralidharan et al., 2024) also
+# compares hidden states: for chosen pairs (student layer, teacher layer), the student's state, mapped to the teacher's
+# width by a learned linear layer, should point where the teacher's does, token by token. Its total loss is
+# $\mathcal{L} = \mathcal{L}_{CE} + \mathcal{L}_{logits} + \beta \cdot \mathcal{L}_{hidden}$ (the paper calls the weight
+# α; here ALPHA already weighs the CE). A pruned student brings its pairs along: student layer i *is* the teacher layer
+# it was copied from, and the widths match, so the projection starts as the identity (and still learns). A
+# SmolLM2-135M student under SmolLM2-360M would need a 576 → 960 projection, learned from scratch.
+#
+# Which distance? First look at how large the teacher's hidden states are.
+
+# %%
+if STUDENT is None:  # student layer i is the teacher layer it was copied from
+    kept = [i for i in range(len(teacher.model.layers)) if i not in info["dropped"]]
+else:  # another model: spread its layers evenly over the teacher's
+    kept = [round((i + 1) * len(teacher.model.layers) / len(student0.model.layers)) - 1
+            for i in range(len(student0.model.layers))]
+probe = windows[:1]  # one of section 7's test windows: 256 tokens, no padding
+with torch.no_grad():
+    t_hidden = teacher(probe, output_hidden_states=True).hidden_states  # a tuple of (1, 256, width) tensors
+print(f"{len(teacher.model.layers)} decoder layers, {len(t_hidden)} hidden states")
+norms = torch.stack([h.float().norm(dim=-1) for h in t_hidden[1:]])  # (layers, batch, seq) one norm per token
+for i in range(0, len(norms), 4):
+    print(f"after teacher layer {i:2d}: first token's state {norms[i, :, 0].mean():8.0f}, "
+          f"the other tokens' (median) {norms[i, :, 1:].median():5.0f}")
+
+# %% [markdown]
+# The norm of a token's state grows more than tenfold with depth, and the first token's (an attention sink) reaches
+# ~25,000 in the middle layers, around a hundred times the others'. A plain MSE between hidden states would be mostly
+# about those few large states. The cosine distance 1 − cos(proj(h_student), h_teacher) of each token ignores the
+# length: every token and every layer count alike. NVIDIA's Model Optimizer uses it (`HiddenStateCosineLoss`) when
+# Megatron and NeMo run the Minitron recipe.
+#
+# ### Exercise 5 — the intermediate-state loss (12 min)
+# Complete `hidden_loss(student_hidden, teacher_hidden, pairs, proj, mask)`:
+# * `student_hidden`, `teacher_hidden`: what `model(ids, output_hidden_states=True).hidden_states` returns, a tuple of
+#   (batch, seq, width) tensors. It holds one more entry than the model has layers (the cell above printed both):
+#   find out what entry 0 is before you index it.
+# * `pairs`: a list of (student layer, teacher layer), decoder-layer indices as in `model.model.layers`.
+# * `proj`: the learned map (an `nn.Linear`) from the student's width to the teacher's.
+# * `mask` (batch, seq): the `attention_mask`, 1 at real tokens and 0 at padding (int64, as the tokenizer returns it).
+#
+# Return one scalar: for each pair, the cosine distance between the projected student state and the teacher's state
+# at every real token, averaged over the real tokens; then the average over the pairs. Padding must not count, and a
+# real token weighs the same whichever sequence it sits in. The student and the projection learn from this loss; the
+# teacher is the target and must get no gradient. The checker compares the value and the gradients.
+
+# %%
+def hidden_loss(student_hidden, teacher_hidden, pairs, proj, mask) -> torch.Tensor:
+    """Mean over the pairs (s, t) of the mean over real tokens of 1 - cos(proj(student state s), teacher state t)."""
+    ### BEGIN SOLUTION
+    keep = mask.bool()  # (batch, seq) the real tokens; an int mask as an index would pick rows 0 and 1
+    losses = []
+    for s, t in pairs:
+        h_s = proj(student_hidden[s + 1])  # (batch, seq, teacher width): entry 0 is the embeddings
+        h_t = teacher_hidden[t + 1].detach()  # the teacher is the target: no gradient into it
+        dist = 1 - F.cosine_similarity(h_s, h_t, dim=-1)  # (batch, seq) one distance per token
+        losses.append(dist[keep].mean())
+    return torch.stack(losses).mean()
+    ### END SOLUTION
+
+
+# %%
+hidden_loss = cl.checks.check_hidden_loss(hidden_loss)
+
+# %% [markdown]
+# **Where did the pruned student drift, and did logit KD pull it back?** Your `hidden_loss`, one pair at a time,
+# through the identity projection: the distance between each student layer and the teacher layer it came from, on
+# the test window above (no padding there: the mask is all ones), for the untrained student and section 7's three.
+# (With another `STUDENT` model the projection is random until trained, and these distances say little.)
+
+# %% tags=["slide"]
+proj0 = distill.make_projection(student0.config.hidden_size, teacher.config.hidden_size,
+                                dtype=next(student0.parameters()).dtype, device=env.device)  # the identity if square
+mask = torch.ones_like(probe)  # every token of a test window is real
+
+
+@torch.no_grad()
+def layer_distances(m) -> list[float]:
+    """1 - cos between each student layer and its teacher layer, averaged over the test window's tokens."""
+    s_hidden = m(probe, output_hidden_states=True).hidden_states
+    return [hidden_loss(s_hidden, t_hidden, [(i, t)], proj0, mask).item() for i, t in enumerate(kept)]
+
+
+distances = {name: layer_distances(m) for name, m in {"untrained": student0, **students}.items()}
+fig, ax = plt.subplots(figsize=(9, 3.2))
+for name, d in distances.items():
+    ax.plot(d, "o-", ms=3, label=name)
+ax.set(xlabel="student layer (paired with the teacher layer it was copied from)", ylabel="1 − cos, mean over tokens",
+       title="how far each student layer's state is from its teacher layer's")
+ax.legend(fontsize=8)
+plt.show()
+half = len(kept) // 2
+for name, d in distances.items():
+    print(f"{name:11s} mean distance, student layers 0-{half - 1}: {sum(d[:half]) / half:.3f}, "
+          f"{half}-{len(d) - 1}: {sum(d[half:]) / (len(d) - half):.3f}")
+
+# %% [markdown]
+# The first layers are exact copies (distance 0) until the first dropped layer, and each gap in the kept layers adds
+# a step. Section 7's training, with losses on the output alone, pulls the last layers back toward the teacher's
+# (they feed the output) and leaves the first ones about where pruning put them.
+#
+# **Training with it.** `distill.distill(..., hidden_weight=β, pairs=PAIRS)` adds β · `distill.hidden_loss` (the
+# reference of your exercise) to section 7's KD forward loss, and trains the projection, starting at the identity,
+# with the student. One pair every five student layers (four here), β = `HIDDEN_WEIGHT`. Minitron recommends the
+# intermediate loss when the depth is not reduced much and logit-only KD when it is; this student lost a third of
+# its layers, so measure before believing either. Quick mode runs two steps (the loss terms, not a trained student);
+# full mode trains it for `STEPS` steps and records it next to section 7's students.
+
+# %%
+PAIRS = [(i, kept[i]) for i in range(4, len(kept), 5)]  # (student layer, teacher layer): four spread over the depth
+print("pairs (student layer, teacher layer):", PAIRS)
+student = copy.deepcopy(student0)
+proj = distill.make_projection(student.config.hidden_size, teacher.config.hidden_size,
+                               dtype=next(student.parameters()).dtype, device=env.device)
+hidden_kw = dict(alpha=ALPHA, kind="forward", T=TRAIN_T, hidden_weight=HIDDEN_WEIGHT, pairs=PAIRS, proj=proj,
+                 lr=2e-4, batch_size=BATCH, seed=SEED)
+t0 = time.perf_counter()
+if env.quick:  # the first two steps, of one window each: the size of each term
+    h = distill.distill(student, train_ids, teacher=teacher, steps=2, warmup=1, **dict(hidden_kw, batch_size=1))
+    for i in range(2):
+        print(f"step {i + 1}: loss {h['loss'][i]:.3f} = {ALPHA} x CE {h['ce'][i]:.3f} + {1 - ALPHA} x soft "
+              f"{h['soft'][i]:.3f} + {HIDDEN_WEIGHT} x hidden {h['hidden'][i]:.4f}")
+else:
+    name = "KD forward + hidden"
+    h = distill.distill(student, train_ids, teacher=teacher, steps=STEPS, warmup=max(1, STEPS // 10),
+                        eval_fn=ppl_of, eval_every=max(1, STEPS // 3), **hidden_kw)
+    histories[name], students[name] = h, student
+    ppl = h["eval"][-1]
+    record(f"student {name}", student, ppl, gap_recovered=round((math.log(ppl_pruned) - math.log(ppl)) / gap, 3),
+           T=TRAIN_T, alpha=ALPHA, hidden_weight=HIDDEN_WEIGHT)
+    print(f"perplexity after {STEPS} steps: KD forward {histories['KD forward']['eval'][-1]:.2f}, "
+          f"KD forward + hidden {ppl:.2f}")
+label = "with the hidden loss, " + ("2 steps" if env.quick else f"{STEPS} steps")
+distances[label] = layer_distances(student)
+shown = ["untrained", label] if env.quick else ["untrained", "KD forward", label]  # quick: 2 steps against 12 misleads
+for name in shown:
+    at_pairs = ", ".join(f"{distances[name][s]:.4f}" for s, _ in PAIRS)
+    print(f"{name:30s} distance at the pairs' student layers: {at_pairs}")
+print(f"({time.perf_counter() - t0:.0f} s)")
+
+# %% [markdown]
+# Measured on a 2-core CPU at quick-mode sizes, but for all 12 steps (quick mode itself runs two): perplexity KD
+# forward 104.1, KD forward + hidden loss 101.7 with β = 5 (103.4 with β = 1, 102.3 with β = 20); with β = 5 the
+# training soft loss also ended a little lower (0.981 against 1.015 at step 12). Weigh it as section 7's numbers: one
+# run each, 2 % apart, no evidence that the hidden loss helps at this budget, nor that it hurts (Minitron's advice
+# predicts no gain after removing a third of the layers). Try β, the pairs (every layer, or only the ones right
+# after a removed layer) and `STEPS`; full mode compares them at `STEPS` steps.
+
+# %% [markdown] tags=["slide"]
+# ## 9 · Going further
 #
 # * **More data, more steps.** Minitron distils for billions of tokens; the recovery curve above is still falling.
 # * **A real teacher–student pair.** On a GPU, set `MODEL="smollm2-360m"` and `STUDENT="smollm2-135m"`: same
@@ -454,6 +611,9 @@ table[["method", "params_m", "ppl", "probe_acc", "entropy", "gap_recovered"]]
 #   1 = reverse KL).
 # * **Structured width pruning** (lab 04's `prune_mlp_neurons`, here `make_student(..., mlp_ratio=0.25)`) combines with
 #   depth pruning; Minitron found width pruning followed by distillation better than depth for the same size.
+# * **Balancing the losses.** A fixed β means something else at every step as the terms shrink at different rates.
+#   Model Optimizer's `LogitsAndIntermediatesLossBalancer` rescales the intermediate loss to the logit loss's size at
+#   every step instead.
 
 # %% [markdown]
 # ## Reflection
@@ -488,6 +648,19 @@ table[["method", "params_m", "ppl", "probe_acc", "entropy", "gap_recovered"]]
 # * The soft loss is T² · KL(teacher_T ‖ student_T) per position, averaged; the T² keeps its gradient scale fixed.
 # * Forward KL covers modes, reverse KL seeks one; skew KL interpolates and stays bounded.
 # * Mask the same positions in both terms. Prune, keep the weights, distil: the cheapest route to a smaller model.
+# * Hidden states can be distilled too (Minitron): the student's state, projected to the teacher's width, against the
+#   teacher's, by cosine distance per real token; hidden_states[i + 1] is layer i, and the teacher stays a target.
+
+# %% [markdown]
+# ## Your numbers vs expected
+# Every figure this run recorded, beside the reference measured in the same mode on a named machine
+# (`compresslab/expected`, written by `tools/expected_figures.py` from real runs) and its noise band. ✓: within the
+# band. ⚠: outside it — another model, mode or seed, or an edited cell, explains most; if not, look at your
+# exercises' outputs. Modes nobody has measured yet (a GPU the project has not run on) say so: your numbers are then
+# the reference.
+
+# %%
+cl.expected.compare("05", MODEL, env)
 
 # %%
 cl.checks.summary()

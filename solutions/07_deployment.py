@@ -32,13 +32,16 @@
 # minute, full mode ~1 min on a 2-core CPU); TensorRT-LLM needs an sm80+ GPU inside NVIDIA's container.
 
 # %% [markdown] tags=["instructor"]
-# **Instructor notes — lab 07.** Slot: 60 min (10 min prefill vs decode, 15 min the roofline with exercises 1–2,
-# 10 min latency with exercise 3, 15 min the runtimes and the roofline plot, 10 min GPU formats and discussion).
+# **Instructor notes — lab 07.** Slot: 60 min, 20 of them exercises (1: 4 min, 2: 3 min, 3: 10 min, 4: 3 min) —
+# 8 min prefill vs decode, 12 min the roofline with exercises 1–2, 15 min latency with exercise 3 (the core
+# exercise), 13 min the runtimes and the roofline plot, 12 min vLLM with exercise 4, GPU formats and discussion.
 #
 # * Common mistakes the checkers catch: `bits // 8` (3-bit becomes 0 bytes), forgetting the per-group scales, or
 #   quantizing the embeddings too; forgetting the KV cache, or reading it once per step instead of once per
-#   sequence; GiB instead of GB; TTFT measured between the first two tokens; dividing the whole generation time by the
-#   number of tokens (prefill counted as decode) or by n instead of n − 1 intervals.
+#   sequence; GiB instead of GB; in `time_decode` (checked on a simulated GPU): no `sync()` before a clock read (or
+#   the read before the sync, or none between the warm-up and the first timed run), no warm-up or one of the
+#   prefill only, the mean, the minimum or a single run instead of the median, dividing the whole generation time by
+#   the number of tokens (prefill counted as decode) or the decode span by n instead of n − 1 intervals.
 # * Discussion prompts: "why does batch 64 give only ~9x the throughput of batch 1 on section 2's H100 plot (4-bit,
 #   context 512), and no faster tokens for each user?" (each sequence adds its own KV cache to every step's bytes);
 #   "the int4 ONNX model is 6x smaller but only N x faster here — where does the rest go?" (dequantization work,
@@ -118,7 +121,9 @@ print(f"one decode step:       {t_step * 1e3:.0f} ms per token — {t_step / (t_
 # head fp16 is this section's assumption, not every runtime's: ONNX Runtime's int4 export (section 5) quantizes the
 # LM head too, so section 6's bound counts the LM head as the export stores it.
 #
-# **Exercise 1.** Write `weight_bytes`. **Exercise 2.** Write `decode_bound` (bandwidth in GB/s = $10^9$ bytes/s).
+# ### Exercise 1 — the bytes of the weights (4 min)
+# Complete `weight_bytes(linear_params, other_params, bits, group_size)`: the bytes one decode step reads for the
+# weights, as above. `bits == 16` is the unquantized fp16 model (no groups, no scales).
 
 # %%
 def weight_bytes(linear_params, other_params, bits, group_size):
@@ -132,6 +137,11 @@ def weight_bytes(linear_params, other_params, bits, group_size):
 
 
 weight_bytes = cl.checks.check_weight_bytes(weight_bytes)
+
+# %% [markdown]
+# ### Exercise 2 — the decode bound (3 min)
+# Complete `decode_bound(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps)`: the tokens/s bound above,
+# for all `batch` sequences together (bandwidth in GB/s = $10^9$ bytes/s).
 
 # %%
 def decode_bound(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps):
@@ -197,33 +207,104 @@ for generation, formats in deploy.FORMATS_BY_GENERATION.items():
 #
 # Serving systems report two numbers: **time to first token** (TTFT: queueing + prefill + the first token; what a
 # user feels before anything appears) and **inter-token latency** (ITL: the decode step; what sets reading speed).
-# Dividing total time by tokens mixes them. Stamp the time each token arrives (a `streamer` in transformers), then:
+# Dividing total time by tokens mixes them. Three more traps make a timing loop lie, on a GPU most of all:
 #
-# **Exercise 3.** Write `latency_stats(t_request, token_times)` → `(ttft, itl, decode tokens/s)`, in seconds.
+# * **Asynchrony.** On CUDA a PyTorch call only *queues* its kernels and returns; a clock read after it measures how
+#   fast Python launches work, not the work. `torch.cuda.synchronize()` waits until the queue is empty: call it
+#   before every clock read.
+# * **Warm-up.** The first calls compile and autotune kernels, allocate memory and fill caches: run untimed first.
+# * **Noise.** Another process, a clock change, the garbage collector: some runs are slow for reasons of their own.
+#   Report the median of several runs — one hiccup moves a mean, not a median.
+
+# %% [markdown]
+# ### Exercise 3 — time a generation: warm-up, sync, TTFT and ITL, the median (10 min)
+# Complete `time_decode(prefill, step, n_tokens, *, warmup, runs, clock, sync)`. `prefill()` starts a new generation
+# (the prompt in, the first token out) and `step()` makes the next token: a run is `prefill()` then `n_tokens - 1`
+# `step()`s. Do `warmup` whole runs untimed, then `runs` timed ones, reading the time with `clock()` and calling
+# `sync()` before every read. Per run, TTFT is start → first token and ITL the decode span divided by its
+# `n_tokens - 1` intervals. Return `(median TTFT, median ITL, 1 / median ITL)` in seconds and tokens/s.
+#
+# The checker cannot use a GPU: it hands your function a *simulated* one, whose clock sees queued work only after
+# `sync()`, whose first runs are slow, and whose runs have noise and hiccups — so on this CPU it tells a right timing
+# loop from a nearly right one. Its case labels name the trap that caught you.
 
 # %%
-def latency_stats(t_request, token_times):
-    """TTFT, mean inter-token latency and decode tokens/s from the request time and each token's arrival time."""
+def time_decode(prefill, step, n_tokens, *, warmup=1, runs=5, clock=time.perf_counter, sync=lambda: None):
+    """Median TTFT, median inter-token latency and decode tokens/s over `runs` timed generations of n_tokens."""
     ### BEGIN SOLUTION
-    ttft = token_times[0] - t_request
-    itl = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
-    return ttft, itl, 1.0 / itl
+    for _ in range(warmup):  # untimed, exactly like a timed run: compilation, autotuning, caches
+        prefill()  # warm-up: the prompt
+        for _ in range(n_tokens - 1):
+            step()  # warm-up: the decode steps
+    ttfts, itls = [], []
+    for _ in range(runs):
+        sync()  # nothing still queued from before
+        t0 = clock()
+        prefill()  # the prompt in, the first token out
+        sync()  # the clock sees the GPU's work only once it is done
+        times = [clock()]  # when each token is ready, as a streaming server sends it
+        for _ in range(n_tokens - 1):
+            step()
+            sync()
+            times.append(clock())
+        ttfts.append(times[0] - t0)
+        itls.append((times[-1] - times[0]) / (n_tokens - 1))  # n tokens, n - 1 intervals
+    itl = float(np.median(itls))  # the median: one slow run does not move it
+    return float(np.median(ttfts)), itl, 1.0 / itl
     ### END SOLUTION
 
 
-latency_stats = cl.checks.check_latency_stats(latency_stats)
+time_decode = cl.checks.check_time_decode(time_decode)
+
+# %% [markdown]
+# Your function on the real model. `prefill` runs the prompt and keeps its KV cache, `step` feeds the greedy token
+# back: the forward passes `model.generate` makes, without its per-token bookkeeping. On CUDA `sync` is
+# `torch.cuda.synchronize`; on a CPU every call has finished when it returns, so there is nothing to wait for. Then
+# the measured ITL against section 2's bound for this model: the bytes one step reads (the fp32 weights as stored
+# and the cache at the generation's average context) at this machine's bandwidth, through your `decode_bound`.
 
 # %%
+prompt_tokens = tok(PROMPT, return_tensors="pt").input_ids.to(env.device)  # (1, prompt length)
+state = {}
+
+
+@torch.no_grad()
+def prefill():
+    out = model(prompt_tokens, use_cache=True)  # a new KV cache for every generation
+    state["cache"], state["next"] = out.past_key_values, out.logits[:, -1:].argmax(-1)  # next: (1, 1)
+
+
+@torch.no_grad()
+def step():
+    out = model(state["next"], past_key_values=state["cache"], use_cache=True)  # extends the cache by one token
+    state["next"] = out.logits[:, -1:].argmax(-1)
+
+
+sync = torch.cuda.synchronize if env.device == "cuda" else (lambda: None)
+ttft, itl, tps = time_decode(prefill, step, NEW_TOKENS, warmup=1, runs=3 if env.quick else 5, sync=sync)
+bandwidth = cpu_bw if env.device == "cpu" else deploy.measure_bandwidth_GBps(device="cuda", nbytes=2**30)
+step_bytes = deploy.decode_read_bytes(model)  # the weights one step reads, at the dtype they are stored in
+kv_bytes = kv_per_token / 2 * model.dtype.itemsize  # lab 06's fp16 bytes per token, at the model's dtype
+tps_bound = decode_bound(step_bytes, kv_bytes, prompt_tokens.shape[1] + NEW_TOKENS // 2, 1, bandwidth)
+print(f"time_decode: TTFT {ttft * 1e3:.0f} ms, ITL {itl * 1e3:.1f} ms = {tps:.1f} tokens/s")
+print(f"roofline: {step_bytes / 1e6:.0f} MB per step at {bandwidth:.0f} GB/s -> at most {tps_bound:.0f} tokens/s "
+      f"({1e3 / tps_bound:.1f} ms per token); this decode reaches {tps / tps_bound:.0%} of its bound")
 timed = {}
 timed["PyTorch fp32"] = deploy.timed_generate(model, tok, PROMPT, NEW_TOKENS)
-clock = deploy.TokenClock()
-t0 = time.perf_counter()
-model.generate(**tok(PROMPT, return_tensors="pt").to(env.device), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-               do_sample=False, streamer=clock, pad_token_id=tok.pad_token_id)
-total = time.perf_counter() - t0
-ttft, itl, tps = latency_stats(t0, clock.times)
-print(f"your latency_stats: TTFT {ttft * 1e3:.0f} ms, ITL {itl * 1e3:.1f} ms, decode {tps:.1f} tokens/s; "
-      f"the naive tokens / total time = {NEW_TOKENS / total:.1f} tokens/s")
+t = timed["PyTorch fp32"]
+print(f"model.generate, as sections 4-6 time every runtime: TTFT {t.ttft_s * 1e3:.0f} ms, ITL {t.itl_s * 1e3:.1f} ms "
+      f"(runs: {t.itl_spread}); the naive tokens / total time = {NEW_TOKENS / t.total_s:.1f} tokens/s")
+
+# %% [markdown]
+# **What this number means.** On this CPU the step takes several times its bound: PyTorch works through 30 layers
+# of small matrix-vector products and a dozen other ops each, one after the other, with Python and dispatch overhead
+# between them, so the weights do not stream at copy speed. Your `sync` did nothing here: leaving it out would have
+# changed nothing. On a GPU both flip. The bound falls under a tenth of a millisecond per token (section 2's table:
+# ~11 000 tokens/s for the fp16 model on an H100), while eager PyTorch still launches hundreds of small kernels per
+# step, each costing microseconds of CPU time: a 135M model at batch 1 is launch-bound there, at a small fraction of
+# its bound (CUDA graphs, `torch.compile` and the engines of sections 7–8 attack exactly that). And without `sync` a
+# GPU clock reads how fast Python queued the kernels, not how long they ran: on a long prompt or a bigger model,
+# TTFT and ITL come out several times too small.
 
 # %% [markdown] tags=["slide"]
 # ## 4 · Two PyTorch baselines on the CPU
@@ -474,10 +555,10 @@ if SERVE:
 # vLLM allocates whole blocks of `block_size` tokens from the space it is given (`VLLM_CPU_KVCACHE_SPACE`, here
 # 1 GiB), and a request of n tokens occupies ⌈n / block_size⌉ of them.
 #
-# ### Exercise 4 — the engine's KV capacity, from the lab's own formula
+# ### Exercise 4 — the engine's KV capacity, from the lab's own formula (3 min)
 # Complete `paged_kv_tokens(cache_bytes, kv_bytes_per_token, block_size)`: how many tokens fit in `cache_bytes` when
 # only whole blocks count. Then the cell compares it with what the engine printed at start-up, and computes the
-# concurrency at which the cache runs out for requests of the sweep's length. (5 minutes)
+# concurrency at which the cache runs out for requests of the sweep's length.
 
 # %%
 def paged_kv_tokens(cache_bytes, kv_bytes_per_token, block_size):
@@ -588,6 +669,17 @@ else:
 # * Report TTFT and inter-token latency separately; never total time / tokens.
 # * A 4-bit model is faster only with a 4-bit kernel: MatMulNBits (ONNX Runtime), W4A16 GEMMs (TensorRT-LLM AWQ,
 #   the package's Triton kernel); FP8 on Ada/Hopper, NVFP4 on Blackwell.
+
+# %% [markdown]
+# ## Your numbers vs expected
+# Every figure this run recorded, beside the reference measured in the same mode on a named machine
+# (`compresslab/expected`, written by `tools/expected_figures.py` from real runs) and its noise band. ✓: within the
+# band. ⚠: outside it — another model, mode or seed, or an edited cell, explains most; if not, look at your
+# exercises' outputs. Modes nobody has measured yet (a GPU the project has not run on) say so: your numbers are then
+# the reference.
+
+# %%
+cl.expected.compare("07", MODEL, env)
 
 # %%
 cl.checks.summary()

@@ -33,19 +33,28 @@
 #    accuracy and speed for each recipe;
 # 5. pick a recipe for a memory-, latency- or reasoning-bound deployment from measurements, not folklore.
 #
-# **Time:** about 60 minutes (15 min of exercises). **Hardware:** CPU for everything (quick mode ~2 min on a 2-core
-# CPU; full mode runs five GPTQ-sized passes and a short distillation: see the README for its measured time).
+# **Time:** about 60 minutes (21 min of exercises: 5 + 3 + 3 + 10). **Hardware:** CPU for everything (quick mode
+# ~2 min on a 2-core CPU; full mode runs five GPTQ-sized passes and a short distillation: see the README for its
+# measured time).
 
 # %% [markdown] tags=["instructor"]
 # **Instructor notes — lab 08.** Slot: 60 min (5 min spectra, 10 min exercises 1–2 and the speed plot, 10 min ASVD
-# with exercise 3, 5 min low-rank compensation, 20 min the capstone table, Pareto plot and recipe card, 10 min the
-# arithmetic question and wrap-up). Start the capstone cell early in full mode (it takes the longest), then discuss
-# the first half while it runs.
+# with exercise 3, 5 min low-rank compensation, 20 min the capstone table, exercise 4, the Pareto plot and the recipe
+# card, 10 min the arithmetic question and wrap-up). Exercise minutes: 1 · truncated SVD (5), 2 · break-even rank (3),
+# 3 · ASVD (3), 4 · choose a recipe under a byte budget (10, the core exercise, written while the capstone measures).
 #
+# * Start the capstone at minute 0 in full mode (it takes the longest): section 6 needs only the parameters cell. Run
+#   the parameters cell and section 6 in a second copy of the notebook (its own kernel), which loads the model, the
+#   calibration data and the activation statistics itself and reuses lab 02's export from `GPTQ_DIR`; teach sections
+#   1–5 in the first copy while it measures. Run top to bottom, the same cell reuses the first half's statistics:
+#   both ways record the same figures.
 # * Common mistakes the checkers catch: keeping the *smallest* singular values (`S` ascending is numpy's `eigh`, not
 #   `svd`); dropping `S` altogether; returning a dense `U S Vᵀ` with an identity factor (right product, no saving);
 #   `floor(d_out·d_in/(d_out+d_in))`, which at 576×576 gives 288 — exactly the dense size, no saving; in ASVD,
-#   forgetting to undo the scale, scaling rows instead of columns, or multiplying instead of dividing.
+#   forgetting to undo the scale, scaling rows instead of columns, or multiplying instead of dividing; in
+#   `choose_recipe`, leaving out the KV cache or one of its factors (context, batch), multiplying the weights by the
+#   batch too, `<` where the budget allows equality, returning the smallest recipe instead of the best that fits, and
+#   `min([])` raising when nothing fits.
 # * Discussion prompts: "a 4096×4096 layer at rank 1024 stores half the numbers — is it twice as fast at batch 1?"
 #   (two launches and two reads of x; at batch 1 it is memory-bound on A and B, so yes-ish on a GPU, rarely on a CPU
 #   at these sizes); "why is the MLP harder to factorize than k/v projections?"; "the probe collapsed at 4 bits
@@ -132,8 +141,9 @@ plt.show()
 # exploits low-rank *gradients* — or the KV cache's quantization residual in lab 06). Keep that in mind for what
 # follows.
 #
-# **Exercise 1.** Write `truncated_svd(W, rank)` returning $A$ ($d_{out}\times r$) and $B$ ($r\times d_{in}$) with
-# $AB$ the best rank-$r$ approximation. Split $\Sigma$ as you like (e.g. $\sqrt{\Sigma}$ into each factor).
+# ### Exercise 1 — the truncated SVD (5 min)
+# Write `truncated_svd(W, rank)` returning $A$ ($d_{out}\times r$) and $B$ ($r\times d_{in}$) with $AB$ the best
+# rank-$r$ approximation. Split $\Sigma$ as you like (e.g. $\sqrt{\Sigma}$ into each factor).
 
 # %%
 def truncated_svd(W, rank):
@@ -153,8 +163,9 @@ truncated_svd = cl.checks.check_truncated_svd(truncated_svd)
 # $A$ and $B$ store $r(d_{out}+d_{in})$ numbers instead of $d_{out}d_{in}$. So a rank saves parameters only while
 # $r < d_{out}d_{in}/(d_{out}+d_{in})$ — for a square $d\times d$ matrix that is $d/2$, *half* the full rank.
 #
-# **Exercise 2.** Write `break_even_rank(d_out, d_in)`: the largest integer rank that stores strictly fewer numbers
-# than the dense matrix.
+# ### Exercise 2 — the break-even rank (3 min)
+# Write `break_even_rank(d_out, d_in)`: the largest integer rank that stores strictly fewer numbers than the dense
+# matrix.
 
 # %%
 def break_even_rank(d_out, d_in):
@@ -210,8 +221,8 @@ plt.show()
 # $W\,\mathrm{diag}(s)$, and folds $\mathrm{diag}(s)^{-1}$ back into $B$:
 # $$W\,\mathrm{diag}(s) \approx A B' \quad\Rightarrow\quad W \approx A\,(B'\,\mathrm{diag}(s)^{-1}).$$
 #
-# **Exercise 3.** Write `asvd_factors(W, scale, rank)` (scale: one positive number per input channel). Reuse your
-# `truncated_svd`.
+# ### Exercise 3 — activation-aware factors (3 min)
+# Write `asvd_factors(W, scale, rank)` (scale: one positive number per input channel). Reuse your `truncated_svd`.
 
 # %%
 def asvd_factors(W, scale, rank):
@@ -236,7 +247,7 @@ with torch.no_grad():
     model(calib[:2].to(env.device))
 hook.remove()
 X = captured[0].reshape(-1, d_in).float().cpu()  # (tokens, 576)
-Wc = W.float().cpu()
+Wc = W.float().cpu().clone()  # a copy: on a CPU fp32 run .float().cpu() is the model's own tensor
 s = lowrank.activation_scale(norms[f"model.layers.{LAYER}.mlp.up_proj"]).cpu()
 rows = []
 for r in (32, 64, 128, 256):
@@ -303,7 +314,32 @@ for which, ratio in LOWRANK_RUNS:
 # A recipe is an ordered list of steps (`compresslab.stack`). The order is not cosmetic: distillation must see the
 # dense teacher, pruning must precede quantization (SparseGPT prunes and quantizes in one pass, so the quantizer never
 # refills the zeros), the low-rank fix follows the quantizer, and the KV cache is a run-time choice. `stack.plan`
-# refuses what does not compose:
+# refuses what does not compose.
+
+# %% [markdown]
+# **The capstone can start here.** The next cell needs nothing above it but the parameters cell: it sets up as
+# section 0 does, loads the model and the calibration data itself, and computes section 3's activation statistics
+# unless this kernel has them already; the GPTQ 4-bit recipes load lab 02's export from `GPTQ_DIR` when it is there
+# and quantize here otherwise. An instructor can start the slot with this section (in full mode, in a second copy of
+# the notebook, while the first half is taught). Run top to bottom or started here, it records the same figures.
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+
+import compresslab as cl
+from compresslab import deploy, kvcache, lowrank, stack
+
+env = cl.setup(quick=QUICK, seed=SEED, lab="08")  # section 0's seed, device and sizes
+sz = env.sizes
+DISTILL_STEPS = DISTILL_STEPS or (8 if env.quick else 48)
+PROBE_N = PROBE_N or (16 if env.quick else sz.probe_n)
+model, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)  # a fresh teacher, whatever the first half did
+calib = cl.data.calibration_batches(tok, n_samples=sz.calib_samples, seq_len=sz.calib_len, seed=SEED)  # (n, len)
+if "norms" not in globals():  # started here: section 3's activation statistics, which the low-rank fix scales by
+    norms = lowrank.activation_norms(model, calib, progress=True)  # {'model.layers.i.name': (in,)}
+print(f"capstone: {MODEL} on {env.device}, {'quick' if env.quick else 'full'} mode, calibration {tuple(calib.shape)}; "
+      f"GPTQ 4-bit from {GPTQ_DIR!r} if it holds lab 02's export")
 
 # %%
 for bad in ([("gptq", 4), ("prune", "2:4")], [("gptq", 4), ("student", STUDENT_LAYERS)]):
@@ -334,7 +370,7 @@ new_tokens = 8 if env.quick else 32
 memo, rows, answers = {}, [], {}
 for name, steps in RECIPES.items():
     built = stack.build(name, steps, model, calib, train_ids=train_ids, memo=memo, gptq_dir=GPTQ_DIR,
-                        act_norms=norms, progress=False)  # section 3's activation statistics, not computed again
+                        act_norms=norms, progress=False)  # the setup cell's activation statistics, not computed again
     m = built.model
     kv = kvcache.kv_perplexity(m, tok, built.kv, n_windows=2 if env.quick else 4, prefix=192 if env.quick else 512,
                                scored=64 if env.quick else 256, progress=False)
@@ -349,7 +385,8 @@ for name, steps in RECIPES.items():
     bound = deploy.decode_bound(weight_b, kv_b / CONTEXT, CONTEXT, 1, GPU_BANDWIDTH_GBPS)
     rows.append(dict(method=name, weight_mb=weight_b / 1e6, kv_mb=kv_b / 1e6, ppl=kv["ppl"], probe_acc=acc,
                      tok_s=timed.tokens_per_s, bound_tok_s=bound, layers=m.config.num_hidden_layers,
-                     source=built.info.get("gptq", built.info.get("reused", "built"))))
+                     source=built.info.get("gptq", built.info.get("reused", "built")),
+                     weight_bytes=weight_b, kv_bytes_per_token=kv_b / CONTEXT))  # one token of one sequence
     cl.results.record(lab="08", method=name, model=MODEL, bits=built.bits, group_size=stack.GROUP_SIZE,
                       weight_mb=round(weight_b / 1e6, 1), ppl=round(kv["ppl"], 3), probe_acc=acc,
                       tokens_per_s=timed.tokens_per_s, kv_mb=round(kv_b / 1e6, 2), quick=env.quick)
@@ -364,16 +401,17 @@ del memo, built, m
 # fp16 embeddings; 2:4 keeps half the values plus 2 bits of position each;
 # the low-rank fix in fp16). "tok/s here" is PyTorch on this machine, where fake-quantized weights run at fp32
 # speed: only the student's fewer layers show up. The bound column is the batch-1 roofline on an H100 at CONTEXT
-# tokens — what a 4-bit kernel could reach.
+# tokens — what a 4-bit kernel could reach. `kv_bytes_per_token` is what one token of one sequence stores in the
+# recipe's cache (`kv_mb` is that times CONTEXT): 2 (K and V) × 30 layers × 3 KV heads × 64 × 2 bytes = 23 040 in
+# fp16 on this model, two thirds of it for the 20-layer student, about a quarter with KIVI-4.
 
 # %%
-import pandas as pd
-
 table = pd.DataFrame(rows).set_index("method")
-table.round({"weight_mb": 1, "kv_mb": 1, "ppl": 2, "probe_acc": 2, "tok_s": 1, "bound_tok_s": 0})
+table.drop(columns="weight_bytes").round({"weight_mb": 1, "kv_mb": 1, "ppl": 2, "probe_acc": 2, "tok_s": 1,
+                                          "bound_tok_s": 0, "kv_bytes_per_token": 0})
 
 # %% [markdown] tags=["slide"]
-# ## 7 · The Pareto front and the recipe card
+# ## 7 · The Pareto front, a byte budget, and the recipe card
 #
 # A variant is on the front if no other is both smaller (weights + KV at CONTEXT) and better (perplexity).
 
@@ -395,6 +433,58 @@ ax.set(xlabel=f"weights + KV cache at {CONTEXT} tokens (MB)", ylabel="perplexity
 ax.legend()
 plt.show()
 print("on the front:", ", ".join(front))
+
+# %% [markdown]
+# ### Exercise 4 — choose a recipe under a byte budget (10 min, the core exercise)
+# A deployment asks a sharper question than the plot: *this* much memory, *this* context, *this* many sequences at
+# once — which of the recipes you measured is best? Write `choose_recipe(rows, budget_bytes, *, context, batch)` for
+# the capstone's `rows` (a list of dicts, one per recipe; the keys you need are `weight_bytes`, `kv_bytes_per_token`
+# and `ppl`):
+#
+# * a deployment holds the weights once, and one KV cache of `context` tokens for each of its `batch` sequences;
+# * a recipe fits when those bytes are at most `budget_bytes` (exactly the budget fits);
+# * return the fitting row with the lowest perplexity (on a perplexity tie, the one that needs fewer bytes), or `None`
+#   when nothing fits.
+
+# %%
+def choose_recipe(rows, budget_bytes, *, context=CONTEXT, batch=1):
+    """The row of `rows` with the lowest perplexity among those whose weights + KV cache (context tokens x batch
+    sequences) fit in budget_bytes; fewer bytes on a perplexity tie; None when none fits."""
+    ### BEGIN SOLUTION
+    def total(r):  # the weights once, one cache per sequence
+        return r["weight_bytes"] + r["kv_bytes_per_token"] * context * batch
+
+    fits = [r for r in rows if total(r) <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], total(r)), default=None)  # best perplexity, then fewer bytes
+    ### END SOLUTION
+
+
+choose_recipe = cl.checks.check_choose_recipe(choose_recipe)
+
+# %% [markdown]
+# Your function on your own measurements, for deployments this 135M model could meet: a box with 512 MB or 256 MB
+# for the model and one chat, the same 512 MB serving eight chats at once, and a 128 MB corner. The same budget picks
+# a different recipe once the cache is paid per sequence.
+
+# %%
+BUDGETS = [("512 MB, one chat of 4k tokens", 512e6, 4096, 1), ("256 MB, one chat of 4k tokens", 256e6, 4096, 1),
+           ("512 MB, 8 chats of 4k tokens", 512e6, 4096, 8), ("128 MB, one chat of 4k tokens", 128e6, 4096, 1)]
+best_overall = min(rows, key=lambda r: r["ppl"])["method"]
+for label, budget, context, batch in BUDGETS:
+    need = {r["method"]: stack.deployment_bytes(r, context, batch) / 1e6 for r in rows}  # MB at this context, batch
+    pick = choose_recipe(rows, budget, context=context, batch=batch)
+    if pick is None:
+        smallest = min(need, key=need.get)
+        print(f"{label:31s} -> nothing fits: the smallest, {smallest}, needs {need[smallest]:.0f} MB")
+        continue
+    name = pick if isinstance(pick, str) else pick["method"]
+    ppl = next(r["ppl"] for r in rows if r["method"] == name)
+    n_fit = sum(mb <= budget / 1e6 for mb in need.values())
+    why = "" if name == best_overall else f"; {best_overall} would need {need[best_overall]:.0f} MB"
+    print(f"{label:31s} -> {name} ({need[name]:.0f} MB, perplexity {ppl:.2f}: the best of {n_fit} that fit{why})")
+
+# %% [markdown]
+# The recipe card condenses the table into one pick per kind of constraint.
 
 # %%
 card = stack.recipe_card(rows)
@@ -482,7 +572,19 @@ else:
 #   is much better, and low rank shines as a *correction* of quantization error.
 # * Stack in an order that composes: student → distil → prune + quantize (jointly) → low-rank fix → KV cache.
 # * Choose recipes by the constraint, from measured weight bytes, KV bytes, perplexity through the cache, probe
-#   accuracy and the decode roofline.
+#   accuracy and the decode roofline. Under a memory budget: the best perplexity among the recipes whose weights plus
+#   KV cache (per token × context × batch) fit.
+
+# %% [markdown]
+# ## Your numbers vs expected
+# Every figure this run recorded, beside the reference measured in the same mode on a named machine
+# (`compresslab/expected`, written by `tools/expected_figures.py` from real runs) and its noise band. ✓: within the
+# band. ⚠: outside it — another model, mode or seed, or an edited cell, explains most; if not, look at your
+# exercises' outputs. Modes nobody has measured yet (a GPU the project has not run on) say so: your numbers are then
+# the reference.
+
+# %%
+cl.expected.compare("08", MODEL, env)
 
 # %%
 cl.checks.summary()

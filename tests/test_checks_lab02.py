@@ -11,6 +11,7 @@ import pytest
 import torch
 from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
+import compresslab as cl
 from compresslab import checks, gptq, quant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,7 @@ HESSIAN = "Exercise 1 · accumulate_hessian"
 COLUMN = "Exercise 2 · gptq_column_step"
 ACT_ORDER = "Exercise 4 · act_order"
 RECON = "Exercise 3 · reconstruction_error"
+GPTQ = "Exercise 5 · my_gptq"
 
 # one torch thread for the module (tiny matrices); every test starts and ends with an empty exercise table
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
@@ -63,34 +65,43 @@ def good_reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Ten
     return (diff**2).sum()
 
 
+def good_my_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, block_size: int,
+                 act_order: bool) -> torch.Tensor:
+    """GPTQ of W (out, in) with Hessian H (in, in) -> dequantized weights (out, in), in W's column order."""
+    W, maxq = W.clone().float(), 2**bits - 1
+    if act_order:  # the most active input channels first; H follows the columns
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U = cl.gptq.inverse_cholesky(H, 0.01)[0].float()  # (in, in) upper factor of the dampened H^-1
+    Q = torch.zeros_like(W)  # dequantized, in quantization order
+    for i1 in range(0, W.shape[1], block_size):
+        i2 = min(i1 + block_size, W.shape[1])
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])  # (out, B) each
+        for i in range(i2 - i1):
+            if (i1 + i) % group_size == 0:  # a group starts: qparams from the error-updated weights
+                scale, zero = cl.gptq.gptq_qparams(W[:, i1 + i : i1 + i + group_size], bits, sym=False)
+            W1, Q[:, i1 + i], Err1[:, i] = good_gptq_column_step(W1, U[i1:i2, i1:i2], i, scale[:, 0], zero[:, 0],
+                                                                 maxq)
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy: the later columns absorb the whole block's errors at once
+    return Q[:, torch.argsort(perm)] if act_order else Q
+
+
 GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_accumulate_hessian: (HESSIAN, good_accumulate_hessian, "accumulate_hessian"),
     checks.check_column_step: (COLUMN, good_gptq_column_step, "gptq_column_step"),
     checks.check_act_order: (ACT_ORDER, good_act_order, "act_order"),
     checks.check_reconstruction_error: (RECON, good_reconstruction_error, "reconstruction_error"),
+    checks.check_gptq: (GPTQ, good_my_gptq, "my_gptq"),
 }
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 1
 
 
-def ah_plain_sum(H, n, x):  # a running sum of 2 x x^T, never divided by the token count
-    x = x.reshape(-1, x.shape[-1]).float()
-    return H + 2 * x.t() @ x, n + x.shape[0]
-
-
 def ah_averages_this_batch_only(H, n, x):  # 2/b x^T x added to the old average: forgets to re-weight by n
     x = x.reshape(-1, x.shape[-1]).float()
     b = x.shape[0]
     return H + 2 / b * x.t() @ x, n + b
-
-
-def ah_no_factor_2(H, n, x):  # the average of x x^T, not of 2 x x^T
-    x = x.reshape(-1, x.shape[-1]).float()
-    b = x.shape[0]
-    H = H * (n / (n + b))
-    n = n + b
-    return H + x.t() @ x / n, n
 
 
 def ah_no_reshape(H, n, x):  # treats x as (tokens, in): (batch, seq, in) input crashes in x.t()
@@ -124,14 +135,33 @@ def ah_reweights_by_n_over_b(H, n, x):  # n / b instead of n / (n + b)
     return H + x.t() @ x, n
 
 
+def ah_counts_sequences(H, n, x):  # n counts x.shape[0], the sequences of a (batch, seq, in) input, not tokens
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    b = x.shape[0]
+    H = H * (n / (n + b))
+    n = n + b
+    return H + 2 / n * x2.t() @ x2, n
+
+
+def ah_sum_returns_old_n(H, n, x):  # a running sum (fine for GPTQ), but the token count is not advanced
+    x = x.reshape(-1, x.shape[-1]).float()
+    return H + 2 * x.t() @ x, n
+
+
+def ah_negated(H, n, x):  # -2/n sum x x^T: a scale, but not a positive one
+    H_new, n_new = good_accumulate_hessian(-H, n, x)
+    return -H_new, n_new
+
+
 WRONG_HESSIAN = [  # (wrong function, a fragment of the failure message it must produce, or None)
-    (ah_plain_sum, None),
-    (ah_averages_this_batch_only, "a later batch"),
-    (ah_no_factor_2, None),
+    (ah_averages_this_batch_only, "three batches"),
     (ah_no_reshape, "raised RuntimeError"),
     (ah_returns_old_n, "output[1]"),
     (ah_x_xT_orientation, None),
-    (ah_reweights_by_n_over_b, "a later batch"),
+    (ah_reweights_by_n_over_b, "three batches"),
+    (ah_counts_sequences, "one batch (2, 16, 32)"),
+    (ah_sum_returns_old_n, "output[1]"),
+    (ah_negated, "must be positive"),
 ]
 
 
@@ -308,10 +338,109 @@ WRONG_RECON = [
     (re_abs_sum, None),
 ]
 
+
+# ----------------------------------------------------------------------------- wrong answers: exercise 5
+
+
+def _gptq_loop(W, H, bits, group_size, block_size, act_order, bug=None):
+    """The exercise's loop written once, with one mistake switched on by `bug` (None: the correct loop)."""
+    W, maxq = W.clone().float(), 2**bits - 1
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=bug != "ascending")
+        W = W[:, perm]
+        H = H if bug == "H not permuted" else H[perm][:, perm]
+    if bug == "cholesky of H":
+        U = torch.linalg.cholesky(H.double() + 0.01 * H.diag().mean() * torch.eye(H.shape[0]), upper=True).float()
+    else:
+        U = gptq.inverse_cholesky(H, 0.01)[0].float()
+    n = W.shape[1]
+    if bug == "static":
+        static = [gptq.gptq_qparams(W[:, j : j + group_size], bits, sym=False) for j in range(0, n, group_size)]
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:
+                if bug == "static":
+                    scale, zero = static[col // group_size]
+                elif bug == "qparams from the block":
+                    scale, zero = gptq.gptq_qparams(W1[:, i : i + group_size], bits, sym=False)
+                else:
+                    scale, zero = gptq.gptq_qparams(W[:, col : col + group_size], bits, sym=False)
+            W1, Q[:, col], Err1[:, i] = good_gptq_column_step(W1, U[i1:i2, i1:i2], i, scale[:, 0], zero[:, 0], maxq)
+        if bug == "lazy update with q":
+            W[:, i2:] -= Q[:, i1:i2] @ U[i1:i2, i2:]
+        elif bug == "lazy update with w - q":
+            W[:, i2:] -= (W[:, i1:i2] - Q[:, i1:i2]) @ U[i1:i2, i2:]
+        elif bug != "no lazy update":
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    if act_order and bug == "undone with perm":
+        return Q[:, perm]
+    if act_order and bug != "not undone":
+        return Q[:, torch.argsort(perm)]
+    return Q
+
+
+def gq_no_lazy_update(*args):  # only the in-block updates: the later blocks never hear of this block's errors
+    return _gptq_loop(*args, bug="no lazy update")
+
+
+def gq_lazy_update_with_q(*args):  # the block's quantized values pushed onto the later columns, not its errors
+    return _gptq_loop(*args, bug="lazy update with q")
+
+
+def gq_lazy_update_with_w_minus_q(*args):  # the raw rounding errors, not divided by the pivots U[i, i]
+    return _gptq_loop(*args, bug="lazy update with w - q")
+
+
+def gq_static_qparams(*args):  # every group's qparams from the weights before any error feedback
+    return _gptq_loop(*args, bug="static")
+
+
+def gq_qparams_from_the_block(*args):  # W1[:, i : i + group_size]: a group that spans blocks sees only its first one
+    return _gptq_loop(*args, bug="qparams from the block")
+
+
+def gq_permutation_not_undone(*args):  # the columns come back in quantization order
+    return _gptq_loop(*args, bug="not undone")
+
+
+def gq_undone_with_perm(*args):  # Q[:, perm]: the permutation applied twice instead of inverted
+    return _gptq_loop(*args, bug="undone with perm")
+
+
+def gq_H_not_permuted(*args):  # W's columns reordered, H left in the original order: U belongs to other columns
+    return _gptq_loop(*args, bug="H not permuted")
+
+
+def gq_cholesky_of_H(*args):  # the upper Cholesky factor of H itself, not of its inverse
+    return _gptq_loop(*args, bug="cholesky of H")
+
+
+def gq_ascending(*args):  # act-order by diag(H) ascending: the least active channels first
+    return _gptq_loop(*args, bug="ascending")
+
+
+WRONG_GPTQ = [  # each with the case that catches it first
+    (gq_no_lazy_update, "48 columns in blocks = groups of 16"),
+    (gq_lazy_update_with_q, "48 columns in blocks = groups of 16"),
+    (gq_lazy_update_with_w_minus_q, "48 columns in blocks = groups of 16"),
+    (gq_static_qparams, "48 columns in blocks = groups of 16"),
+    (gq_qparams_from_the_block, "blocks of 8 inside groups of 16"),
+    (gq_permutation_not_undone, "act-order, blocks = groups of 16"),
+    (gq_undone_with_perm, "act-order, blocks = groups of 16"),
+    (gq_H_not_permuted, "act-order, blocks = groups of 16"),
+    (gq_cholesky_of_H, "48 columns in blocks = groups of 16"),
+    (gq_ascending, "act-order, blocks = groups of 16"),
+]
+
 WRONG = [(checks.check_accumulate_hessian, HESSIAN, fn, msg) for fn, msg in WRONG_HESSIAN]
 WRONG += [(checks.check_column_step, COLUMN, fn, msg) for fn, msg in WRONG_COLUMN]
 WRONG += [(checks.check_act_order, ACT_ORDER, fn, msg) for fn, msg in WRONG_ACT_ORDER]
 WRONG += [(checks.check_reconstruction_error, RECON, fn, msg) for fn, msg in WRONG_RECON]
+WRONG += [(checks.check_gptq, GPTQ, fn, msg) for fn, msg in WRONG_GPTQ]
 
 
 # ----------------------------------------------------------------------------- correct alternatives
@@ -328,6 +457,19 @@ def alt_hessian_flatten(H, n, x):
     b = len(x)
     n_new = n + b
     return H * n / n_new + 2 / n_new * (x.T @ x), n_new
+
+
+def alt_hessian_running_sum(H, n, x):  # sum of 2 x x^T, n counted: a positive multiple of the average
+    x = x.reshape(-1, x.shape[-1]).float()
+    return H + 2 * x.t() @ x, n + x.shape[0]
+
+
+def alt_hessian_no_factor_2(H, n, x):  # the average of x x^T: half the lab's H, the same GPTQ
+    x = x.reshape(-1, x.shape[-1]).float()
+    b = x.shape[0]
+    H = H * (n / (n + b))
+    n = n + b
+    return H + x.t() @ x / n, n
 
 
 def alt_column_matmul_copy(W1, Hinv1, i, scale, zero, maxq):  # a new W1 via matmul of (out, 1) @ (1, B - i)
@@ -369,15 +511,90 @@ def alt_recon_norm_squared(W, W_hat, X):
     return torch.linalg.matrix_norm(X @ W.T - X @ W_hat.T) ** 2
 
 
+def alt_gptq_no_blocks(W, H, bits, group_size, block_size, act_order):
+    """Every column's update reaches all later columns at once (GPTQ without lazy batching): block_size unused."""
+    W, maxq = W.clone().float(), 2**bits - 1
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
+    W, H = W[:, perm], H[perm][:, perm]
+    U = gptq.inverse_cholesky(H, 0.01)[0].float()
+    Q = torch.zeros_like(W)
+    for j in range(W.shape[1]):
+        if j % group_size == 0:
+            scale, zero = gptq.gptq_qparams(W[:, j : j + group_size], bits, sym=False)
+        W, Q[:, j], _ = good_gptq_column_step(W, U, j, scale[:, 0], zero[:, 0], maxq)
+    return Q[:, torch.argsort(perm)]
+
+
+def alt_gptq_view_rank1_scatter(W, H, bits, group_size, block_size, act_order):
+    """The block as a view of W (its updates land in W at once), the lazy update as rank-1 updates, the package's
+    column step, the float32 dampening of the old ready-made loop, and the permutation undone by scattering."""
+    W = W.clone()
+    perm = torch.argsort(-H.diagonal()) if act_order else None
+    if act_order:
+        W, H = W[:, perm], H[:, perm][perm]
+    H = H + 0.01 * H.diag().mean() * torch.eye(H.shape[0])
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H.double())), upper=True).float()
+    cols = []
+    for i1 in range(0, W.shape[1], block_size):
+        W1 = W[:, i1 : i1 + block_size]  # a view
+        errs = []
+        for i in range(W1.shape[1]):
+            if (i1 + i) % group_size == 0:
+                scale, zero = gptq.gptq_qparams(W[:, i1 + i : i1 + i + group_size], bits, sym=False)
+            _, q, err = gptq.column_step(W1, U[i1 : i1 + block_size, i1 : i1 + block_size], i, scale[:, 0],
+                                         zero[:, 0], 2**bits - 1)
+            cols.append(q)
+            errs.append(err)
+        for i, err in enumerate(errs):
+            W[:, i1 + W1.shape[1] :] -= torch.outer(err, U[i1 + i, i1 + W1.shape[1] :])
+    Q = torch.stack(cols, dim=1)
+    if act_order:
+        out = torch.empty_like(Q)
+        out[:, perm] = Q
+        return out
+    return Q
+
+
+def alt_gptq_float32_cholesky_scaled_H(W, H, bits, group_size, block_size, act_order):
+    """H summed over 1000 tokens instead of averaged (the scale GPTQ does not see), factorised in float32."""
+    H = 1000 * H
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    H = H + 0.01 * torch.diag(H).mean() * torch.eye(H.shape[0])
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    Q = _gptq_blocks(W.clone(), U, bits, group_size, block_size)
+    return Q[:, torch.argsort(perm)] if act_order else Q
+
+
+def _gptq_blocks(W, U, bits, group_size, block_size):
+    Q = torch.zeros_like(W)
+    for i1 in range(0, W.shape[1], block_size):
+        i2 = min(i1 + block_size, W.shape[1])
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])
+        for i in range(i2 - i1):
+            if (i1 + i) % group_size == 0:
+                scale, zero = gptq.gptq_qparams(W[:, i1 + i : i1 + i + group_size], bits, sym=False)
+            W1, Q[:, i1 + i], Err1[:, i] = good_gptq_column_step(W1, U[i1:i2, i1:i2], i, scale[:, 0], zero[:, 0],
+                                                                 2**bits - 1)
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return Q
+
+
 CORRECT_ALTERNATIVES = [
     (checks.check_accumulate_hessian, HESSIAN, alt_hessian_weighted_sum),
     (checks.check_accumulate_hessian, HESSIAN, alt_hessian_flatten),
+    (checks.check_accumulate_hessian, HESSIAN, alt_hessian_running_sum),
+    (checks.check_accumulate_hessian, HESSIAN, alt_hessian_no_factor_2),
     (checks.check_column_step, COLUMN, alt_column_matmul_copy),
     (checks.check_column_step, COLUMN, alt_column_whole_row),
     (checks.check_act_order, ACT_ORDER, alt_act_order_sort),
     (checks.check_act_order, ACT_ORDER, alt_act_order_negated),
     (checks.check_reconstruction_error, RECON, alt_recon_trace),
     (checks.check_reconstruction_error, RECON, alt_recon_norm_squared),
+    (checks.check_gptq, GPTQ, alt_gptq_no_blocks),
+    (checks.check_gptq, GPTQ, alt_gptq_view_rank1_scatter),
+    (checks.check_gptq, GPTQ, alt_gptq_float32_cholesky_scaled_H),
 ]
 
 
@@ -400,11 +617,13 @@ def _sample_calls():
     g_idx[perm] = torch.arange(16) // 4
     W = torch.randn(5, 16, generator=g)
     W_hat = quant.fake_quantize(W, 3, 16)
+    W_layer, H_layer = checks._calibrated_layer(6, 24, seed=8)
     return {
         checks.check_accumulate_hessian: ((torch.zeros(16, 16), 0, x), (2 / 15 * xf.t() @ xf, 15)),
         checks.check_column_step: ((W1, U, 3, scale[:, 0], zero[:, 0], 15), (W_upd, q, err)),
         checks.check_act_order: ((H, 4), (perm, g_idx)),
         checks.check_reconstruction_error: ((W, W_hat, xf), ((xf @ (W - W_hat).t()) ** 2).sum()),
+        checks.check_gptq: ((W_layer, H_layer, 4, 8, 4, True), _gptq_loop(W_layer, H_layer, 4, 8, 4, True)),
     }
 
 
@@ -458,6 +677,47 @@ def test_the_missing_clamp_matters_in_gptq():
     assert outside > 0
 
 
+def test_a_running_sum_or_no_factor_2_passes_with_a_note(capsys):
+    """H up to a positive scale passes exercise 1, and the checker says by what factor the participant's H differs."""
+    for fn, factor in ((alt_hessian_running_sum, "32 x"), (alt_hessian_no_factor_2, "0.5 x")):
+        assert checks.check_accumulate_hessian(fn) is fn
+        out = capsys.readouterr().out
+        assert "PASSED" in out and f"your H is {factor} the lab's" in out, out
+    checks.check_accumulate_hessian(good_accumulate_hessian)
+    assert "note" not in capsys.readouterr().out
+
+
+def test_gptq_does_not_see_a_positive_scale_of_H():
+    """Why exercise 1 accepts a sum: the dampening is relative to mean diag H, so c * H gives the same weights."""
+    W, H = checks._calibrated_layer(16, 48, seed=3)
+    ref = gptq.gptq_quantize_weight(W, H, 4, 16, act_order=True).dequantized
+    for c in (0.5, 384.0, 1000.0):
+        torch.testing.assert_close(gptq.gptq_quantize_weight(W, c * H, 4, 16, act_order=True).dequantized, ref,
+                                   atol=1e-3, rtol=0)
+
+
+def test_the_second_failure_adds_the_stronger_hint(capsys):
+    checks.FAILURES.pop(GPTQ, None)
+    first = assert_failed(checks.check_gptq, GPTQ, gq_no_lazy_update, capsys)
+    assert "a second failure shows a stronger hint" in first and "stronger hint (attempt" not in first
+    second = assert_failed(checks.check_gptq, GPTQ, gq_static_qparams, capsys)
+    assert "stronger hint (attempt 2)" in second and "W[:, i2:] -= Err1 @ U[i1:i2, i2:]" in second
+    checks.FAILURES.pop(GPTQ, None)
+
+
+@pytest.mark.parametrize("checker", [checks.check_accumulate_hessian, checks.check_column_step,
+                                     checks.check_act_order, checks.check_reconstruction_error, checks.check_gptq])
+def test_every_checker_has_a_stronger_hint(checker, capsys):
+    wrong = next(fn for c, _, fn, _ in WRONG if c is checker)
+    name = GOOD[checker][0]
+    checks.FAILURES.pop(name, None)
+    checker(wrong)
+    assert "stronger hint (attempt 2)" not in capsys.readouterr().out
+    checker(wrong)
+    assert "stronger hint (attempt 2)" in capsys.readouterr().out
+    checks.FAILURES.pop(name, None)
+
+
 # ----------------------------------------------------------------------------- inputs are cloned per call
 
 
@@ -485,9 +745,16 @@ def mut_recon(W, W_hat, X):
     return out
 
 
+def mut_gptq(W, H, bits, group_size, block_size, act_order):
+    out = good_my_gptq(W, H, bits, group_size, block_size, act_order)
+    W.zero_(), H.mul_(2)
+    return out
+
+
 MUTATING = [(checks.check_accumulate_hessian, HESSIAN, mut_hessian),
             (checks.check_column_step, COLUMN, mut_column_step),
-            (checks.check_act_order, ACT_ORDER, mut_act_order), (checks.check_reconstruction_error, RECON, mut_recon)]
+            (checks.check_act_order, ACT_ORDER, mut_act_order), (checks.check_reconstruction_error, RECON, mut_recon),
+            (checks.check_gptq, GPTQ, mut_gptq)]
 
 
 def test_summary_of_the_lab02_exercises(capsys):
@@ -499,9 +766,10 @@ def test_summary_of_the_lab02_exercises(capsys):
         raise NotImplementedError
 
     checks.check_act_order(todo)
+    checks.check_gptq(good_my_gptq)
     result, lines = summary_lines(capsys)
-    assert result == {HESSIAN: "passed", COLUMN: "failed", RECON: "passed", ACT_ORDER: "not done"}
-    assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
+    assert result == {HESSIAN: "passed", COLUMN: "failed", RECON: "passed", ACT_ORDER: "not done", GPTQ: "passed"}
+    assert len(lines) == 6 and lines[-1] == "3/5 exercises passed"
 
 
 # ----------------------------------------------------------------------------- the tests every lab's checkers get
@@ -513,5 +781,6 @@ class TestEveryChecker(CheckerSuite):
     TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
                                                                    MUTATING)
     ORDER = [checks.check_accumulate_hessian, checks.check_column_step, checks.check_reconstruction_error,
-             checks.check_act_order]  # the lab checks exercise 4 (reconstruction error) before 3 (act-order)
+             checks.check_act_order, checks.check_gptq]  # the lab's order (GOOD lists act-order before exercise 3)
+    NAMESPACE = {"cl": cl}  # my_gptq calls cl.gptq and the lab's own gptq_column_step (compiled before it)
     sample_calls = staticmethod(_sample_calls)

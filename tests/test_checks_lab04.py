@@ -12,6 +12,7 @@ import pytest
 import torch
 from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
+import compresslab as cl
 from compresslab import checks, gptq, pruning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ LAB = ROOT / "solutions" / "04_wanda_pruning.py"
 ACT_NORM = "Exercise 1 · accumulate_act_norm"
 WANDA = "Exercise 2 · wanda_mask"
 NM = "Exercise 3 · nm_mask"
-SPARSEGPT = "Exercise 4 · sparsegpt_step"
+SPARSEGPT = "Exercise 4 · sparsegpt_layer"
 
 # one torch thread for the module (tiny matrices); every test starts and ends with an empty exercise table
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
@@ -57,19 +58,36 @@ def good_nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(out_f, in_f)
 
 
-def good_sparsegpt_step(W1: torch.Tensor, Hinv1: torch.Tensor, i: int, keep: torch.Tensor):
-    """Prune column i of W1 (out, B) where keep (out,) is False; OBS update of columns i.. -> (W1, q, err)."""
-    q = W1[:, i] * keep
-    err = (W1[:, i] - q) / Hinv1[i, i]
-    W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-    return W1, q, err
+def good_sparsegpt_layer(W: torch.Tensor, U: torch.Tensor, sparsity: float | None, n: int | None, m: int | None,
+                         block_size: int) -> torch.Tensor:
+    """W (out, in), U (in, in) upper Cholesky factor of H^-1 -> pruned and compensated W (out, in), a new tensor."""
+    W = W.clone()
+    in_f = W.shape[1]
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]  # (out, B), (B, B)
+        d2 = torch.diag(U1) ** 2  # (B,)
+        Err1 = torch.zeros_like(W1)
+        keep1 = torch.ones_like(W1, dtype=torch.bool)
+        if n is None:  # one choice for the whole block, scored on its weights as the earlier blocks left them
+            score = (W1**2 / d2).flatten()  # (out * B,) OBS saliency
+            keep1.view(-1)[score.argsort(stable=True)[: int(sparsity * score.numel())]] = False
+        for i in range(i2 - i1):
+            if n is not None and i % m == 0:  # N:M: the next m columns, as they are now
+                keep1[:, i : i + m] = good_nm_mask(W1[:, i : i + m] ** 2 / d2[i : i + m], n, m)
+            q = W1[:, i] * keep1[:, i]  # a pruned weight "rounds" to 0
+            Err1[:, i] = cl.gptq.propagate_error(W1, U1, i, q)  # OBS update of the block's columns i..
+            W1[:, i] = q
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy update: (out, B) @ (B, in - i2)
+    return W
 
 
 GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_accumulate_act_norm: (ACT_NORM, good_accumulate_act_norm, "accumulate_act_norm"),
     checks.check_wanda_mask: (WANDA, good_wanda_mask, "wanda_mask"),
     checks.check_nm_mask: (NM, good_nm_mask, "nm_mask"),
-    checks.check_sparsegpt_step: (SPARSEGPT, good_sparsegpt_step, "sparsegpt_step"),
+    checks.check_sparsegpt_layer: (SPARSEGPT, good_sparsegpt_layer, "sparsegpt_layer"),
 }
 
 
@@ -249,94 +267,161 @@ WRONG_NM = [
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 4
+# The cases (checks.lab04._sparsegpt_cases): 1 "three blocks of 16" (50 %), 2 "the last block is 8 wide" (30 %),
+# 3 "2:4, two blocks of 16", 4 "4:8, two blocks of 24". The fragment in WRONG_SPARSEGPT names the first case that
+# catches each mistake.
 
 
-def sg_no_division(W1, Hinv1, i, keep):  # err = w - q, not divided by Hinv1[i, i]
-    q = W1[:, i] * keep
-    err = W1[:, i] - q
-    W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
-    return W1, q, err
+def _saliency(W1, d):
+    return W1**2 / d**2  # (out, B) with d = diag(U1) (B,)
 
 
-def sg_divides_twice(W1, Hinv1, i, keep):  # the update divides err by d again
-    d = Hinv1[i, i]
-    q = W1[:, i] * keep
-    err = (W1[:, i] - q) / d
-    W1[:, i:] -= torch.outer(err / d, Hinv1[i, i:])
-    return W1, q, err
+def _lowest_of_block(score, k):
+    keep = torch.ones_like(score, dtype=torch.bool)
+    keep.view(-1)[score.flatten().argsort()[:k]] = False
+    return keep
 
 
-def sg_updates_all_columns(W1, Hinv1, i, keep):  # W1 -= ... with the row slice i:: (out, B) vs (out, B - i)
-    q = W1[:, i] * keep
-    err = (W1[:, i] - q) / Hinv1[i, i]
-    W1 -= torch.outer(err, Hinv1[i, i:])
-    return W1, q, err
+def _sparsegpt(W, U, sparsity, n, m, block_size, score=_saliency, block_mask=None, nm=None, nm_at_start=False,
+               from_original=False, obs=True, lazy=True):
+    """The solution's loop with one piece swapped out (each wrong answer below names the piece):
+    score(W1, d) -> (out, B); block_mask(score, sparsity) -> the unstructured keep-mask of a block (default: the
+    int(sparsity * numel) lowest of the whole block); nm(score, n, m) -> an N:M keep-mask; nm_at_start: all of a
+    block's N:M groups chosen at the block start; from_original: blocks scored on the weights before any update;
+    obs: the OBS update inside the block; lazy: the lazy update of the later columns."""
+    W, W_orig = W.clone(), W.clone()
+    nm = nm or pruning.nm_mask
+    for i1 in range(0, W.shape[1], block_size):
+        i2 = min(i1 + block_size, W.shape[1])
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]  # (out, B), (B, B)
+        d = torch.diag(U1)
+        src = W_orig[:, i1:i2] if from_original else W1
+        Err1 = torch.zeros_like(W1)
+        keep1 = torch.ones_like(W1, dtype=torch.bool)
+        if n is None:
+            s = score(src, d)
+            keep1 = block_mask(s, sparsity) if block_mask else _lowest_of_block(s, int(sparsity * s.numel()))
+        elif nm_at_start:
+            keep1 = nm(score(src, d), n, m)
+        for i in range(i2 - i1):
+            if n is not None and not nm_at_start and i % m == 0:
+                keep1[:, i : i + m] = nm(score(W1[:, i : i + m], d[i : i + m]), n, m)
+            q = W1[:, i] * keep1[:, i]
+            if obs:
+                Err1[:, i] = gptq.propagate_error(W1, U1, i, q)
+            W1[:, i] = q
+        W[:, i1:i2] = W1
+        if lazy:
+            W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W
 
 
-def sg_updates_all_columns_with_the_column(W1, Hinv1, i, keep):  # W1 -= outer(err, Hinv1[:, i]): earlier columns move
-    q = W1[:, i] * keep
-    err = (W1[:, i] - q) / Hinv1[i, i]
-    W1 -= torch.outer(err, Hinv1[:, i])
-    return W1, q, err
+def sg_magnitude_score(W, U, sparsity, n, m, block_size):  # |w| alone: magnitude pruning inside the loop
+    return _sparsegpt(W, U, sparsity, n, m, block_size, score=lambda W1, d: W1.abs())
 
 
-def sg_reads_the_column(W1, Hinv1, i, keep):  # Hinv1[i:, i]: the factor is upper-triangular, not symmetric
-    q = W1[:, i] * keep
-    err = (W1[:, i] - q) / Hinv1[i, i]
-    W1[:, i:] -= torch.outer(err, Hinv1[i:, i])
-    return W1, q, err
+def sg_score_times_u(W, U, sparsity, n, m, block_size):  # w^2 * U_ii^2: multiplies by the factor instead of dividing
+    return _sparsegpt(W, U, sparsity, n, m, block_size, score=lambda W1, d: W1**2 * d**2)
 
 
-def sg_prunes_the_kept(W1, Hinv1, i, keep):  # q = W1[:, i] * ~keep: zeroes the rows that should survive
-    q = W1[:, i] * ~keep
-    err = (W1[:, i] - q) / Hinv1[i, i]
-    W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
-    return W1, q, err
+def sg_score_u_not_squared(W, U, sparsity, n, m, block_size):  # w^2 / U_ii: the diagonal of U is not [H^-1]_ii
+    return _sparsegpt(W, U, sparsity, n, m, block_size, score=lambda W1, d: W1**2 / d)
 
 
-def sg_no_update(W1, Hinv1, i, keep):  # plain magnitude-style pruning of the column: W1 is not touched
-    q = W1[:, i] * keep
-    return W1, q, (W1[:, i] - q) / Hinv1[i, i]
+def sg_per_row_in_block(W, U, sparsity, n, m, block_size):  # Wanda's habit: int(sparsity * B) lowest of each ROW
+    return _sparsegpt(W, U, sparsity, n, m, block_size, block_mask=pruning.row_mask)
 
 
-def sg_error_sign(W1, Hinv1, i, keep):  # err = (q - w) / d: pushes the error the wrong way
-    q = W1[:, i] * keep
-    err = (q - W1[:, i]) / Hinv1[i, i]
-    W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
-    return W1, q, err
+def sg_prunes_largest(W, U, sparsity, n, m, block_size):  # argsort(descending=True): the most salient are removed
+    return _sparsegpt(W, U, sparsity, n, m, block_size,
+                      block_mask=lambda s, p: _lowest_of_block(-s, int(p * s.numel())))
 
 
-def sg_skips_column_i(W1, Hinv1, i, keep):  # W1[:, i+1:] only: column i keeps w instead of q
-    q = W1[:, i] * keep
-    err = (W1[:, i] - q) / Hinv1[i, i]
-    W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
-    return W1, q, err
+def sg_one_more_per_block(W, U, sparsity, n, m, block_size):  # the reference repository's `score <= sorted[k]`
+    return _sparsegpt(W, U, sparsity, n, m, block_size,
+                      block_mask=lambda s, p: _lowest_of_block(s, int(p * s.numel()) + 1))
 
 
-def sg_err_after_the_update(W1, Hinv1, i, keep):  # w is a view of W1: after the update it holds q, so err == 0
-    w, d = W1[:, i], Hinv1[i, i]
-    q = w * keep
-    W1[:, i:] -= torch.outer((w - q) / d, Hinv1[i, i:])
-    return W1, q, (w - q) / d
+def sg_full_block_count(W, U, sparsity, n, m, block_size):  # int(sparsity * out * block_size) in the last, narrower one
+    return _sparsegpt(W, U, sparsity, n, m, block_size,
+                      block_mask=lambda s, p: _lowest_of_block(s, int(p * s.shape[0] * block_size)))
 
 
+def sg_scores_original_weights(W, U, sparsity, n, m, block_size):  # each block scored on W as it came in
+    return _sparsegpt(W, U, sparsity, n, m, block_size, from_original=True)
+
+
+def sg_mask_once_per_row(W, U, sparsity, n, m, block_size):  # one mask for the whole matrix, chosen before the loop
+    keep = pruning.row_mask(W**2 / torch.diag(U) ** 2, sparsity) if n is None else pruning.nm_mask(
+        W**2 / torch.diag(U) ** 2, n, m)
+    W = W.clone()
+    for i in range(W.shape[1]):  # then GPTQ's loop, right in itself
+        q = W[:, i] * keep[:, i]
+        gptq.propagate_error(W, U, i, q)
+        W[:, i] = q
+    return W
+
+
+def sg_no_obs_update(W, U, sparsity, n, m, block_size):  # the mask alone: pruned weights zeroed, nothing compensates
+    return _sparsegpt(W, U, sparsity, n, m, block_size, obs=False, lazy=False)
+
+
+def sg_no_lazy_update(W, U, sparsity, n, m, block_size):  # later blocks never see the errors of earlier ones
+    return _sparsegpt(W, U, sparsity, n, m, block_size, lazy=False)
+
+
+def sg_lazy_update_with_weight_changes(W, U, sparsity, n, m, block_size):
+    """The lazy update fed the block's weight changes (W1 before - after) instead of its errors (w - q) / U_ii."""
+    W = W.clone()
+    for i1 in range(0, W.shape[1], block_size):
+        i2 = min(i1 + block_size, W.shape[1])
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        before = W1.clone()
+        d = torch.diag(U1)
+        keep1 = _lowest_of_block(_saliency(W1, d), int(sparsity * W1.numel())) if n is None else (
+            torch.ones_like(W1, dtype=torch.bool))
+        for i in range(i2 - i1):
+            if n is not None and i % m == 0:
+                keep1[:, i : i + m] = pruning.nm_mask(_saliency(W1[:, i : i + m], d[i : i + m]), n, m)
+            q = W1[:, i] * keep1[:, i]
+            gptq.propagate_error(W1, U1, i, q)
+            W1[:, i] = q
+        W[:, i1:i2] = W1
+        W[:, i2:] -= (before - W1) @ U[i1:i2, i2:]
+    return W
+
+
+def sg_nm_at_block_start(W, U, sparsity, n, m, block_size):  # every N:M group of a block chosen before its loop
+    return _sparsegpt(W, U, sparsity, n, m, block_size, nm_at_start=True)
+
+
+def sg_nm_down_columns(W, U, sparsity, n, m, block_size):  # groups of m consecutive ROWS of the m columns
+    return _sparsegpt(W, U, sparsity, n, m, block_size,
+                      nm=lambda s, n, m: pruning.nm_mask(s.t().contiguous(), n, m).t())
+
+
+FIRST, LAST_NARROW, TWO_FOUR = "three blocks of 16", "the last block is 8 wide", "2:4, two blocks of 16"
 WRONG_SPARSEGPT = [
-    (sg_no_division, None),
-    (sg_divides_twice, None),
-    (sg_updates_all_columns, "raised RuntimeError"),  # right for i = 0 only
-    (sg_updates_all_columns_with_the_column, None),
-    (sg_reads_the_column, None),
-    (sg_prunes_the_kept, None),
-    (sg_no_update, "output[0]"),
-    (sg_error_sign, None),
-    (sg_skips_column_i, "output[0]"),
-    (sg_err_after_the_update, "output[2]"),
+    (sg_magnitude_score, FIRST),
+    (sg_score_times_u, FIRST),
+    (sg_score_u_not_squared, FIRST),
+    (sg_per_row_in_block, FIRST),
+    (sg_prunes_largest, FIRST),
+    (sg_one_more_per_block, FIRST),
+    (sg_full_block_count, LAST_NARROW),  # every other block is full
+    (sg_scores_original_weights, FIRST),  # the first block is right: later ones were moved by the earlier errors
+    (sg_mask_once_per_row, FIRST),
+    (sg_no_obs_update, FIRST),
+    (sg_no_lazy_update, FIRST),
+    (sg_lazy_update_with_weight_changes, FIRST),
+    (sg_nm_at_block_start, TWO_FOUR),  # unstructured cases are right
+    (sg_nm_down_columns, TWO_FOUR),
 ]
 
 WRONG = [(checks.check_accumulate_act_norm, ACT_NORM, fn, msg) for fn, msg in WRONG_ACT_NORM]
 WRONG += [(checks.check_wanda_mask, WANDA, fn, msg) for fn, msg in WRONG_WANDA]
 WRONG += [(checks.check_nm_mask, NM, fn, msg) for fn, msg in WRONG_NM]
-WRONG += [(checks.check_sparsegpt_step, SPARSEGPT, fn, msg) for fn, msg in WRONG_SPARSEGPT]
+WRONG += [(checks.check_sparsegpt_layer, SPARSEGPT, fn, msg) for fn, msg in WRONG_SPARSEGPT]
 
 
 # ----------------------------------------------------------------------------- correct alternatives
@@ -397,27 +482,68 @@ def alt_nm_threshold(score, n, m):  # >= the n-th largest value of each group
     return (groups >= nth).view_as(score)
 
 
-def alt_sparsegpt_clone_matmul(W1, Hinv1, i, keep):  # a new W1 via (out, 1) @ (1, B - i); q via torch.where
-    W1 = W1.clone()
-    w = W1[:, i].clone()
-    q = torch.where(keep, w, torch.zeros_like(w))
-    err = (w - q) / Hinv1[i, i]
-    W1[:, i:] = W1[:, i:] - err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-    return W1, q, err
+def alt_sparsegpt_without_lazy_updates(W, U, sparsity, n, m, block_size):
+    """No blocks of errors: after each column the error goes straight onto every later column of W (the paper's
+    algorithm before its lazy batching); the block mask by kthvalue, N:M by topk of the n largest."""
+    W = W.clone()
+    d2 = torch.diag(U) ** 2  # (in,)
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for c in range(W.shape[1]):
+        if n is None and c % block_size == 0:
+            s = W[:, c : c + block_size] ** 2 / d2[c : c + block_size]
+            keep[:, c : c + block_size] = s > s.flatten().kthvalue(int(sparsity * s.numel())).values
+        if n is not None and c % m == 0:
+            s = W[:, c : c + m] ** 2 / d2[c : c + m]
+            keep[:, c : c + m] = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(n, dim=1).indices, True)
+        q = W[:, c] * keep[:, c]
+        W[:, c:] -= torch.outer((W[:, c] - q) / U[c, c], U[c, c:])
+    return W
 
 
-def alt_sparsegpt_whole_row(W1, Hinv1, i, keep):
-    """W1 -= outer(err, Hinv1[i]) over ALL columns is right: Hinv1 is upper-triangular, so Hinv1[i, :i] == 0."""
-    q = W1[:, i] * keep
-    err = (W1[:, i] - q) / Hinv1[i, i]
-    W1 -= torch.outer(err, Hinv1[i])
-    return W1, q, err
+def alt_sparsegpt_float64(W, U, sparsity, n, m, block_size):  # the same loop in double precision
+    return good_sparsegpt_layer(W.double(), U.double(), sparsity, n, m, block_size).float()
 
 
-def alt_sparsegpt_propagate_error(W1, Hinv1, i, keep):  # the package's shared OBS update, as the lab suggests
-    q = W1[:, i] * keep.float()
-    err = gptq.propagate_error(W1, Hinv1, i, q)
-    return W1, q, err
+def alt_sparsegpt_own_update(W, U, sparsity, n, m, block_size):
+    """The OBS update written out, column i left as the update leaves it (q up to rounding, not set to q); the
+    block mask keeps the numel - k largest (topk); the package's nm_mask; (w / U_ii)^2 as the score."""
+    W = W.clone()
+    for i1 in range(0, W.shape[1], block_size):
+        W1, U1 = W[:, i1 : i1 + block_size].clone(), U[i1 : i1 + block_size, i1 : i1 + block_size]
+        d = U1.diagonal()
+        Err1 = torch.empty_like(W1)
+        if n is None:
+            s = ((W1 / d) ** 2).flatten()
+            keep1 = torch.zeros_like(s, dtype=torch.bool)
+            keep1[s.topk(s.numel() - int(sparsity * s.numel())).indices] = True
+            keep1 = keep1.view_as(W1)
+        else:
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
+        for i in range(W1.shape[1]):
+            if n is not None and i % m == 0:
+                keep1[:, i : i + m] = pruning.nm_mask((W1[:, i : i + m] / d[i : i + m]) ** 2, n, m)
+            Err1[:, i] = (W1[:, i] - torch.where(keep1[:, i], W1[:, i], 0.0)) / d[i]
+            W1[:, i:] -= Err1[:, i : i + 1] * U1[i : i + 1, i:]
+        W[:, i1 : i1 + block_size] = W1
+        W[:, i1 + block_size :] -= Err1 @ U[i1 : i1 + block_size, i1 + block_size :]
+    return W
+
+
+def alt_sparsegpt_package_masks(W, U, sparsity, n, m, block_size):  # pruning.layer_mask for the block's choice
+    W = W.clone()
+    for i1 in range(0, W.shape[1], block_size):
+        i2 = min(i1 + block_size, W.shape[1])
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        s = W1**2 / torch.diag(U1) ** 2
+        keep1 = pruning.layer_mask(s, sparsity) if n is None else torch.ones_like(W1, dtype=torch.bool)
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            if n is not None and i % m == 0:
+                keep1[:, i : i + m] = pruning.nm_mask(W1[:, i : i + m] ** 2 / torch.diag(U1)[i : i + m] ** 2, n, m)
+            Err1[:, i] = gptq.propagate_error(W1, U1, i, W1[:, i] * keep1[:, i])
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W
 
 
 CORRECT_ALTERNATIVES = [
@@ -429,9 +555,10 @@ CORRECT_ALTERNATIVES = [
     (checks.check_nm_mask, NM, alt_nm_loop),
     (checks.check_nm_mask, NM, alt_nm_unfold_rank),
     (checks.check_nm_mask, NM, alt_nm_threshold),
-    (checks.check_sparsegpt_step, SPARSEGPT, alt_sparsegpt_clone_matmul),
-    (checks.check_sparsegpt_step, SPARSEGPT, alt_sparsegpt_whole_row),
-    (checks.check_sparsegpt_step, SPARSEGPT, alt_sparsegpt_propagate_error),
+    (checks.check_sparsegpt_layer, SPARSEGPT, alt_sparsegpt_without_lazy_updates),
+    (checks.check_sparsegpt_layer, SPARSEGPT, alt_sparsegpt_float64),
+    (checks.check_sparsegpt_layer, SPARSEGPT, alt_sparsegpt_own_update),
+    (checks.check_sparsegpt_layer, SPARSEGPT, alt_sparsegpt_package_masks),
 ]
 
 
@@ -455,36 +582,53 @@ def _sample_calls():
             group = score[r, c : c + 4].tolist()
             for j in sorted(range(4), key=lambda j: -group[j])[:2]:
                 keep_nm[r, c + j] = True
-    W1 = torch.randn(6, 16, generator=g)
+    W1 = torch.randn(4, 16, generator=g)
     U = checks._hinv_upper(16, 2)
-    keep = torch.tensor([True, False, True, True, False, False])
-    w = W1[:, 3]
-    q = torch.where(keep, w, torch.zeros(()))
-    err = (w - q) / U[3, 3]
-    W_upd = W1.clone()
-    W_upd[:, 3:] -= err[:, None] * U[3, 3:][None, :]
+    expected = W1.clone()  # 50 %, blocks of 8, written without blocks of errors: each error goes on at once
+    for c in range(16):
+        if c % 8 == 0:  # the block's 32 saliencies, as the weights are now: the 16 lowest are pruned
+            s = [(expected[r, j] ** 2 / U[j, j] ** 2).item() for r in range(4) for j in range(c, c + 8)]
+            pruned = set(sorted(range(32), key=lambda t: s[t])[:16])
+        q = torch.tensor([0.0 if r * 8 + c % 8 in pruned else expected[r, c].item() for r in range(4)])
+        expected[:, c:] -= ((expected[:, c] - q) / U[c, c])[:, None] * U[c, c:][None, :]
+        expected[:, c] = q
     return {
         checks.check_accumulate_act_norm: ((torch.zeros(16), 0, x), ((xf**2).mean(0), 15)),
         checks.check_wanda_mask: ((W, act, 0.5), keep_w),
         checks.check_nm_mask: ((score, 2, 4), keep_nm),
-        checks.check_sparsegpt_step: ((W1, U, 3, keep), (W_upd, q, err)),
+        checks.check_sparsegpt_layer: ((W1, U, 0.5, None, None, 8), expected),
     }
 
 
-def test_not_done_sparsegpt_reference_leaves_the_callers_block_alone(capsys):
-    """The reference handed back for exercise 4 returns the updated block; the caller's block is not touched."""
+def test_not_done_sparsegpt_reference_is_the_package_loop(capsys):
+    """The reference handed back for exercise 4 is the loop of pruning.sparsegpt_prune, bit for bit (the lab's
+    comparison on the real layer relies on it), leaves the caller's W alone, and prunes exactly int(sparsity * out * B)
+    weights in every block, the narrower last one included."""
     def todo(*args):
         raise NotImplementedError
 
-    ref = checks.check_sparsegpt_step(todo)
+    ref = checks.check_sparsegpt_layer(todo)
     capsys.readouterr()
-    (W1, U, i, keep), (W_upd, _, _) = _sample_calls()[checks.check_sparsegpt_step]
-    before = W1.clone()
-    W_new, q, _ = ref(W1, U, i, keep)
-    torch.testing.assert_close(W_new, W_upd)
-    assert torch.equal(W_new[:, i], q)  # column i becomes q: the pruned rows are exactly 0
-    assert torch.equal(W_new[~keep, i], torch.zeros(int((~keep).sum())))
-    assert torch.equal(W1, before)
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(12, 40, generator=g)
+    H = checks._spd(40, 6)
+    U = gptq.inverse_cholesky(H, 0.01)[0].float()
+    before = W.clone()
+    out = ref(W, U, 0.3, None, None, 16)
+    assert torch.equal(W, before)
+    assert torch.equal(out, pruning.sparsegpt_prune(W, H, 0.3, block_size=16))
+    assert [int((out[:, i : i + 16] == 0).sum()) for i in (0, 16, 32)] == [57, 57, 28]  # int(0.3 * 12 * 16), ... * 8
+    assert torch.equal(ref(W, U, None, 2, 4, 16), pruning.sparsegpt_prune(W, H, n=2, m=4, block_size=16))
+
+
+def test_the_block_mask_is_not_per_row(capsys):
+    """Why sg_per_row_in_block is wrong: the reference compares the whole block, so in the first case the loud rows
+    keep more than half of their weights and the quiet ones fewer."""
+    W, U, sparsity, n, m, block = checks.lab04._sparsegpt_cases()[0].args
+    out = pruning.sparsegpt_blocks(W, U, sparsity, n, m, block)
+    pruned_per_row = (out[:, :16] == 0).sum(1)  # the first block: (8,) rows, the first 4 loud
+    assert int(pruned_per_row.sum()) == 64
+    assert pruned_per_row[:4].float().mean() < 8 < pruned_per_row[4:].float().mean()
 
 
 # ----------------------------------------------------------------------------- failed
@@ -535,25 +679,25 @@ def mut_nm(score, n, m):
     return out
 
 
-def mut_sparsegpt(W1, Hinv1, i, keep):  # the lab's solution updates W1 in place: this is expected
-    out = good_sparsegpt_step(W1, Hinv1, i, keep)
-    Hinv1.mul_(2), keep.zero_()
+def mut_sparsegpt(W, U, sparsity, n, m, block_size):
+    out = good_sparsegpt_layer(W, U, sparsity, n, m, block_size)
+    W.zero_(), U.mul_(2)
     return out
 
 
 MUTATING = [(checks.check_accumulate_act_norm, ACT_NORM, mut_act_norm), (checks.check_wanda_mask, WANDA, mut_wanda),
-            (checks.check_nm_mask, NM, mut_nm), (checks.check_sparsegpt_step, SPARSEGPT, mut_sparsegpt)]
+            (checks.check_nm_mask, NM, mut_nm), (checks.check_sparsegpt_layer, SPARSEGPT, mut_sparsegpt)]
 
 
-def test_summary_of_the_lab03_exercises(capsys):
+def test_summary_of_the_lab04_exercises(capsys):
     checks.check_accumulate_act_norm(good_accumulate_act_norm)
     checks.check_wanda_mask(wm_layer_threshold)
     checks.check_nm_mask(good_nm_mask)
 
-    def todo(W1, Hinv1, i, keep):
+    def todo(W, U, sparsity, n, m, block_size):
         raise NotImplementedError
 
-    checks.check_sparsegpt_step(todo)
+    checks.check_sparsegpt_layer(todo)
     result, lines = summary_lines(capsys)
     assert result == {ACT_NORM: "passed", WANDA: "failed", NM: "passed", SPARSEGPT: "not done"}
     assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
@@ -567,4 +711,5 @@ class TestEveryChecker(CheckerSuite):
 
     TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
                                                                    MUTATING)
+    NAMESPACE = {"cl": cl}  # the SparseGPT solution calls cl.gptq.propagate_error (and the lab's own nm_mask)
     sample_calls = staticmethod(_sample_calls)

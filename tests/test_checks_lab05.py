@@ -24,6 +24,7 @@ SOFTMAX_T = "Exercise 1 · softmax_T"
 SOFT_LOSS = "Exercise 2 · soft_loss"
 REVERSE_KL = "Exercise 3 · reverse_kl"
 KD_LOSS = "Exercise 4 · kd_loss"
+HIDDEN_LOSS = "Exercise 5 · hidden_loss"
 
 # one torch thread for the module (tiny tensors); every test starts and ends with an empty exercise table
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
@@ -64,11 +65,24 @@ def good_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     return alpha * ce + (1 - alpha) * good_soft_loss(s, t, T)
 
 
+def good_hidden_loss(student_hidden, teacher_hidden, pairs, proj, mask) -> torch.Tensor:
+    """Mean over the pairs (s, t) of the mean over real tokens of 1 - cos(proj(student state s), teacher state t)."""
+    keep = mask.bool()  # (batch, seq) the real tokens; an int mask as an index would pick rows 0 and 1
+    losses = []
+    for s, t in pairs:
+        h_s = proj(student_hidden[s + 1])  # (batch, seq, teacher width): entry 0 is the embeddings
+        h_t = teacher_hidden[t + 1].detach()  # the teacher is the target: no gradient into it
+        dist = 1 - F.cosine_similarity(h_s, h_t, dim=-1)  # (batch, seq) one distance per token
+        losses.append(dist[keep].mean())
+    return torch.stack(losses).mean()
+
+
 GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_softmax_T: (SOFTMAX_T, good_softmax_T, "softmax_T"),
     checks.check_soft_loss: (SOFT_LOSS, good_soft_loss, "soft_loss"),
     checks.check_reverse_kl: (REVERSE_KL, good_reverse_kl, "reverse_kl"),
     checks.check_kd_loss: (KD_LOSS, good_kd_loss, "kd_loss"),
+    checks.check_hidden_loss: (HIDDEN_LOSS, good_hidden_loss, "hidden_loss"),
 }
 
 
@@ -393,10 +407,127 @@ WRONG_KD_LOSS = [
     (kd_positive_labels, None),
 ]
 
+
+
+# ----------------------------------------------------------------------------- wrong answers: exercise 5
+
+
+def _distances(student_hidden, teacher_hidden, pairs, proj):  # (pairs, batch, seq) 1 - cos, the right way
+    return torch.stack([1 - F.cosine_similarity(proj(student_hidden[s + 1]), teacher_hidden[t + 1].detach(), dim=-1)
+                        for s, t in pairs])
+
+
+def hl_no_embedding_offset(student_hidden, teacher_hidden, pairs, proj, mask):  # hidden_states[s] is the INPUT of
+    keep = mask.bool()  # layer s (entry 0 is the embeddings): every pair compares the layer before
+    return torch.stack([(1 - F.cosine_similarity(proj(student_hidden[s]), teacher_hidden[t].detach(), dim=-1))[keep]
+                        .mean() for s, t in pairs]).mean()
+
+
+def hl_teacher_offset_only(student_hidden, teacher_hidden, pairs, proj, mask):  # the +1 on one side only
+    keep = mask.bool()
+    return torch.stack([(1 - F.cosine_similarity(proj(student_hidden[s + 1]), teacher_hidden[t].detach(), dim=-1))
+                        [keep].mean() for s, t in pairs]).mean()
+
+
+def hl_mask_ignored(student_hidden, teacher_hidden, pairs, proj, mask):  # padding tokens counted
+    return _distances(student_hidden, teacher_hidden, pairs, proj).mean()
+
+
+def hl_masked_sum_over_all(student_hidden, teacher_hidden, pairs, proj, mask):  # padding zeroed, but still in the count
+    return (_distances(student_hidden, teacher_hidden, pairs, proj) * mask).mean()
+
+
+def hl_per_sequence_mean(student_hidden, teacher_hidden, pairs, proj, mask):  # a 1-token sequence weighs as much as
+    d = _distances(student_hidden, teacher_hidden, pairs, proj) * mask  # a full one
+    return (d.sum(-1) / mask.sum(-1)).mean()
+
+
+def hl_int_mask_index(student_hidden, teacher_hidden, pairs, proj, mask):  # d[mask] with the int64 attention_mask:
+    d = _distances(student_hidden, teacher_hidden, pairs, proj)  # integer indexing, rows 0 and 1, not a selection
+    return torch.stack([dist[mask].mean() for dist in d]).mean()
+
+
+def hl_sum_over_pairs(student_hidden, teacher_hidden, pairs, proj, mask):  # grows with the number of pairs
+    return _distances(student_hidden, teacher_hidden, pairs, proj)[:, mask.bool()].mean(-1).sum()
+
+
+def hl_sum_over_tokens(student_hidden, teacher_hidden, pairs, proj, mask):  # grows with batch and length
+    return _distances(student_hidden, teacher_hidden, pairs, proj)[:, mask.bool()].sum(-1).mean()
+
+
+def hl_teacher_not_detached(student_hidden, teacher_hidden, pairs, proj, mask):  # the right value, but a gradient
+    keep = mask.bool()  # into the teacher
+    return torch.stack([(1 - F.cosine_similarity(proj(student_hidden[s + 1]), teacher_hidden[t + 1], dim=-1))[keep]
+                        .mean() for s, t in pairs]).mean()
+
+
+def hl_projects_teacher(student_hidden, teacher_hidden, pairs, proj, mask):  # proj on the wrong side: only works (and
+    keep = mask.bool()  # wrongly) when the widths match
+    return torch.stack([(1 - F.cosine_similarity(student_hidden[s + 1], proj(teacher_hidden[t + 1].detach()), dim=-1))
+                        [keep].mean() for s, t in pairs]).mean()
+
+
+def hl_no_projection(student_hidden, teacher_hidden, pairs, proj, mask):  # "the widths match, skip it"
+    keep = mask.bool()
+    return torch.stack([(1 - F.cosine_similarity(student_hidden[s + 1], teacher_hidden[t + 1].detach(), dim=-1))[keep]
+                        .mean() for s, t in pairs]).mean()
+
+
+def hl_frozen_projection(student_hidden, teacher_hidden, pairs, proj, mask):  # proj.weight.detach(): the right value,
+    keep = mask.bool()  # but the projection never learns
+    return torch.stack([(1 - F.cosine_similarity(F.linear(student_hidden[s + 1], proj.weight.detach()),
+                                                 teacher_hidden[t + 1].detach(), dim=-1))[keep].mean()
+                        for s, t in pairs]).mean()
+
+
+def hl_student_detached(student_hidden, teacher_hidden, pairs, proj, mask):  # only the projection would learn
+    keep = mask.bool()
+    return torch.stack([(1 - F.cosine_similarity(proj(student_hidden[s + 1].detach()), teacher_hidden[t + 1].detach(),
+                                                 dim=-1))[keep].mean() for s, t in pairs]).mean()
+
+
+def hl_similarity_not_distance(student_hidden, teacher_hidden, pairs, proj, mask):  # cos itself: minimising it pushes
+    keep = mask.bool()  # the student AWAY from the teacher
+    return torch.stack([F.cosine_similarity(proj(student_hidden[s + 1]), teacher_hidden[t + 1].detach(), dim=-1)[keep]
+                        .mean() for s, t in pairs]).mean()
+
+
+def hl_mse(student_hidden, teacher_hidden, pairs, proj, mask):  # a plain MSE: not the loss the exercise asks for
+    keep = mask.bool()
+    return torch.stack([F.mse_loss(proj(student_hidden[s + 1])[keep], teacher_hidden[t + 1].detach()[keep])
+                        for s, t in pairs]).mean()
+
+
+def hl_pairs_read_backwards(student_hidden, teacher_hidden, pairs, proj, mask):  # (teacher, student) order
+    keep = mask.bool()
+    return torch.stack([(1 - F.cosine_similarity(proj(student_hidden[s + 1]), teacher_hidden[t + 1].detach(), dim=-1))
+                        [keep].mean() for t, s in pairs]).mean()
+
+
+WRONG_HIDDEN_LOSS = [
+    (hl_no_embedding_offset, "one pair (1, 2)"),
+    (hl_teacher_offset_only, "one pair (1, 2)"),
+    (hl_mask_ignored, "padded after 2 tokens"),
+    (hl_masked_sum_over_all, "padded after 2 tokens"),
+    (hl_per_sequence_mean, "padded after 2 tokens"),
+    (hl_int_mask_index, "one pair (1, 2)"),  # a mask of ones as an index repeats row 1
+    (hl_sum_over_pairs, "two pairs"),  # one pair (the first case) cannot tell
+    (hl_sum_over_tokens, "one pair (1, 2)"),
+    (hl_teacher_not_detached, "gradient flows into the teacher"),  # the same value: only the gradient tells
+    (hl_projects_teacher, "one pair (1, 2)"),
+    (hl_no_projection, "no gradient reaches the projection"),
+    (hl_frozen_projection, "no gradient reaches the projection"),
+    (hl_student_detached, "no gradient reaches the student"),
+    (hl_similarity_not_distance, "one pair (1, 2)"),
+    (hl_mse, "one pair (1, 2)"),
+    (hl_pairs_read_backwards, "one pair (1, 2)"),
+]
+
 WRONG = [(checks.check_softmax_T, SOFTMAX_T, fn, msg) for fn, msg in WRONG_SOFTMAX_T]
 WRONG += [(checks.check_soft_loss, SOFT_LOSS, fn, msg) for fn, msg in WRONG_SOFT_LOSS]
 WRONG += [(checks.check_reverse_kl, REVERSE_KL, fn, msg) for fn, msg in WRONG_REVERSE_KL]
 WRONG += [(checks.check_kd_loss, KD_LOSS, fn, msg) for fn, msg in WRONG_KD_LOSS]
+WRONG += [(checks.check_hidden_loss, HIDDEN_LOSS, fn, msg) for fn, msg in WRONG_HIDDEN_LOSS]
 
 
 # ----------------------------------------------------------------------------- correct alternatives
@@ -491,6 +622,51 @@ def alt_kd_per_token_nll(student_logits, teacher_logits, labels, T, alpha):  # C
     return alpha * nll.mean() + (1 - alpha) * T**2 * _forward_kl(*reversed(_log_probs(s, t, T))).mean()
 
 
+def alt_hidden_loss_mask_multiply(student_hidden, teacher_hidden, pairs, proj, mask):  # masked sum / real tokens
+    d = _distances(student_hidden, teacher_hidden, pairs, proj) * mask  # (pairs, batch, seq), padding zeroed
+    return (d.sum((1, 2)) / mask.sum()).mean()
+
+
+def alt_hidden_loss_masked_select(student_hidden, teacher_hidden, pairs, proj, mask):
+    d = _distances(student_hidden, teacher_hidden, pairs, proj)
+    return torch.stack([dist.masked_select(mask == 1).mean() for dist in d]).mean()
+
+
+def alt_hidden_loss_one_mean(student_hidden, teacher_hidden, pairs, proj, mask):
+    """One mean over every (pair, real token) distance: every pair has the same real tokens, so this is the mean of
+    the per-pair means."""
+    return _distances(student_hidden, teacher_hidden, pairs, proj)[:, mask.bool()].mean()
+
+
+def alt_hidden_loss_cosine_embedding(student_hidden, teacher_hidden, pairs, proj, mask):
+    """Model Optimizer's HiddenStateCosineLoss: F.cosine_embedding_loss with target 1 is 1 - cos per row."""
+    keep = mask.bool().flatten()
+    losses = []
+    for s, t in pairs:
+        h_s = proj(student_hidden[s + 1]).flatten(0, 1)  # (batch * seq, teacher width)
+        h_t = teacher_hidden[t + 1].detach().flatten(0, 1)
+        per_token = F.cosine_embedding_loss(h_s, h_t, h_t.new_ones(h_t.shape[0]), reduction="none")
+        losses.append(per_token[keep].mean())
+    return sum(losses) / len(losses)
+
+
+def alt_hidden_loss_normalised_dot(student_hidden, teacher_hidden, pairs, proj, mask):  # unit vectors, then a dot
+    total = 0.0
+    for s, t in pairs:
+        a = F.normalize(student_hidden[s + 1] @ proj.weight.T, dim=-1)
+        with torch.no_grad():  # the target, normalised without a graph
+            b = F.normalize(teacher_hidden[t + 1], dim=-1)
+        total = total + ((1 - (a * b).sum(-1)) * mask).sum() / mask.sum()
+    return total / len(pairs)
+
+
+def alt_hidden_loss_float64(student_hidden, teacher_hidden, pairs, proj, mask):  # in double precision
+    keep = mask.bool()
+    losses = [(1 - F.cosine_similarity(proj(student_hidden[s + 1]).double(), teacher_hidden[t + 1].detach().double(),
+                                       dim=-1))[keep].mean() for s, t in pairs]
+    return torch.stack(losses).mean()
+
+
 CORRECT_ALTERNATIVES = [
     (checks.check_softmax_T, SOFTMAX_T, alt_softmax_exp_minus_max),
     (checks.check_softmax_T, SOFTMAX_T, alt_softmax_exp_log_softmax),
@@ -506,6 +682,12 @@ CORRECT_ALTERNATIVES = [
     (checks.check_kd_loss, KD_LOSS, alt_kd_ignore_index_masked_mean),
     (checks.check_kd_loss, KD_LOSS, alt_kd_flatten_then_index),
     (checks.check_kd_loss, KD_LOSS, alt_kd_per_token_nll),
+    (checks.check_hidden_loss, HIDDEN_LOSS, alt_hidden_loss_mask_multiply),
+    (checks.check_hidden_loss, HIDDEN_LOSS, alt_hidden_loss_masked_select),
+    (checks.check_hidden_loss, HIDDEN_LOSS, alt_hidden_loss_one_mean),
+    (checks.check_hidden_loss, HIDDEN_LOSS, alt_hidden_loss_cosine_embedding),
+    (checks.check_hidden_loss, HIDDEN_LOSS, alt_hidden_loss_normalised_dot),
+    (checks.check_hidden_loss, HIDDEN_LOSS, alt_hidden_loss_float64),
 ]
 
 
@@ -522,6 +704,29 @@ def _kl(p: list[float], q: list[float]) -> float:
     return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q))
 
 
+def _cosine_distance(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return 1 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def _hidden_sample(g: torch.Generator) -> tuple[tuple, float]:
+    """A 2-layer student (width 2) under a 3-layer teacher (width 3), two pairs, the last token padding: the args and
+    the loss computed in plain Python."""
+    student = tuple(torch.randn(1, 3, 2, generator=g) for _ in range(3))  # embeddings + 2 layers
+    teacher = tuple(torch.randn(1, 3, 3, generator=g) for _ in range(4))  # embeddings + 3 layers
+    proj = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(3, 2, generator=g))
+    pairs, mask = [(0, 1), (1, 2)], torch.tensor([[1, 1, 0]])
+    W = proj.weight.tolist()
+    per_pair = []
+    for s, t in pairs:
+        hs, ht = student[s + 1][0].tolist(), teacher[t + 1][0].tolist()  # (3 tokens, width) each
+        projected = [[sum(W[i][j] * h[j] for j in range(2)) for i in range(3)] for h in hs]
+        per_pair.append(sum(_cosine_distance(projected[k], ht[k]) for k in (0, 1)) / 2)  # tokens 0 and 1 are real
+    return (student, teacher, pairs, proj, mask), sum(per_pair) / len(per_pair)
+
+
 def _sample_calls():
     """checker -> (args of one sample call, an independent computation, in plain Python, of what the reference must
     return)."""
@@ -536,11 +741,13 @@ def _sample_calls():
     kept = [(sr, tr, y) for (sr, tr), y in zip(rows, labels.flatten().tolist()) if y != -100]
     ce = sum(-math.log(_softmax_rows(sr, 1.0)[y]) for sr, _, y in kept) / len(kept)
     soft = 4 * sum(_kl(_softmax_rows(tr, 2.0), _softmax_rows(sr, 2.0)) for sr, tr, _ in kept) / len(kept)
+    hidden_args, hidden = _hidden_sample(g)
     return {
         checks.check_softmax_T: ((z, 2.0), probs),
         checks.check_soft_loss: ((s, t, 2.0), torch.tensor(fwd)),
         checks.check_reverse_kl: ((s, t, 2.0), torch.tensor(rev)),
         checks.check_kd_loss: ((s, t, labels, 2.0, 0.25), torch.tensor(0.25 * ce + 0.75 * soft)),
+        checks.check_hidden_loss: (hidden_args, torch.tensor(hidden)),
     }
 
 
@@ -599,6 +806,113 @@ def test_a_swapped_alpha_needs_alpha_other_than_one_half():
     assert not torch.allclose(kd_alpha_swapped(s, t, labels, 2.0, 0.3), good_kd_loss(s, t, labels, 2.0, 0.3))
 
 
+def test_a_teacher_left_attached_gives_the_right_value():
+    """Why hl_teacher_not_detached needs the gradient check: its loss is the solution's to the last bit."""
+    (student, teacher, pairs, proj, mask), _ = _sample_calls()[checks.check_hidden_loss]
+    teacher = tuple(h.clone().requires_grad_(True) for h in teacher)
+    wrong = hl_teacher_not_detached(student, teacher, pairs, proj, mask)
+    assert torch.equal(wrong, good_hidden_loss(student, teacher, pairs, proj, mask))
+    wrong.backward()
+    assert teacher[2].grad is not None and teacher[2].grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- the models the lab runs it on
+
+
+def _tiny_llama(layers: int, seed: int = 0):
+    """A random Llama small enough to train in a second (vocabulary 64, width 32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_hidden_states_hold_the_embeddings_then_one_state_per_layer():
+    """The contract the exercise teaches (and the checker's first case tests): transformers' hidden_states[0] is the
+    embedding output, [i + 1] the output of decoder layer i, and the last entry has gone through the final norm."""
+    model = _tiny_llama(3)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out[0] if isinstance(out, tuple)
+                                                                                 else out))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    for hook in hooks:
+        hook.remove()
+    assert len(hidden) == len(model.model.layers) + 1
+    torch.testing.assert_close(hidden[0], model.model.embed_tokens(ids))
+    for i in range(len(model.model.layers) - 1):
+        torch.testing.assert_close(hidden[i + 1], outputs[i])
+    torch.testing.assert_close(hidden[-1], model.model.norm(outputs[len(model.model.layers) - 1]))
+
+
+def test_the_reference_works_the_way_the_lab_uses_it(capsys):
+    """The lab calls hidden_loss on a pruned student's real hidden states with an all-ones int mask, one pair at a
+    time and several at once, through an identity projection: a layer that was only copied scores 0, one after a
+    dropped layer does not, and the gradient reaches the student's weights and the projection."""
+    from compresslab import distill
+
+    def todo(*args):
+        raise NotImplementedError
+
+    hidden_loss = checks.check_hidden_loss(todo)
+    capsys.readouterr()
+    teacher = _tiny_llama(3)
+    student = distill.drop_layers(teacher, [1])  # student layer 0 is teacher layer 0, student 1 is teacher 2
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    proj = distill.make_projection(32, 32)
+    torch.testing.assert_close(proj.weight, torch.eye(32))
+    with torch.no_grad():
+        t_hidden = teacher(ids, output_hidden_states=True).hidden_states
+    s_hidden = student(ids, output_hidden_states=True).hidden_states
+    mask = torch.ones_like(ids)
+    assert hidden_loss(s_hidden, t_hidden, [(0, 0)], proj, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert hidden_loss(s_hidden, t_hidden, [(1, 2)], proj, mask).item() > 1e-4
+    loss = hidden_loss(s_hidden, t_hidden, [(0, 0), (1, 2)], proj, mask)
+    loss.backward()
+    assert proj.weight.grad.abs().sum() > 0
+    assert student.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_distill_with_the_hidden_loss_trains_the_student_and_the_projection():
+    """distill(..., hidden_weight=, pairs=), the lab's section 8 run: the hidden term is logged and falls, the
+    projection learns, and hidden_weight = 0 (every other run of the lab) logs a zero hidden term."""
+    from compresslab import distill
+
+    teacher = _tiny_llama(3)
+    ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(2))
+    student = distill.drop_layers(teacher, [1])
+    proj = distill.make_projection(32, 32)
+    hist = distill.distill(student, ids, teacher=teacher, steps=12, lr=3e-3, batch_size=4, alpha=0.5, T=1.0,
+                           hidden_weight=10.0, pairs=[(1, 2)], proj=proj, progress=False)
+    assert len(hist["hidden"]) == 12 and hist["hidden"][0] > 0
+    assert sum(hist["hidden"][-3:]) < sum(hist["hidden"][:3])
+    assert not torch.allclose(proj.weight, torch.eye(32))
+    for kw in ({}, {"hidden_weight": 0.0}):
+        hist = distill.distill(distill.drop_layers(teacher, [1]), ids, teacher=teacher, steps=2, batch_size=2,
+                               alpha=0.5, progress=False, **kw)
+        assert hist["hidden"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="needs pairs"):
+        distill.distill(student, ids, teacher=teacher, steps=1, hidden_weight=1.0, progress=False)
+    with pytest.raises(ValueError, match="teacher as a model"):
+        distill.distill(student, ids, teacher=None, steps=1, alpha=1.0, hidden_weight=1.0, pairs=[(0, 0)],
+                        progress=False)
+
+
+@pytest.mark.parametrize("checker", list(GOOD), ids=lambda c: c.__name__)
+def test_a_second_failure_shows_the_stronger_hint(checker, capsys, monkeypatch):
+    """The first failure of an exercise shows its hint and says more will come; the second adds the stronger hint."""
+    name = GOOD[checker][0]
+    monkeypatch.setitem(checks.FAILURES, name, 0)  # earlier tests failed these exercises too
+    wrong = next(fn for c, _, fn, _ in WRONG if c is checker)
+    first = assert_failed(checker, name, wrong, capsys)
+    assert "a second failure shows a stronger hint" in first and "stronger hint (attempt" not in first
+    assert "stronger hint (attempt 2)" in assert_failed(checker, name, wrong, capsys)
+
+
 # ----------------------------------------------------------------------------- inputs are cloned per call
 
 
@@ -626,8 +940,15 @@ def mut_kd_loss(student_logits, teacher_logits, labels, T, alpha):
     return out
 
 
+def mut_hidden_loss(student_hidden, teacher_hidden, pairs, proj, mask):  # the mask and the pair list: the states
+    out = good_hidden_loss(student_hidden, teacher_hidden, pairs, proj, mask)  # are still needed for the backward
+    mask.zero_(), pairs.clear()
+    return out
+
+
 MUTATING = [(checks.check_softmax_T, SOFTMAX_T, mut_softmax_T), (checks.check_soft_loss, SOFT_LOSS, mut_soft_loss),
-            (checks.check_reverse_kl, REVERSE_KL, mut_reverse_kl), (checks.check_kd_loss, KD_LOSS, mut_kd_loss)]
+            (checks.check_reverse_kl, REVERSE_KL, mut_reverse_kl), (checks.check_kd_loss, KD_LOSS, mut_kd_loss),
+            (checks.check_hidden_loss, HIDDEN_LOSS, mut_hidden_loss)]
 
 
 def test_summary_of_the_lab04_exercises(capsys):
@@ -653,4 +974,6 @@ class TestEveryChecker(CheckerSuite):
     TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
                                                                    MUTATING)
     NAMESPACE = {"F": F}  # the lab imports torch.nn.functional as F
+    # hidden_loss takes tuples of states: the numpy-style typo of the shared test raises AttributeError, not TypeError
+    TENSOR_CHECKERS = [c for c in GOOD if c is not checks.check_hidden_loss]
     sample_calls = staticmethod(_sample_calls)

@@ -3,7 +3,7 @@ answers fail.
 
 Same structure as tests/test_checks_lab05.py. Every wrong implementation below was run against the checker's cases and
 is really wrong there (the checker must reject it); every correct alternative is really right (it must pass).
-No model is loaded: the checkers only run small fixed tensors (and exercise 4 plain integers).
+No model is loaded: the checkers only run small fixed tensors (and exercise 5 plain integers).
 """
 
 import math
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
 from compresslab import checks
@@ -21,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "solutions" / "06_gear_kv_cache.py"
 
 QUANTIZE_KEYS = "Exercise 1 · quantize_keys_per_channel"
-OUTLIER_MASK = "Exercise 2 · outlier_mask"
-LOWRANK = "Exercise 3 · lowrank_residual"
-GEAR_NBYTES = "Exercise 4 · gear_nbytes"
+LAYOUT_ERRORS = "Exercise 2 · layout_errors"
+OUTLIER_MASK = "Exercise 3 · outlier_mask"
+LOWRANK = "Exercise 4 · lowrank_residual"
+GEAR_NBYTES = "Exercise 5 · gear_nbytes"
 
 # one torch thread for the module (tiny tensors); every test starts and ends with an empty exercise table
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
@@ -31,8 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
 
 # ----------------------------------------------------------------------------- the lab's solutions (copied)
 # Bodies copied from solutions/06_gear_kv_cache.py (### BEGIN / END SOLUTION);
-# test_good_copies_match_the_lab_solutions keeps them in sync. good_outlier_mask uses kv.outliers_per_side as the lab
-# does (the lab imports compresslab.kvcache as kv, and so does this file).
+# test_good_copies_match_the_lab_solutions keeps them in sync. good_layout_errors uses kv.quantize_groups and
+# good_outlier_mask kv.outliers_per_side as the lab does (the lab imports compresslab.kvcache as kv, and so does this
+# file).
 
 
 def good_quantize_keys_per_channel(k: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -43,6 +46,32 @@ def good_quantize_keys_per_channel(k: torch.Tensor, bits: int, group_size: int) 
     scale = ((mx - mn) / (2**bits - 1)).clamp_min(1e-8)
     q = torch.round((g - mn) / scale).clamp(0, 2**bits - 1)
     return (q * scale + mn).reshape(b, h, t, d)
+
+
+def good_layout_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int,
+                       group_size: int) -> torch.Tensor:
+    """q (b, heads, t, d), k and v (b, kv_heads, t, d) -> (2, 2) relative errors: row 0 the scores with quantized keys,
+    row 1 the attention output with quantized values; column 0 per channel (dim=-2), column 1 per token (dim=-1)."""
+    d = q.shape[-1]
+    rep = q.shape[1] // k.shape[1]  # query heads per KV head (GQA)
+    causal = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril()  # (t, t): token i sees tokens <= i
+
+    def attention(k, v):
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (b, heads, t, d)
+        s = q @ k.mT / math.sqrt(d)  # (b, heads, t, t)
+        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+        return s.masked_fill(~causal, 0.0), p @ v  # the scores a token computes, the output (b, heads, t, d)
+
+    def fake(x, dim):  # quantize in groups along dim, then dequantize
+        return kv.quantize_groups(x, bits, group_size, dim=dim).dequantize()
+
+    def rel(a, exact):
+        return ((a - exact).norm() / exact.norm()).item()
+
+    s, o = attention(k, v)
+    keys = [rel(attention(fake(k, dim), v)[0], s) for dim in (-2, -1)]  # per channel, per token
+    values = [rel(attention(k, fake(v, dim))[1], o) for dim in (-2, -1)]
+    return torch.tensor([keys, values])
 
 
 def good_outlier_mask(x: torch.Tensor, ratio: float, dim: int) -> torch.Tensor:
@@ -77,11 +106,13 @@ def good_gear_nbytes(tokens: int, head_dim: int, bits: int, group_size: int, ran
 
 GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_quantize_keys: (QUANTIZE_KEYS, good_quantize_keys_per_channel, "quantize_keys_per_channel"),
+    checks.check_layout_errors: (LAYOUT_ERRORS, good_layout_errors, "layout_errors"),
     checks.check_outlier_mask: (OUTLIER_MASK, good_outlier_mask, "outlier_mask"),
     checks.check_lowrank: (LOWRANK, good_lowrank_residual, "lowrank_residual"),
     checks.check_gear_nbytes: (GEAR_NBYTES, good_gear_nbytes, "gear_nbytes"),
 }
-TENSOR_CHECKERS = [checks.check_quantize_keys, checks.check_outlier_mask, checks.check_lowrank]  # gear_nbytes: ints
+TENSOR_CHECKERS = [checks.check_quantize_keys, checks.check_layout_errors, checks.check_outlier_mask,
+                   checks.check_lowrank]  # gear_nbytes: ints
 
 
 def _token_groups(k, group_size):
@@ -181,6 +212,177 @@ WRONG_QUANTIZE_KEYS = [
 
 
 # ----------------------------------------------------------------------------- wrong answers: exercise 2
+# Each takes the solution's steps and changes one: the helpers below are those steps, right.
+
+
+def _fake(x, bits, group_size, dim):  # the package's quantizer, dequantized: dim=-2 per channel, dim=-1 per token
+    return kv.quantize_groups(x, bits, group_size, dim=dim).dequantize()
+
+
+def _rel(a, exact):
+    return ((a - exact).norm() / exact.norm()).item()
+
+
+def _causal(t):  # (t, t): token i sees tokens <= i
+    return torch.ones(t, t, dtype=torch.bool).tril()
+
+
+def _kv_for_heads(x, heads):  # (b, kv_heads, t, d) -> (b, heads, t, d): kv head j for query heads j*r ... j*r + r - 1
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _scores_and_output(q, k, v):  # the solution's attention: masked scores, output
+    s = q @ _kv_for_heads(k, q.shape[1]).mT / math.sqrt(q.shape[-1])
+    causal = _causal(q.shape[-2])
+    p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+    return s.masked_fill(~causal, 0.0), p @ _kv_for_heads(v, q.shape[1])
+
+
+def _table(q, k, v, bits, group_size, attention=_scores_and_output, err=_rel, dims=(-2, -1)):
+    """The solution's table with one step swapped: its attention, its error or its order of layouts."""
+    s, o = attention(q, k, v)
+    keys = [err(attention(q, _fake(k, bits, group_size, dim), v)[0], s) for dim in dims]
+    values = [err(attention(q, k, _fake(v, bits, group_size, dim))[1], o) for dim in dims]
+    return torch.tensor([keys, values])
+
+
+def le_layouts_swapped(q, k, v, bits, group_size):  # "per channel" as groups along the channels (dim=-1): each
+    return _table(q, k, v, bits, group_size, dims=(-1, -2))  # column holds the other layout's error
+
+
+def le_no_sqrt_d(q, k, v, bits, group_size):  # scores q @ k^T without / sqrt(d): the scores' RELATIVE error is the
+    def attention(q, k, v):  # same (a common factor cancels), but the softmax is sharper, so the output row moves
+        s = q @ _kv_for_heads(k, q.shape[1]).mT
+        causal = _causal(q.shape[-2])
+        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+        return s.masked_fill(~causal, 0.0), p @ _kv_for_heads(v, q.shape[1])
+    return _table(q, k, v, bits, group_size, attention)
+
+
+def le_divides_by_d(q, k, v, bits, group_size):  # / d instead of / sqrt(d): a softmax too flat
+    def attention(q, k, v):
+        s = q @ _kv_for_heads(k, q.shape[1]).mT / q.shape[-1]
+        causal = _causal(q.shape[-2])
+        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+        return s.masked_fill(~causal, 0.0), p @ _kv_for_heads(v, q.shape[1])
+    return _table(q, k, v, bits, group_size, attention)
+
+
+def le_no_causal_mask(q, k, v, bits, group_size):  # every token attends to every token, future included
+    def attention(q, k, v):
+        s = q @ _kv_for_heads(k, q.shape[1]).mT / math.sqrt(q.shape[-1])
+        return s, s.softmax(-1) @ _kv_for_heads(v, q.shape[1])
+    return _table(q, k, v, bits, group_size, attention)
+
+
+def le_scores_of_the_future_counted(q, k, v, bits, group_size):  # the softmax is masked, but the scores' error is
+    def attention(q, k, v):  # taken over the whole t x t matrix, scores no token computes included
+        s = q @ _kv_for_heads(k, q.shape[1]).mT / math.sqrt(q.shape[-1])
+        p = s.masked_fill(~_causal(q.shape[-2]), float("-inf")).softmax(-1)
+        return s, p @ _kv_for_heads(v, q.shape[1])
+    return _table(q, k, v, bits, group_size, attention)
+
+
+def le_mask_filled_with_zero(q, k, v, bits, group_size):  # masked_fill(..., 0) before the softmax: a future score of
+    def attention(q, k, v):  # 0 still gets weight exp(0); only -inf removes it
+        s = q @ _kv_for_heads(k, q.shape[1]).mT / math.sqrt(q.shape[-1])
+        s = s.masked_fill(~_causal(q.shape[-2]), 0.0)
+        return s, s.softmax(-1) @ _kv_for_heads(v, q.shape[1])
+    return _table(q, k, v, bits, group_size, attention)
+
+
+def le_softmax_over_queries(q, k, v, bits, group_size):  # softmax(dim=-2): normalised over the queries, not keys
+    def attention(q, k, v):
+        s = q @ _kv_for_heads(k, q.shape[1]).mT / math.sqrt(q.shape[-1])
+        causal = _causal(q.shape[-2])
+        p = s.masked_fill(~causal, float("-inf")).softmax(-2)
+        return s.masked_fill(~causal, 0.0), p @ _kv_for_heads(v, q.shape[1])
+    return _table(q, k, v, bits, group_size, attention)
+
+
+def le_kv_heads_tiled(q, k, v, bits, group_size):  # .repeat tiles the kv heads: query head h reads kv head
+    def attention(q, k, v):  # h % kv_heads (0, 1, 0, 1, ...), not h // (heads / kv_heads)
+        r = q.shape[1] // k.shape[1]
+        s = q @ k.repeat(1, r, 1, 1).mT / math.sqrt(q.shape[-1])
+        causal = _causal(q.shape[-2])
+        return s.masked_fill(~causal, 0.0), s.masked_fill(~causal, float("-inf")).softmax(-1) @ v.repeat(1, r, 1, 1)
+    return _table(q, k, v, bits, group_size, attention)
+
+
+def le_kv_heads_not_repeated(q, k, v, bits, group_size):  # q (b, 4, t, d) @ k^T (b, 2, d, t) does not broadcast
+    def attention(q, k, v):
+        s = q @ k.mT / math.sqrt(q.shape[-1])
+        causal = _causal(q.shape[-2])
+        return s.masked_fill(~causal, 0.0), s.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+    return _table(q, k, v, bits, group_size, attention)
+
+
+def le_probabilities_instead_of_output(q, k, v, bits, group_size):  # the values row measured on softmax(S): values
+    def attention(q, k, v):  # never change the probabilities, so the row is 0
+        s = q @ _kv_for_heads(k, q.shape[1]).mT / math.sqrt(q.shape[-1])
+        causal = _causal(q.shape[-2])
+        return s.masked_fill(~causal, 0.0), s.masked_fill(~causal, float("-inf")).softmax(-1)
+    return _table(q, k, v, bits, group_size, attention)
+
+
+def le_absolute_error(q, k, v, bits, group_size):  # ||A_hat - A||, not divided by ||A||
+    return _table(q, k, v, bits, group_size, err=lambda a, exact: (a - exact).norm().item())
+
+
+def le_squared_relative_error(q, k, v, bits, group_size):  # ||A_hat - A||^2 / ||A||^2: the relative MSE
+    return _table(q, k, v, bits, group_size, err=lambda a, exact: (((a - exact).norm() / exact.norm()) ** 2).item())
+
+
+def le_mean_of_per_head_errors(q, k, v, bits, group_size):  # one relative error per (batch, head), then their mean:
+    def err(a, exact):  # heads with small scores weigh as much as loud ones
+        return ((a - exact).norm(dim=(-2, -1)) / exact.norm(dim=(-2, -1))).mean().item()
+    return _table(q, k, v, bits, group_size, err=err)
+
+
+def le_quantizes_q_too(q, k, v, bits, group_size):  # the queries quantized with the keys: the cache never holds q
+    s, o = _scores_and_output(q, k, v)
+    keys = [_rel(_scores_and_output(_fake(q, bits, group_size, dim), _fake(k, bits, group_size, dim), v)[0], s)
+            for dim in (-2, -1)]
+    values = [_rel(_scores_and_output(q, k, _fake(v, bits, group_size, dim))[1], o) for dim in (-2, -1)]
+    return torch.tensor([keys, values])
+
+
+def le_values_row_with_quantized_keys(q, k, v, bits, group_size):  # the values row quantizes k as well (both in
+    s, o = _scores_and_output(q, k, v)  # the same layout): it mixes the keys' error into the values'
+    keys = [_rel(_scores_and_output(q, _fake(k, bits, group_size, dim), v)[0], s) for dim in (-2, -1)]
+    values = [_rel(_scores_and_output(q, _fake(k, bits, group_size, dim), _fake(v, bits, group_size, dim))[1], o)
+              for dim in (-2, -1)]
+    return torch.tensor([keys, values])
+
+
+def le_keys_row_on_the_output(q, k, v, bits, group_size):  # the keys judged by the output too, not the scores
+    s, o = _scores_and_output(q, k, v)
+    keys = [_rel(_scores_and_output(q, _fake(k, bits, group_size, dim), v)[1], o) for dim in (-2, -1)]
+    values = [_rel(_scores_and_output(q, k, _fake(v, bits, group_size, dim))[1], o) for dim in (-2, -1)]
+    return torch.tensor([keys, values])
+
+
+WRONG_LAYOUT_ERRORS = [
+    (le_layouts_swapped, None),
+    (le_no_sqrt_d, None),
+    (le_divides_by_d, None),
+    (le_no_causal_mask, None),
+    (le_scores_of_the_future_counted, None),
+    (le_mask_filled_with_zero, None),
+    (le_softmax_over_queries, None),
+    (le_kv_heads_tiled, "2 query heads per kv head"),
+    (le_kv_heads_not_repeated, "raised RuntimeError"),
+    (le_probabilities_instead_of_output, None),
+    (le_absolute_error, None),
+    (le_squared_relative_error, None),
+    (le_mean_of_per_head_errors, None),
+    (le_quantizes_q_too, None),
+    (le_values_row_with_quantized_keys, None),
+    (le_keys_row_on_the_output, None),
+]
+
+
+# ----------------------------------------------------------------------------- wrong answers: exercise 3
 
 
 def _scatter(x, dim, *indices):
@@ -254,7 +456,7 @@ WRONG_OUTLIER_MASK = [
 ]
 
 
-# ----------------------------------------------------------------------------- wrong answers: exercise 3
+# ----------------------------------------------------------------------------- wrong answers: exercise 4
 
 
 def lr_one_round_fewer(R, Q0, iters):  # iters - 1 rounds (and none at all for iters = 1: P is never set)
@@ -339,7 +541,7 @@ WRONG_LOWRANK = [
 ]
 
 
-# ----------------------------------------------------------------------------- wrong answers: exercise 4
+# ----------------------------------------------------------------------------- wrong answers: exercise 5
 
 
 def gn_no_minima(tokens, head_dim, bits, group_size, rank, n_outliers, index_bytes):  # only the fp16 scales
@@ -400,6 +602,7 @@ WRONG_GEAR_NBYTES = [
 ]
 
 WRONG = [(checks.check_quantize_keys, QUANTIZE_KEYS, fn, msg) for fn, msg in WRONG_QUANTIZE_KEYS]
+WRONG += [(checks.check_layout_errors, LAYOUT_ERRORS, fn, msg) for fn, msg in WRONG_LAYOUT_ERRORS]
 WRONG += [(checks.check_outlier_mask, OUTLIER_MASK, fn, msg) for fn, msg in WRONG_OUTLIER_MASK]
 WRONG += [(checks.check_lowrank, LOWRANK, fn, msg) for fn, msg in WRONG_LOWRANK]
 WRONG += [(checks.check_gear_nbytes, GEAR_NBYTES, fn, msg) for fn, msg in WRONG_GEAR_NBYTES]
@@ -444,6 +647,123 @@ def alt_quantize_keys_normalised(k, bits, group_size):  # (x - min) / (max - min
     mn, mx = g.amin(3, keepdim=True), g.amax(3, keepdim=True)
     rng, levels = (mx - mn).clamp_min(1e-8), 2**bits - 1
     return (torch.round((g - mn) / rng * levels) / levels * rng + mn).reshape(k.shape)
+
+
+def alt_layout_errors_einsum(q, k, v, bits, group_size):  # einsum, kv heads by expand + reshape (transformers'
+    b, heads, t, d = q.shape  # repeat_kv), the mask as a float bias, each entry computed on its own
+    kv_heads = k.shape[1]
+
+    def for_heads(x):  # (b, kv_heads, t, d) -> (b, heads, t, d)
+        return x[:, :, None].expand(b, kv_heads, heads // kv_heads, t, d).reshape(b, heads, t, d)
+
+    bias = torch.full((t, t), float("-inf")).triu(1)  # 0 on and below the diagonal, -inf above
+
+    def scores(kk):
+        return torch.einsum("bhqd,bhkd->bhqk", q, for_heads(kk)) / d**0.5 + bias
+
+    def output(kk, vv):
+        return torch.einsum("bhqk,bhkd->bhqd", scores(kk).softmax(dim=-1), for_heads(vv))
+
+    def visible(s):  # the scores a token computes, the future at 0
+        return torch.nan_to_num(s, neginf=0.0)
+
+    def quantized(x, dim):
+        return kv.quantize_groups(x, bits, group_size, dim).dequantize(torch.float32)
+
+    table = torch.empty(2, 2)
+    for j, dim in enumerate((-2, -1)):
+        s, s_hat = visible(scores(k)), visible(scores(quantized(k, dim)))
+        o, o_hat = output(k, v), output(k, quantized(v, dim))
+        table[0, j] = torch.linalg.norm(s_hat - s) / torch.linalg.norm(s)
+        table[1, j] = torch.linalg.norm(o_hat - o) / torch.linalg.norm(o)
+    return table
+
+
+def alt_layout_errors_grouped_queries(q, k, v, bits, group_size):  # no repetition: q viewed as (b, kv_heads, r, t, d)
+    b, heads, t, d = q.shape  # so each kv head broadcasts over its r query heads; sdpa for the output;
+    qg = q.reshape(b, k.shape[1], heads // k.shape[1], t, d)  # a nested list of floats returned
+    mask = torch.ones(t, t, dtype=torch.bool).tril()
+
+    def scores(kk):
+        return (qg @ kk[:, :, None].mT / math.sqrt(d)).masked_fill(~mask, 0)
+
+    def output(kk, vv):
+        return F.scaled_dot_product_attention(qg, kk[:, :, None], vv[:, :, None], is_causal=True)
+
+    def dist(a, exact):
+        return float(torch.dist(a, exact) / exact.norm())
+
+    per_channel, per_token = (lambda x: kv.fake_quantize_kv(x, "key", bits, group_size),
+                              lambda x: kv.fake_quantize_kv(x, "value", bits, group_size))
+    return [[dist(scores(f(k)), scores(k)) for f in (per_channel, per_token)],
+            [dist(output(k, f(v)), output(k, v)) for f in (per_channel, per_token)]]
+
+
+def alt_layout_errors_per_head_loop(q, k, v, bits, group_size):  # one query head at a time, squared errors summed
+    r = q.shape[1] // k.shape[1]  # over heads, the square root at the end: the same Frobenius norm; quantized
+    t, d = q.shape[-2:]  # after repeating the kv heads (the groups never cross heads, so nothing changes)
+    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    k_rep, v_rep = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)
+    out = torch.zeros(2, 2, dtype=torch.float64)
+    for j, dim in enumerate((-2, -1)):
+        k_hat = kv.quantize_groups(k_rep, bits, group_size, dim).dequantize()
+        v_hat = kv.quantize_groups(v_rep, bits, group_size, dim).dequantize()
+        num, den = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+        for b in range(q.shape[0]):
+            for h in range(q.shape[1]):
+                s = (q[b, h] @ k_rep[b, h].T / math.sqrt(d)).masked_fill(future, 0.0)
+                s_hat = (q[b, h] @ k_hat[b, h].T / math.sqrt(d)).masked_fill(future, 0.0)
+                p = s.masked_fill(future, -math.inf).softmax(-1)
+                o, o_hat = p @ v_rep[b, h], p @ v_hat[b, h]
+                num += torch.stack([(s_hat - s).pow(2).sum(), (o_hat - o).pow(2).sum()]).double()
+                den += torch.stack([s.pow(2).sum(), o.pow(2).sum()]).double()
+        out[:, j] = (num / den).sqrt()
+    return out
+
+
+def alt_layout_errors_visible_entries_only(q, k, v, bits, group_size):  # the scores a token computes picked out by
+    t = q.shape[-2]  # boolean indexing (b, heads, t(t+1)/2), not zeroed: the same norms
+    visible = torch.ones(t, t, dtype=torch.bool).tril()
+    r = q.shape[1] // k.shape[1]
+
+    def scores(kk):
+        return (q @ kk.repeat_interleave(r, 1).mT / math.sqrt(q.shape[-1]))[:, :, visible]
+
+    def output(kk, vv):
+        s = (q @ kk.repeat_interleave(r, 1).mT / math.sqrt(q.shape[-1])).masked_fill(~visible, -torch.inf)
+        return torch.softmax(s, dim=-1) @ vv.repeat_interleave(r, 1)
+
+    def rel(a, exact):
+        return torch.linalg.vector_norm(a - exact) / torch.linalg.vector_norm(exact)
+
+    k_hats = [kv.quantize_groups(k, bits, group_size, dim).dequantize() for dim in (-2, -1)]
+    v_hats = [kv.quantize_groups(v, bits, group_size, dim).dequantize() for dim in (-2, -1)]
+    return torch.stack([torch.stack([rel(scores(k_hat), scores(k)) for k_hat in k_hats]),
+                        torch.stack([rel(output(k, v_hat), output(k, v)) for v_hat in v_hats])])
+
+
+def alt_layout_errors_float64(q, k, v, bits, group_size):  # the attention and the norms in float64
+    q, k, v = q.double(), k.double(), v.double()
+
+    def fake(x, dim):
+        return kv.quantize_groups(x, bits, group_size, dim).dequantize(torch.float64)
+
+    s, o = _scores_and_output(q, k, v)
+    keys = [_rel(_scores_and_output(q, fake(k, dim), v)[0], s) for dim in (-2, -1)]
+    values = [_rel(_scores_and_output(q, k, fake(v, dim))[1], o) for dim in (-2, -1)]
+    return torch.tensor([keys, values], dtype=torch.float64)
+
+
+def alt_layout_errors_exercise_1_quantizer(q, k, v, bits, group_size):  # exercise 1's quantizer for keys per
+    def fake(x, dim):  # channel (float32 scales, not the stored fp16 ones), the package's for the rest
+        if dim == -2:
+            return good_quantize_keys_per_channel(x, bits, group_size)
+        return kv.fake_quantize_kv(x, "value", bits, group_size)
+
+    s, o = _scores_and_output(q, k, v)
+    keys = [_rel(_scores_and_output(q, fake(k, dim), v)[0], s) for dim in (-2, -1)]
+    values = [_rel(_scores_and_output(q, k, fake(v, dim))[1], o) for dim in (-2, -1)]
+    return torch.tensor([keys, values])
 
 
 def alt_outlier_mask_argsort(x, ratio, dim):  # argsort once: the first k and the last k positions along dim
@@ -548,6 +868,12 @@ CORRECT_ALTERNATIVES = [
     (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_unflatten_no_clamp),
     (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_float64),
     (checks.check_quantize_keys, QUANTIZE_KEYS, alt_quantize_keys_normalised),
+    (checks.check_layout_errors, LAYOUT_ERRORS, alt_layout_errors_einsum),
+    (checks.check_layout_errors, LAYOUT_ERRORS, alt_layout_errors_grouped_queries),
+    (checks.check_layout_errors, LAYOUT_ERRORS, alt_layout_errors_per_head_loop),
+    (checks.check_layout_errors, LAYOUT_ERRORS, alt_layout_errors_visible_entries_only),
+    (checks.check_layout_errors, LAYOUT_ERRORS, alt_layout_errors_float64),
+    (checks.check_layout_errors, LAYOUT_ERRORS, alt_layout_errors_exercise_1_quantizer),
     (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_argsort),
     (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_kthvalue),
     (checks.check_outlier_mask, OUTLIER_MASK, alt_outlier_mask_sort_last_dim),
@@ -609,8 +935,16 @@ def _sample_calls():
     best2 = (U[:, :2] * s[:2]) @ V[:, :2].T
     # 128 tokens x 64 channels, 4 bits, groups of 32, rank 2, 10 outliers with 1-byte indices
     nbytes = 128 * 64 * 4 // 8 + (128 * 64 // 32) * (2 + 2) + 10 * (2 + 1) + 2 * (128 * 2 + 64 * 2)
+    # exercise 2 on q (1, 4, 8, 4), k and v (1, 2, 8, 4), 2 bits, groups of 4: the table from kvcache.attention_error,
+    # an implementation of its own (the reference lives in kvformat)
+    qa = torch.randn(1, 4, 8, 4, generator=g)
+    ka, va = torch.randn(1, 2, 8, 4, generator=g), torch.randn(1, 2, 8, 4, generator=g)
+    per = {d: (lambda x, d=d: kv.quantize_groups(x, 2, 4, dim=d).dequantize()) for d in (-2, -1)}
+    table = torch.tensor([[kv.attention_error(qa, ka, va, per[d](ka), va)["scores"] for d in (-2, -1)],
+                          [kv.attention_error(qa, ka, va, ka, per[d](va))["output"] for d in (-2, -1)]])
     return {
         checks.check_quantize_keys: ((k, 2, 4), _fake_quantize_plain(k, 2, 4)),
+        checks.check_layout_errors: ((qa, ka, va, 2, 4), table),
         checks.check_outlier_mask: ((x, 0.4, -2), _outlier_mask_plain(x, 2)),
         checks.check_lowrank: ((R, Q0, 2), best2),
         checks.check_gear_nbytes: ((128, 64, 4, 32, 2, 10, 1), nbytes),
@@ -619,16 +953,21 @@ def _sample_calls():
 
 def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
     """The lab calls the references on real cache shapes: quantize_keys on (1, heads, tokens, head_dim) keys,
-    outlier_mask along the tokens (dim=-2) with ratio 0 too, lowrank_residual on (1, heads, tokens, head_dim)
-    residuals with a (head_dim, r) start, gear_nbytes with kv.index_bytes."""
+    layout_errors on SmolLM2's 9 query heads and 3 kv heads at 2 bits in groups of 64, outlier_mask along the tokens
+    (dim=-2) with ratio 0 too, lowrank_residual on (1, heads, tokens, head_dim) residuals with a (head_dim, r) start,
+    gear_nbytes with kv.index_bytes."""
     def todo(*args):
         raise NotImplementedError
 
-    quantize, mask, lowrank, nbytes = (c(todo) for c in GOOD)
+    quantize, layout, mask, lowrank, nbytes = (c(todo) for c in GOOD)
     capsys.readouterr()
     g = torch.Generator().manual_seed(1)
     K = torch.randn(1, 3, 128, 64, generator=g)
     torch.testing.assert_close(quantize(K, 2, 64), good_quantize_keys_per_channel(K, 2, 64))
+    Q, V = torch.randn(1, 9, 128, 64, generator=g), torch.randn(1, 3, 128, 64, generator=g)
+    table = layout(Q, K, V, 2, 64)
+    assert table.shape == (2, 2) and table.dtype == torch.float32
+    torch.testing.assert_close(table, good_layout_errors(Q, K, V, 2, 64))
     for r in (0.0, 0.02, 0.08):
         m = mask(K, r, -2)
         assert m.dtype == torch.bool and torch.equal(m, good_outlier_mask(K, r, -2))
@@ -705,12 +1044,65 @@ def test_dot_T_is_right_for_2d_and_wrong_for_batched():
         lr_dot_T(checks._slow_spectrum((2, 3, 64, 16), 92), torch.randn(16, 4), 3)
 
 
+
+def _layout_tables(fn):
+    """fn's table on each of exercise 2's checker cases, as float64."""
+    return [torch.as_tensor(fn(*case.args), dtype=torch.float64) for case in checks._layout_cases()]
+
+
+def test_the_layout_reference_agrees_with_kvcache_attention_error():
+    """kvformat.layout_attention_errors (the checker's reference) and kvcache.attention_error (the lab's measurement of
+    section 2 before this exercise, written separately) give the same table on every case."""
+    from compresslab import kvformat
+
+    for case in checks._layout_cases():
+        q, k, v, bits, group_size = case.args
+        per = {d: kv.quantize_groups(k, bits, group_size, d).dequantize() for d in (-2, -1)}
+        per_v = {d: kv.quantize_groups(v, bits, group_size, d).dequantize() for d in (-2, -1)}
+        table = torch.tensor([[kv.attention_error(q, k, v, per[d], v)["scores"] for d in (-2, -1)],
+                              [kv.attention_error(q, k, v, k, per_v[d])["output"] for d in (-2, -1)]])
+        torch.testing.assert_close(kvformat.layout_attention_errors(q, k, v, bits, group_size), table)
+
+
+def test_layout_errors_tolerance_separates_right_from_wrong():
+    """Why atol 1e-3: exercise 1's float32 quantizer (no fp16 scales and minima) moves the table by at most 3e-4,
+    every wrong answer that returns a table is off by at least 1e-2 on some case."""
+    ref = _layout_tables(good_layout_errors)
+    worst = lambda fn: max((t - r).abs().max().item() for t, r in zip(_layout_tables(fn), ref))  # noqa: E731
+    assert 0 < worst(alt_layout_errors_exercise_1_quantizer) < 3e-4
+    for fn, _ in WRONG_LAYOUT_ERRORS:
+        if fn is not le_kv_heads_not_repeated:  # raises on the GQA cases
+            assert worst(fn) > 1e-2, fn.__name__
+
+
+def test_no_sqrt_d_moves_only_the_output_row():
+    """Why le_no_sqrt_d is wrong although its scores row is right: a common factor cancels in a relative error, not
+    in the softmax."""
+    for got, ref in zip(_layout_tables(le_no_sqrt_d), _layout_tables(good_layout_errors)):
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-4, atol=1e-6)
+        assert (got[1] - ref[1]).abs().max() > 1e-3
+
+
+def test_tiled_kv_heads_differ_only_with_several_query_heads_per_kv_head():
+    """Why le_kv_heads_tiled needs a GQA case with 2 kv heads: with one query head per kv head, or one kv head, .repeat
+    and .repeat_interleave give the same heads."""
+    tiled, ref = _layout_tables(le_kv_heads_tiled), _layout_tables(good_layout_errors)
+    torch.testing.assert_close(tiled[1], ref[1])  # 2 query heads, 2 kv heads: r = 1
+    torch.testing.assert_close(tiled[3], ref[3])  # one kv head
+    assert (tiled[0] - ref[0]).abs().max() > 1e-2  # 4 query heads on 2 kv heads: head 1 reads kv head 1, not 0
+
 # ----------------------------------------------------------------------------- inputs are cloned per call
 
 
 def mut_quantize_keys(k, bits, group_size):
     out = good_quantize_keys_per_channel(k, bits, group_size)
     k.zero_()
+    return out
+
+
+def mut_layout_errors(q, k, v, bits, group_size):
+    out = good_layout_errors(q, k, v, bits, group_size)
+    q.zero_(), k.mul_(-1), v.add_(3)
     return out
 
 
@@ -727,12 +1119,14 @@ def mut_lowrank(R, Q0, iters):
 
 
 MUTATING = [(checks.check_quantize_keys, QUANTIZE_KEYS, mut_quantize_keys),
+            (checks.check_layout_errors, LAYOUT_ERRORS, mut_layout_errors),
             (checks.check_outlier_mask, OUTLIER_MASK, mut_outlier_mask),
             (checks.check_lowrank, LOWRANK, mut_lowrank)]  # gear_nbytes gets ints: nothing to mutate
 
 
-def test_summary_of_the_lab05_exercises(capsys):
+def test_summary_of_the_lab06_exercises(capsys):
     checks.check_quantize_keys(good_quantize_keys_per_channel)
+    checks.check_layout_errors(good_layout_errors)
     checks.check_outlier_mask(om_largest_abs)
 
     def todo(R, Q0, iters):
@@ -741,8 +1135,9 @@ def test_summary_of_the_lab05_exercises(capsys):
     checks.check_lowrank(todo)
     checks.check_gear_nbytes(good_gear_nbytes)
     result, lines = summary_lines(capsys)
-    assert result == {QUANTIZE_KEYS: "passed", OUTLIER_MASK: "failed", LOWRANK: "not done", GEAR_NBYTES: "passed"}
-    assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
+    assert result == {QUANTIZE_KEYS: "passed", LAYOUT_ERRORS: "passed", OUTLIER_MASK: "failed", LOWRANK: "not done",
+                      GEAR_NBYTES: "passed"}
+    assert len(lines) == 6 and lines[-1] == "3/5 exercises passed"
 
 
 # ----------------------------------------------------------------------------- the tests every lab's checkers get
@@ -753,6 +1148,6 @@ class TestEveryChecker(CheckerSuite):
 
     TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
                                                                    MUTATING)
-    NAMESPACE = {"kv": kv}  # the lab's outlier_mask uses kv (the lab imports compresslab.kvcache as kv)
+    NAMESPACE = {"kv": kv, "math": math}  # the lab's layout_errors and outlier_mask use them (the lab's imports)
     TENSOR_CHECKERS = TENSOR_CHECKERS
     sample_calls = staticmethod(_sample_calls)

@@ -3,23 +3,27 @@ answers fail.
 
 Same structure as tests/test_checks_lab07.py. Every wrong implementation below was run against the checker's cases and
 is really wrong there (the checker must reject it); every correct alternative is really right (it must pass).
-No model is loaded: the checkers only factorize small fixed matrices (at most 96 x 80) and count integers.
-Exercises 1 and 3 are checked by the product A @ B (how S is split between the factors is the participant's choice)
-after the shapes of the two thin factors; _case_verdicts below runs a checker one case at a time, to show which cases
-catch which mistake.
+No model is loaded: the checkers only factorize small fixed matrices (at most 96 x 80), count integers and pick rows
+of a fixed table. Exercises 1 and 3 are checked by the product A @ B (how S is split between the factors is the
+participant's choice) after the shapes of the two thin factors; exercise 4 by which recipe was chosen (the row, a copy
+of it or its method name); _case_verdicts below runs a checker one case at a time, to show which cases catch which
+mistake. The last test checks that the capstone section needs nothing from the first half but the parameters.
 """
 
+import ast
+import builtins
 import fractions
 import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
 from compresslab import checks
-from compresslab import lowrank
+from compresslab import lowrank, stack
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "solutions" / "08_lowrank_capstone.py"
@@ -27,6 +31,8 @@ LAB = ROOT / "solutions" / "08_lowrank_capstone.py"
 TRUNCATED_SVD = "Exercise 1 · truncated_svd"
 BREAK_EVEN = "Exercise 2 · break_even_rank"
 ASVD = "Exercise 3 · asvd_factors"
+CHOOSE = "Exercise 4 · choose_recipe"
+CONTEXT = 4096  # the lab's parameter: the default context of its choose_recipe
 
 # one torch thread for the module (tiny matrices); every test starts and ends with an empty exercise table
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
@@ -56,10 +62,21 @@ def good_asvd_factors(W, scale, rank):
     return A, B / scale
 
 
+def good_choose_recipe(rows, budget_bytes, *, context=CONTEXT, batch=1):
+    """The row of `rows` with the lowest perplexity among those whose weights + KV cache (context tokens x batch
+    sequences) fit in budget_bytes; fewer bytes on a perplexity tie; None when none fits."""
+    def total(r):  # the weights once, one cache per sequence
+        return r["weight_bytes"] + r["kv_bytes_per_token"] * context * batch
+
+    fits = [r for r in rows if total(r) <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], total(r)), default=None)  # best perplexity, then fewer bytes
+
+
 GOOD = {  # checker -> (exercise name, the lab's solution, lab function name)
     checks.check_truncated_svd: (TRUNCATED_SVD, good_truncated_svd, "truncated_svd"),
     checks.check_break_even_rank: (BREAK_EVEN, good_break_even_rank, "break_even_rank"),
     checks.check_asvd_factors: (ASVD, good_asvd_factors, "asvd_factors"),
+    checks.check_choose_recipe: (CHOOSE, good_choose_recipe, "choose_recipe"),
 }
 FACTOR_CHECKERS = [checks.check_truncated_svd, checks.check_asvd_factors]  # break_even_rank gets ints
 
@@ -235,9 +252,117 @@ WRONG_ASVD = [
     (asvd_unscale_only, "tall 64 x 32 with three outlier input channels"),
 ]
 
+
+
+# ----------------------------------------------------------------------------- wrong answers: exercise 4
+
+
+def _bytes(r, context, batch):
+    """What a deployment of row r holds (the lab's formula, written out independently of compresslab.stack)."""
+    return r["weight_bytes"] + r["kv_bytes_per_token"] * context * batch
+
+
+def cr_weights_only(rows, budget_bytes, *, context=CONTEXT, batch=1):  # the KV cache left out: "a model is its weights"
+    fits = [r for r in rows if r["weight_bytes"] <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], r["weight_bytes"]), default=None)
+
+
+def cr_one_cache(rows, budget_bytes, *, context=CONTEXT, batch=1):  # one cache whatever the batch
+    fits = [r for r in rows if _bytes(r, context, 1) <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], _bytes(r, context, 1)), default=None)
+
+
+def cr_table_kv(rows, budget_bytes, *, context=CONTEXT, batch=1):  # the table's kv_mb (the cache at 4096 tokens) per
+    def total(r):  # sequence: the context argument never used
+        return r["weight_bytes"] + r["kv_mb"] * 1e6 * batch
+
+    fits = [r for r in rows if total(r) <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], total(r)), default=None)
+
+
+def cr_batch_times_all(rows, budget_bytes, *, context=CONTEXT, batch=1):  # (weights + cache) x batch: the weights
+    def total(r):  # counted once per sequence, as if each chat had its own copy of the model
+        return (r["weight_bytes"] + r["kv_bytes_per_token"] * context) * batch
+
+    fits = [r for r in rows if total(r) <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], total(r)), default=None)
+
+
+def cr_mb_against_bytes(rows, budget_bytes, *, context=CONTEXT, batch=1):  # the total in MB, the budget in bytes:
+    def total_mb(r):  # every recipe "fits"
+        return r["weight_mb"] + r["kv_bytes_per_token"] * context * batch / 1e6
+
+    fits = [r for r in rows if total_mb(r) <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], total_mb(r)), default=None)
+
+
+def cr_strict(rows, budget_bytes, *, context=CONTEXT, batch=1):  # < : a recipe needing exactly the budget is left out
+    fits = [r for r in rows if _bytes(r, context, batch) < budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], _bytes(r, context, batch)), default=None)
+
+
+def cr_smallest(rows, budget_bytes, *, context=CONTEXT, batch=1):  # the smallest recipe that fits, not the best one
+    fits = [r for r in rows if _bytes(r, context, batch) <= budget_bytes]
+    return min(fits, key=lambda r: _bytes(r, context, batch), default=None)
+
+
+def cr_worst(rows, budget_bytes, *, context=CONTEXT, batch=1):  # max(): the HIGHEST perplexity that fits
+    fits = [r for r in rows if _bytes(r, context, batch) <= budget_bytes]
+    return max(fits, key=lambda r: r["ppl"], default=None)
+
+
+def cr_first_fit(rows, budget_bytes, *, context=CONTEXT, batch=1):  # the first row that fits: the table's order is
+    return next((r for r in rows if _bytes(r, context, batch) <= budget_bytes), None)  # no ranking
+
+
+def cr_min_of_nothing(rows, budget_bytes, *, context=CONTEXT, batch=1):  # min() without default: raises on an empty
+    fits = [r for r in rows if _bytes(r, context, batch) <= budget_bytes]  # list when nothing fits
+    return min(fits, key=lambda r: (r["ppl"], _bytes(r, context, batch)))
+
+
+def cr_smallest_if_nothing_fits(rows, budget_bytes, *, context=CONTEXT, batch=1):  # "something beats nothing": the
+    fits = [r for r in rows if _bytes(r, context, batch) <= budget_bytes]  # smallest recipe, over the budget
+    if not fits:
+        return min(rows, key=lambda r: _bytes(r, context, batch))
+    return min(fits, key=lambda r: (r["ppl"], _bytes(r, context, batch)))
+
+
+def cr_no_tie_break(rows, budget_bytes, *, context=CONTEXT, batch=1):  # perplexity alone: of two tied rows the first,
+    fits = [r for r in rows if _bytes(r, context, batch) <= budget_bytes]  # whatever their bytes
+    return min(fits, key=lambda r: r["ppl"], default=None)
+
+
+def cr_tie_break_bigger(rows, budget_bytes, *, context=CONTEXT, batch=1):  # on a tie the BIGGER recipe ("more bytes,
+    fits = [r for r in rows if _bytes(r, context, batch) <= budget_bytes]  # more quality")
+    return min(fits, key=lambda r: (r["ppl"], -_bytes(r, context, batch)), default=None)
+
+
+def cr_index(rows, budget_bytes, *, context=CONTEXT, batch=1):  # the row's position, not the row
+    best = good_choose_recipe(rows, budget_bytes, context=context, batch=batch)
+    return None if best is None else rows.index(best)
+
+
+WRONG_CHOOSE = [
+    (cr_weights_only, "300 MB, one chat of 4096 tokens"),
+    (cr_one_cache, "512 MB, 4 chats of 4096 tokens"),
+    (cr_table_kv, "768 MB, one document of 32 768 tokens"),
+    (cr_batch_times_all, "512 MB, 4 chats of 4096 tokens"),
+    (cr_mb_against_bytes, "300 MB, one chat of 4096 tokens"),
+    (cr_strict, "exactly what GPTQ 4-bit + KIVI-4 needs for 16 chats of 4096 tokens: <= fits\": None (nothing fits)"),
+    (cr_smallest, "'GPTQ 4-bit + KIVI-4 KV' (needs 140.5 MB, perplexity 19.35), expected 'dense'"),
+    (cr_worst, "'student 20L + KD + GPTQ 4-bit' (needs 157.7 MB, perplexity 54.31), expected 'dense'"),
+    (cr_first_fit, "300 MB, one chat of 4096 tokens"),
+    (cr_min_of_nothing, "raised ValueError: min() arg is an empty sequence"),
+    (cr_smallest_if_nothing_fits, "128 MB, one chat of 4096 tokens: nothing fits"),
+    (cr_no_tie_break, "'GPTQ 4-bit' (needs 208.3 MB, perplexity 19.15), expected 'GPTQ 4-bit + KIVI-8 KV'"),
+    (cr_tie_break_bigger, "a perplexity tie"),
+    (cr_index, "got int 0 (an index? return rows[i])"),
+]
+
 WRONG = [(checks.check_truncated_svd, TRUNCATED_SVD, fn, msg) for fn, msg in WRONG_TRUNCATED_SVD]
 WRONG += [(checks.check_break_even_rank, BREAK_EVEN, fn, msg) for fn, msg in WRONG_BREAK_EVEN]
 WRONG += [(checks.check_asvd_factors, ASVD, fn, msg) for fn, msg in WRONG_ASVD]
+WRONG += [(checks.check_choose_recipe, CHOOSE, fn, msg) for fn, msg in WRONG_CHOOSE]
 
 
 # ----------------------------------------------------------------------------- correct alternatives
@@ -341,7 +466,76 @@ def alt_asvd_in_place(W, scale, rank):  # scales its W in place (the checker pas
     return A, B.div_(scale)
 
 
+def alt_choose_sorted(rows, budget_bytes, *, context=CONTEXT, batch=1):  # sort by (perplexity, bytes), take the first
+    fits = sorted((r for r in rows if _bytes(r, context, batch) <= budget_bytes),
+                  key=lambda r: (r["ppl"], _bytes(r, context, batch)))
+    return fits[0] if fits else None
+
+
+def alt_choose_loop(rows, budget_bytes, *, context=CONTEXT, batch=1):  # one pass, keeping the best so far
+    best = None
+    for r in rows:
+        need = r["weight_bytes"] + r["kv_bytes_per_token"] * context * batch
+        if need > budget_bytes:
+            continue
+        if best is None or r["ppl"] < best[0]["ppl"] or (r["ppl"] == best[0]["ppl"] and need < best[1]):
+            best = (r, need)
+    return None if best is None else best[0]
+
+
+def alt_choose_name(rows, budget_bytes, *, context=CONTEXT, batch=1):  # the recipe's name (the lab prints either)
+    best = good_choose_recipe(rows, budget_bytes, context=context, batch=batch)
+    return None if best is None else best["method"]
+
+
+def alt_choose_annotated_copy(rows, budget_bytes, *, context=CONTEXT, batch=1):  # a copy of the row, with its bytes
+    fits = [dict(r, deployment_bytes=_bytes(r, context, batch)) for r in rows]
+    fits = [r for r in fits if r["deployment_bytes"] <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], r["deployment_bytes"]), default=None)
+
+
+def alt_choose_pandas(rows, budget_bytes, *, context=CONTEXT, batch=1):  # a DataFrame: the chosen row is a Series
+    df = pd.DataFrame(rows)
+    df["need"] = df["weight_bytes"] + df["kv_bytes_per_token"] * context * batch
+    fits = df[df["need"] <= budget_bytes].sort_values(["ppl", "need"], kind="stable")
+    return None if fits.empty else fits.iloc[0]
+
+
+def alt_choose_in_mb(rows, budget_bytes, *, context=CONTEXT, batch=1):  # megabytes on both sides of the comparison
+    fits = [r for r in rows if _bytes(r, context, batch) / 1e6 <= budget_bytes / 1e6]
+    return min(fits, key=lambda r: (r["ppl"], _bytes(r, context, batch)), default=None)
+
+
+def alt_choose_weight_mb(rows, budget_bytes, *, context=CONTEXT, batch=1):  # the table's weight_mb back in bytes
+    def total(r):  # (exact on these rows, even at the boundary case)
+        return r["weight_mb"] * 1e6 + r["kv_bytes_per_token"] * context * batch
+
+    fits = [r for r in rows if total(r) <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], total(r)), default=None)
+
+
+def alt_choose_positional(rows, budget_bytes, context=CONTEXT, batch=1):  # no `*`: context and batch positional too
+    return good_choose_recipe(rows, budget_bytes, context=context, batch=batch)
+
+
+def alt_choose_two_steps(rows, budget_bytes, *, context=CONTEXT, batch=1):  # the best perplexity first, then the
+    fits = [r for r in rows if _bytes(r, context, batch) <= budget_bytes]  # smallest of the rows that have it
+    if not fits:
+        return None
+    best = min(r["ppl"] for r in fits)
+    return min((r for r in fits if r["ppl"] == best), key=lambda r: _bytes(r, context, batch))
+
+
 CORRECT_ALTERNATIVES = [
+    (checks.check_choose_recipe, CHOOSE, alt_choose_sorted),
+    (checks.check_choose_recipe, CHOOSE, alt_choose_loop),
+    (checks.check_choose_recipe, CHOOSE, alt_choose_name),
+    (checks.check_choose_recipe, CHOOSE, alt_choose_annotated_copy),
+    (checks.check_choose_recipe, CHOOSE, alt_choose_pandas),
+    (checks.check_choose_recipe, CHOOSE, alt_choose_in_mb),
+    (checks.check_choose_recipe, CHOOSE, alt_choose_weight_mb),
+    (checks.check_choose_recipe, CHOOSE, alt_choose_positional),
+    (checks.check_choose_recipe, CHOOSE, alt_choose_two_steps),
     (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_S_in_A),
     (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_S_in_B),
     (checks.check_truncated_svd, TRUNCATED_SVD, alt_truncated_svd_diag),
@@ -389,10 +583,15 @@ def _sample_calls():
     # ASVD: W diag(c) = M with M's SVD known, so truncate M and fold 1/c back into the columns
     c = torch.linspace(0.5, 4.0, 8)
     # 576 x 576: 288 * 1152 == 576 * 576 exactly, so 287
+    # recipes at 10 tokens x 4 sequences: a needs 100 + 40 = 140 > 100; b 50 + 40 = 90; c 20 + 10 = 30; b is better
+    rows = [dict(method="a", weight_bytes=100, kv_bytes_per_token=1, ppl=10.0),
+            dict(method="b", weight_bytes=50, kv_bytes_per_token=1, ppl=12.0),
+            dict(method="c", weight_bytes=20, kv_bytes_per_token=0.25, ppl=15.0)]
     return {
         checks.check_truncated_svd: ((W, 2), (best2, 2)),
         checks.check_break_even_rank: ((576, 576), 287),
         checks.check_asvd_factors: ((W / c, c, 2), (best2 / c, 2)),
+        checks.check_choose_recipe: ((rows, 100, 10, 4), rows[1]),
     }
 
 
@@ -401,6 +600,9 @@ def _assert_sample(checker, fn) -> None:
     if checker is checks.check_break_even_rank:
         got = fn(*args)
         assert got == expected and isinstance(got, int)
+    elif checker is checks.check_choose_recipe:
+        rows, budget, context, batch = args
+        assert fn(rows, budget, context=context, batch=batch) is expected  # the row itself, as the lab prints it
     else:
         _assert_factors(fn(*args), *expected)
 
@@ -412,7 +614,7 @@ def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
     def todo(*args):
         raise NotImplementedError
 
-    truncated_svd, break_even_rank, asvd_factors = (c(todo) for c in GOOD)
+    truncated_svd, break_even_rank, asvd_factors = (c(todo) for c in list(GOOD)[:3])
     capsys.readouterr()
     g = torch.Generator().manual_seed(2)
     W = torch.randn(96, 40, generator=g) * 0.05
@@ -427,6 +629,22 @@ def test_not_done_references_work_the_way_the_lab_uses_them(capsys):
     be = break_even_rank(*W.shape)
     assert be == 96 * 40 // 136 and isinstance(be, int) and f"{be:10d}".strip() == str(be)
     assert lowrank.svd_factors(W, be)[0].shape == (96, be)
+
+
+def test_not_done_choose_recipe_works_the_way_the_lab_uses_it(capsys):
+    """The lab calls choose_recipe(rows, budget, context=..., batch=...) on its measured rows (floats of bytes, the
+    KV per token a float) for four budgets, and prints the method of the row it returns, or a message for None."""
+    def todo(*args, **kwargs):
+        raise NotImplementedError
+
+    choose_recipe = checks.check_choose_recipe(todo)
+    capsys.readouterr()
+    rows = [dict(r, weight_bytes=float(r["weight_bytes"]), kv_bytes_per_token=r["kv_bytes_per_token"] * 1.0003)
+            for r in checks.RECIPE_ROWS[:4] + checks.RECIPE_ROWS[5:]]  # quick mode's recipes: no 3-bit row
+    picks = [choose_recipe(rows, budget, context=context, batch=batch)
+             for budget, context, batch in ((512e6, 4096, 1), (256e6, 4096, 1), (512e6, 4096, 8), (128e6, 4096, 1))]
+    assert [p and p["method"] for p in picks] == ["dense", "GPTQ 4-bit + rank-32 fix", "GPTQ 4-bit + KIVI-4 KV", None]
+    assert all(p is None or any(p is r for r in rows) for p in picks)  # rows of the table, not copies
 
 
 # ----------------------------------------------------------------------------- failed
@@ -569,6 +787,69 @@ def test_scale_mistakes_pass_the_all_ones_case_only(fn, monkeypatch, capsys):
     assert _passed_on(verdicts) == ["all-ones scale: ASVD equals plain SVD"]
 
 
+def _failed_on(checker, fn, monkeypatch, capsys) -> list[str]:
+    """The labels (up to their first colon) of the cases fn fails, in the checker's order."""
+    verdicts = _case_verdicts(checker, fn, monkeypatch, capsys)
+    return [label.split(":")[0] for label, ok in verdicts.items() if not ok]
+
+
+TIE = "a perplexity tie (GPTQ 4-bit with an fp16 or an 8-bit cache)"
+
+
+@pytest.mark.parametrize("fn, only", [(cr_table_kv, "768 MB, one document of 32 768 tokens"),
+                                      (cr_strict, "exactly what GPTQ 4-bit + KIVI-4 needs for 16 chats of 4096 tokens"),
+                                      (cr_min_of_nothing, "128 MB, one chat of 4096 tokens"),
+                                      (cr_smallest_if_nothing_fits, "128 MB, one chat of 4096 tokens"),
+                                      (cr_no_tie_break, TIE), (cr_tie_break_bigger, TIE)],
+                         ids=lambda v: getattr(v, "__name__", ""))
+def test_choose_recipe_mistakes_only_one_case_catches(fn, only, monkeypatch, capsys):
+    """Why the checker has a long context, an exact boundary, a budget nothing fits and a tie: each is the only case
+    that tells these mistakes from the answer (the KV at the table's 4096 tokens is right at 4096 tokens)."""
+    assert _failed_on(checks.check_choose_recipe, fn, monkeypatch, capsys) == [only]
+
+
+@pytest.mark.parametrize("fn", [cr_one_cache, cr_batch_times_all], ids=lambda f: f.__name__)
+def test_batch_mistakes_fail_the_cases_with_several_sequences(fn, monkeypatch, capsys):
+    """One cache for all the sequences, or the weights once per sequence: right at batch 1, wrong at 4 and 16."""
+    assert _failed_on(checks.check_choose_recipe, fn, monkeypatch, capsys) == [
+        "512 MB, 4 chats of 4096 tokens", "exactly what GPTQ 4-bit + KIVI-4 needs for 16 chats of 4096 tokens"]
+
+
+@pytest.mark.parametrize("fn", [cr_weights_only, cr_mb_against_bytes], ids=lambda f: f.__name__)
+def test_budget_mistakes_pass_only_where_the_best_recipe_fits_anyway(fn, monkeypatch, capsys):
+    """Without the cache (or with megabytes against bytes) dense "fits" every budget but 128 MB's: only the first case,
+    where dense really fits, passes."""
+    failed = _failed_on(checks.check_choose_recipe, fn, monkeypatch, capsys)
+    assert len(failed) == 6 and "512 MB, one chat of 4096 tokens" not in failed
+
+
+def test_the_choose_recipe_cases_are_what_their_labels_say():
+    """The boundary case's budget is exactly one recipe's bytes (and nothing else fits), the tie is exact, and the
+    rows are SmolLM2-135M's: fp16 KV = K and V x 30 layers x 3 KV heads x 64 x 2 bytes; the 20-layer student's 20/30."""
+    rows = {r["method"]: r for r in checks.RECIPE_ROWS}
+    assert rows["dense"]["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 2 == 23040
+    assert rows["student 20L + KD + GPTQ 4-bit"]["kv_bytes_per_token"] == 23040 * 20 // 30
+    budget = 113_924_736 + 6480 * 4096 * 16
+    assert stack.deployment_bytes(rows["GPTQ 4-bit + KIVI-4 KV"], 4096, 16) == budget
+    assert [r["method"] for r in checks.RECIPE_ROWS if stack.deployment_bytes(r, 4096, 16) <= budget] == [
+        "GPTQ 4-bit + KIVI-4 KV"]
+    a, b = checks.TIED_ROWS[1], checks.TIED_ROWS[2]
+    assert a["ppl"] == b["ppl"] and _bytes(a, 4096, 1) > _bytes(b, 4096, 1) <= 256e6
+    for r in checks.RECIPE_ROWS + checks.TIED_ROWS:
+        assert r["weight_mb"] == r["weight_bytes"] / 1e6 and r["kv_mb"] == r["kv_bytes_per_token"] * 4096 / 1e6
+
+
+def test_the_reference_agrees_with_the_formula_written_out(monkeypatch, capsys):
+    """On every case of the checker, stack.choose_recipe returns the row this file's own formula picks."""
+    seen = []
+    monkeypatch.setattr(checks.lab08, "run_check", lambda name, fn, reference, cases, **kw: seen.append(cases) or fn)
+    checks.check_choose_recipe(good_choose_recipe)
+    for rows, budget, context, batch in (case.args for case in seen[0]):
+        fits = [r for r in rows if _bytes(r, context, batch) <= budget]
+        best = min(fits, key=lambda r: (r["ppl"], _bytes(r, context, batch))) if fits else None
+        assert stack.choose_recipe(rows, budget, context=context, batch=batch) is best
+
+
 # ----------------------------------------------------------------------------- checker weaknesses
 
 
@@ -631,12 +912,29 @@ def mut_asvd_factors(W, scale, rank):
     return out
 
 
+def mut_choose_recipe(rows, budget_bytes, *, context=CONTEXT, batch=1):
+    out = good_choose_recipe(rows, budget_bytes, context=context, batch=batch)
+    rows.sort(key=lambda r: -r["ppl"])
+    for r in rows:
+        r["weight_bytes"], r["ppl"] = 0, 0.0
+    return out
+
+
+def alt_choose_annotates_rows(rows, budget_bytes, *, context=CONTEXT, batch=1):  # writes each row's bytes INTO it
+    for r in rows:
+        r["total"] = _bytes(r, context, batch)
+    fits = [r for r in rows if r["total"] <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], r["total"]), default=None)
+
+
 MUTATING = [(checks.check_truncated_svd, TRUNCATED_SVD, mut_truncated_svd),
             (checks.check_asvd_factors, ASVD, mut_asvd_factors),
-            (checks.check_asvd_factors, ASVD, alt_asvd_in_place)]  # break_even_rank gets ints: nothing to mutate
+            (checks.check_asvd_factors, ASVD, alt_asvd_in_place),  # break_even_rank gets ints: nothing to mutate
+            (checks.check_choose_recipe, CHOOSE, mut_choose_recipe),  # the checker passes copies of the rows
+            (checks.check_choose_recipe, CHOOSE, alt_choose_annotates_rows)]
 
 
-def test_summary_of_the_lab07_exercises(capsys):
+def test_summary_of_the_lab08_exercises(capsys):
     checks.check_truncated_svd(good_truncated_svd)
     checks.check_break_even_rank(be_floor)
 
@@ -644,9 +942,10 @@ def test_summary_of_the_lab07_exercises(capsys):
         raise NotImplementedError
 
     checks.check_asvd_factors(todo)
+    checks.check_choose_recipe(good_choose_recipe)
     result, lines = summary_lines(capsys)
-    assert result == {TRUNCATED_SVD: "passed", BREAK_EVEN: "failed", ASVD: "not done"}
-    assert len(lines) == 4 and lines[-1] == "1/3 exercises passed"
+    assert result == {TRUNCATED_SVD: "passed", BREAK_EVEN: "failed", ASVD: "not done", CHOOSE: "passed"}
+    assert len(lines) == 5 and lines[-1] == "2/4 exercises passed"
 
 
 # ----------------------------------------------------------------------------- the tests every lab's checkers get
@@ -657,9 +956,63 @@ class TestEveryChecker(CheckerSuite):
 
     TEST_FILE, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG, MUTATING = (__file__, LAB, GOOD, CORRECT_ALTERNATIVES, WRONG,
                                                                    MUTATING)
-    NAMESPACE = {"math": math}  # the lab's break_even_rank uses math
+    NAMESPACE = {"math": math, "CONTEXT": CONTEXT}  # break_even_rank uses math, choose_recipe's default CONTEXT
     TENSOR_CHECKERS = FACTOR_CHECKERS
     sample_calls = staticmethod(_sample_calls)
 
     def assert_sample(self, checker, got):
         _assert_sample(checker, got)
+
+    def test_not_implemented_is_not_done(self, checker, capsys):
+        """The suite's test, with a stub that also takes keywords where the lab's function does: the lab (and so the
+        checker) calls choose_recipe(rows, budget, context=..., batch=...)."""
+        if checker is not checks.check_choose_recipe:
+            return super().test_not_implemented_is_not_done(checker, capsys)
+
+        def todo(rows, budget_bytes, *, context=CONTEXT, batch=1):
+            raise NotImplementedError("fill me in")
+
+        got = checker(todo)
+        assert got is not todo and checks.STATUS == {CHOOSE: "not done"}
+        out = capsys.readouterr().out
+        assert "NOT DONE" in out and "FAILED" not in out
+        self.assert_sample(checker, got)
+
+
+# ----------------------------------------------------------------------------- the capstone starts on its own
+
+
+def _bound_and_used(code: str) -> tuple[set[str], set[str]]:
+    """Names a cell binds anywhere (assignments, loop targets, imports, defs, arguments) and names it reads."""
+    bound, used = set(), set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Name):
+            (used if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+    return bound, used
+
+
+def test_the_capstone_needs_only_the_parameters_cell():
+    """Issue: the capstone can start at minute 0 of its slot. Every name that section 6 and the cells after it read
+    is bound in those cells, in the parameters cell, or a builtin: nothing comes from sections 0-5 (today's model,
+    calibration batches and activation statistics are loaded or computed again in section 6's first cell)."""
+    import jupytext
+
+    cells = jupytext.read(LAB).cells
+    start = next(i for i, c in enumerate(cells) if c.cell_type == "markdown" and "## 6 · The capstone" in c.source)
+    params = next(c for c in cells if "parameters" in c.metadata.get("tags", []))
+    bound, used = _bound_and_used(params.source)
+    for cell in cells[start:]:
+        if cell.cell_type == "code":
+            b, u = _bound_and_used(cell.source)
+            bound |= b
+            used |= u
+    assert {"model", "tok", "calib", "norms", "env", "sz", "cl", "stack"} <= bound  # loaded here, not inherited
+    assert used - bound - set(dir(builtins)) == set()  # what would come from the first half

@@ -3,6 +3,7 @@
     weight_bytes_at(linear_params, other_params, bits=4, group_size=64)     # what one decode step must read
     decode_bound(weight_bytes, kv_bytes_per_token, context, batch, bandwidth_GBps)   # -> tokens/s upper bound
     latency_stats(t_request, token_times)                                  # -> TTFT, inter-token latency, tok/s
+    time_decode(prefill, step, n_tokens, warmup=1, runs=5, sync=...)       # -> median TTFT, ITL, tok/s, measured
     timed_generate(model, tok, prompt, new_tokens)                         # PyTorch, with per-token timestamps
     build_onnx(out_dir, precision="int4"); OnnxLM(out_dir).timed_generate(...)   # ONNX Runtime (GenAI), CPU
     trtllm_status()  -> (ok, why)                                          # TensorRT-LLM: sm80+ GPU + tensorrt_llm
@@ -148,6 +149,50 @@ def latency_stats(t_request: float, token_times) -> tuple[float, float, float]:
     ttft = times[0] - t_request
     itl = (times[-1] - times[0]) / (times.size - 1)
     return float(ttft), float(itl), float(1.0 / itl)
+
+
+def _no_sync() -> None:
+    """A CPU computes synchronously: nothing to wait for."""
+
+
+def time_decode(prefill, step, n_tokens: int, *, warmup: int = 1, runs: int = 5, clock=time.perf_counter,
+                sync=_no_sync) -> tuple[float, float, float]:
+    """(median TTFT, median inter-token latency, decode tokens/s) of a generation of n_tokens tokens, in seconds.
+
+    prefill() starts a new generation (the prompt in, the first token out); step() makes the next token. A run is
+    prefill() then n_tokens - 1 step()s. `warmup` whole runs go untimed first (compilation, autotuning, caches),
+    then `runs` timed ones. On a GPU, calls only queue kernels: sync() (torch.cuda.synchronize) waits for them, so
+    it comes before every clock() read. A run's TTFT is start -> first token, its inter-token latency the decode
+    span over its n_tokens - 1 intervals; each is the median over the runs (an outlier run moves a mean, not the
+    median), and the decode rate is 1 / the median ITL. Lab 07, section 3:
+
+        ttft, itl, tps = time_decode(prefill, step, 16, warmup=1, runs=5, sync=torch.cuda.synchronize)"""
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 2:
+        raise ValueError(f"n_tokens must be an int >= 2 (the first token is the prefill's), got {n_tokens!r}")
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs must be an int >= 1, got {runs!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    for _ in range(warmup):  # untimed, exactly like a timed run
+        prefill()
+        for _ in range(n_tokens - 1):
+            step()
+    ttfts, itls = [], []
+    for _ in range(runs):
+        sync()  # nothing of the warm-up or the last run still queued
+        t0 = clock()
+        prefill()
+        sync()
+        times = [clock()]  # when each token is ready on the host, as a streaming server sends it
+        for _ in range(n_tokens - 1):
+            step()
+            sync()
+            times.append(clock())
+        ttft, itl, _ = latency_stats(t0, times)
+        ttfts.append(ttft)
+        itls.append(itl)
+    itl = float(np.median(itls))
+    return float(np.median(ttfts)), itl, 1.0 / itl
 
 
 class TokenClock:

@@ -5,6 +5,7 @@
     student, info = make_student(teacher, calib, n_layers=20)          # prune the teacher: drop its least useful layers
     cache = cache_teacher(teacher, train_ids, k=64, T=2.0)              # optional: teacher run once, top-k kept
     history = distill(student, train_ids, teacher=teacher, steps=100)   # the small, honest training loop
+    loss = hidden_loss(s_out.hidden_states, t_out.hidden_states, pairs, make_projection(576, 576), mask)  # Minitron
 
 The idea: the teacher's whole next-token distribution ("dark knowledge": which wrong answers are nearly right) is a
 richer training signal than the one-hot label. Softening both distributions with a temperature T > 1 exposes it
@@ -13,6 +14,8 @@ best at T = 1 (T = 2 fell behind plain CE). The soft loss's gradient shrinks as 
 keep its weight against the hard loss when T changes. D is forward KL (mode-covering, Hinton), reverse KL
 (mode-seeking, MiniLLM) or skew KL (DistiLLM).
 Prune-then-distil (Minitron): the student is the teacher with layers removed, initialised from the teacher's weights.
+Minitron also distils hidden states: the student's, through a learned projection, against the teacher's at paired
+layers (cosine distance per real token; distill(..., hidden_weight=, pairs=) adds it to the loss).
 """
 
 from __future__ import annotations
@@ -201,6 +204,64 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor |
     return ce if alpha == 1 else alpha * ce + (1 - alpha) * soft
 
 
+# ----------------------------------------------------------------------------- intermediate layers (Minitron)
+
+
+def make_projection(student_width: int, teacher_width: int, dtype=None, device=None) -> nn.Linear:
+    """The learned map from the student's hidden width to the teacher's, shared by every layer pair (Minitron's "shared
+    linear transformation"), trained along with the student. Equal widths (a depth-pruned student): the identity to
+    start with, so the loss starts in the teacher's own coordinates; otherwise nn.Linear's random init. No bias.
+
+        proj = make_projection(576, 960)   # a SmolLM2-135M student under a SmolLM2-360M teacher
+    """
+    proj = nn.Linear(student_width, teacher_width, bias=False, dtype=dtype, device=device)
+    if student_width == teacher_width:
+        nn.init.eye_(proj.weight)
+    return proj
+
+
+def hidden_loss(student_hidden, teacher_hidden, pairs, proj: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """Minitron's intermediate-state loss: for each (student layer, teacher layer) pair, the cosine distance
+    1 - cos(proj(h_student), h_teacher) at every real token, averaged over the real tokens, then over the pairs.
+
+        loss = hidden_loss(s_out.hidden_states, t_out.hidden_states, [(4, 5), (9, 11)], proj, batch.attention_mask)
+
+    student_hidden, teacher_hidden: the hidden states as transformers returns them with output_hidden_states=True,
+    (batch, seq, width) each: [0] the embeddings, [i + 1] the output of decoder layer i (the last one after the final
+    norm). pairs: [(student layer, teacher layer), ...], decoder-layer indices as in model.model.layers. proj: student
+    width -> teacher width (make_projection), applied to the student. mask (batch, seq): nonzero at real tokens, 0 at
+    padding (an attention_mask). The teacher's states are targets: no gradient flows into them.
+
+    A cosine, not an MSE: SmolLM2's residual stream grows more than tenfold in norm with depth and its first token's
+    state is ~100x the others' (an attention sink), so a plain MSE would be mostly about a few large states; the cosine
+    weighs every token and every layer alike (NVIDIA Model Optimizer's HiddenStateCosineLoss, with which Megatron and
+    NeMo run the Minitron recipe). Averaging over the pairs keeps the loss's weight meaningful whatever their number.
+    """
+    pairs = [(int(s), int(t)) for s, t in pairs]
+    if not pairs:
+        raise ValueError("pairs is empty: give at least one (student layer, teacher layer) pair")
+    n_s, n_t = len(student_hidden) - 1, len(teacher_hidden) - 1  # decoder layers: hidden states hold one more
+    for s, t in pairs:
+        if not (0 <= s < n_s and 0 <= t < n_t):
+            raise ValueError(f"pair ({s}, {t}) is out of range: the student has decoder layers 0..{n_s - 1}, the "
+                             f"teacher 0..{n_t - 1} (hidden_states[i + 1] is the output of layer i)")
+    lead = {tuple(mask.shape), tuple(student_hidden[0].shape[:2]), tuple(teacher_hidden[0].shape[:2])}
+    if len(lead) > 1:
+        raise ValueError(f"mask {tuple(mask.shape)}, student states {tuple(student_hidden[0].shape)} and teacher "
+                         f"states {tuple(teacher_hidden[0].shape)} must share (batch, seq): run both on the same ids")
+    keep = mask.bool()  # (batch, seq) the real tokens
+    if not keep.any():
+        raise ValueError("the mask keeps no token: nothing to compare")
+    losses = []
+    for s, t in pairs:
+        h_s = proj(student_hidden[s + 1])  # (batch, seq, teacher width)
+        h_t = teacher_hidden[t + 1].detach()  # (batch, seq, teacher width): a target, not trained
+        dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32  # never a cosine in half precision
+        cos = F.cosine_similarity(h_s.to(dtype), h_t.to(dtype), dim=-1)  # (batch, seq)
+        losses.append((1 - cos)[keep].mean())  # one distance per real token, averaged
+    return torch.stack(losses).mean()
+
+
 # ----------------------------------------------------------------------------- the student: the teacher, pruned
 
 
@@ -310,7 +371,7 @@ def cache_teacher(teacher, ids: torch.Tensor, k: int = 64, T: float = 2.0, batch
 def distill(student, ids: torch.Tensor, teacher=None, steps: int = 100, lr: float = 1e-4, batch_size: int = 4,
             grad_accum: int = 1, T: float = 2.0, alpha: float = 0.5, kind: str = "forward", skew: float = 0.1,
             warmup: int = 0, train_embeddings: bool = False, eval_fn=None, eval_every: int = 0, seed: int = 0,
-            progress: bool = True) -> dict:
+            progress: bool = True, hidden_weight: float = 0.0, pairs=None, proj: nn.Module | None = None) -> dict:
     """Train the student in place on windows ids (n, seq) with kd_loss; returns the history.
 
     teacher: a model (run in eval mode without gradients at every step), a TopKLogits cache of ids (cache_teacher),
@@ -318,7 +379,10 @@ def distill(student, ids: torch.Tensor, teacher=None, steps: int = 100, lr: floa
     a seeded generator: two runs with the same seed see the same windows in the same order, whatever their loss.
     AdamW, linear warm-up then cosine decay. Embeddings (tied to lm_head in SmolLM2) stay frozen unless
     train_embeddings. eval_fn(student) -> float is called at step 0 and every eval_every steps (and at the end).
-    history: {'step', 'loss', 'ce', 'soft', 'eval_step', 'eval'}.
+    hidden_weight > 0 adds Minitron's intermediate-state loss, hidden_weight * hidden_loss(...) over `pairs` (student
+    layer, teacher layer) through `proj` (make_projection when None; its weights train with the student's), which
+    needs the teacher as a model.
+    history: {'step', 'loss', 'ce', 'soft', 'hidden', 'eval_step', 'eval'}.
     """
     check_decoder(student, "distill")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
@@ -328,6 +392,13 @@ def distill(student, ids: torch.Tensor, teacher=None, steps: int = 100, lr: floa
     if steps < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError("steps, batch_size and grad_accum must be >= 1")
     cached = isinstance(teacher, TopKLogits)
+    if isinstance(hidden_weight, bool) or not isinstance(hidden_weight, (int, float)) or not hidden_weight >= 0 \
+            or not math.isfinite(hidden_weight):
+        raise ValueError(f"hidden_weight weighs the intermediate-state loss: a number >= 0, got {hidden_weight!r}")
+    if hidden_weight > 0 and (teacher is None or cached):
+        raise ValueError("hidden_weight > 0 compares hidden states: pass the teacher as a model, not None or a cache")
+    if hidden_weight > 0 and not pairs:
+        raise ValueError("hidden_weight > 0 needs pairs, [(student layer, teacher layer), ...], to compare")
     if cached and tuple(teacher.values.shape[:2]) != tuple(ids.shape):
         raise ValueError(f"the teacher cache covers windows {tuple(teacher.values.shape[:2])}, the training ids are "
                          f"{tuple(ids.shape)}: build it with cache_teacher(teacher, ids)")
@@ -346,11 +417,16 @@ def distill(student, ids: torch.Tensor, teacher=None, steps: int = 100, lr: floa
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
+    if hidden_weight > 0:
+        if proj is None:
+            proj = make_projection(student.config.hidden_size, teacher.config.hidden_size, params[0].dtype, device)
+        params = params + [p for p in proj.parameters() if p.requires_grad]  # the projection learns with the student
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
     g = torch.Generator().manual_seed(seed)
-    hist = {"step": [], "loss": [], "ce": [], "soft": [], "eval_step": [], "eval": []}
+    hist = {"step": [], "loss": [], "ce": [], "soft": [], "hidden": [], "eval_step": [], "eval": []}
+    with_hidden = {"output_hidden_states": True} if hidden_weight > 0 else {}
 
     def evaluate(step):
         if eval_fn is not None:
@@ -364,11 +440,12 @@ def distill(student, ids: torch.Tensor, teacher=None, steps: int = 100, lr: floa
         evaluate(0)
         for step in (bar := tqdm(range(1, steps + 1), desc=f"distill {kind if alpha < 1 else 'CE'}",
                                  disable=not progress)):
-            tot = {"loss": 0.0, "ce": 0.0, "soft": 0.0}
+            tot = {"loss": 0.0, "ce": 0.0, "soft": 0.0, "hidden": 0.0}
             for _ in range(grad_accum):
                 rows = torch.randint(0, ids.shape[0], (batch_size,), generator=g)
                 x = ids[rows].to(device)  # (b, seq)
-                logits = student(x, use_cache=False).logits[:, :-1]  # (b, seq-1, V): position t predicts x[t+1]
+                out = student(x, use_cache=False, **with_hidden)
+                logits = out.logits[:, :-1]  # (b, seq-1, V): position t predicts x[t+1]
                 labels = x[:, 1:]
                 if teacher is None:
                     t_logits = None
@@ -377,11 +454,16 @@ def distill(student, ids: torch.Tensor, teacher=None, steps: int = 100, lr: floa
                     t_logits = TopKLogits(c.values[:, :-1], c.indices[:, :-1], c.log_z[:, :-1], c.T, c.vocab_size)
                 else:
                     with torch.no_grad():
-                        t_logits = teacher(x, use_cache=False).logits[:, :-1]
+                        t_out = teacher(x, use_cache=False, **with_hidden)
+                        t_logits = t_out.logits[:, :-1]
                 ce, soft = kd_terms(logits, t_logits, labels, T, kind, skew)
                 loss = ce if alpha == 1 else alpha * ce + (1 - alpha) * soft
+                hidden = soft.new_zeros(())
+                if hidden_weight > 0:  # every token of a training window is real: the mask is all ones
+                    hidden = hidden_loss(out.hidden_states, t_out.hidden_states, pairs, proj, torch.ones_like(x))
+                    loss = loss + hidden_weight * hidden
                 (loss / grad_accum).backward()
-                for key, v in (("loss", loss), ("ce", ce), ("soft", soft)):
+                for key, v in (("loss", loss), ("ce", ce), ("soft", soft), ("hidden", hidden)):
                     tot[key] += v.item() / grad_accum
             opt.step()
             sched.step()

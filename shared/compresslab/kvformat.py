@@ -1,13 +1,15 @@
 """The KV cache's storage format, the bottom layer that the cache (kvcache), its Triton kernels (kernels.kv_quant)
-and the checkers share: KIVI group quantization, packed codes, and the checks of its arguments. Imports nothing of
-compresslab's. (lab 06)
+and the checkers share: KIVI group quantization, packed codes, the checks of its arguments, and what each grouping
+layout costs one layer's attention. Imports nothing of compresslab's. (lab 06)
 
     q = quantize_groups_torch(k, bits=2, group_size=64, dim=-2)    # keys per channel: groups of 64 tokens
     q.codes, q.scale, q.minimum; q.dequantize(); q.nbytes()         # packed 8 // bits per byte; fp16 scale and min
+    layout_attention_errors(q, k, v, bits=2, group_size=64)        # (2, 2): keys/values x per channel/per token
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,3 +112,46 @@ def quantize_groups_torch(x: torch.Tensor, bits: int, group_size: int, dim: int)
     minimum = mn.to(STORE)
     codes = torch.round((g - minimum.float()) / scale.float()).clamp(0, maxq).to(torch.uint8)
     return QuantizedGroups(pack_codes(codes, bits), scale, minimum, bits, dim, tuple(x.shape))
+
+
+# ----------------------------------------------------------------------------- what a layout costs attention
+
+
+def layout_attention_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int,
+                            group_size: int) -> torch.Tensor:
+    """What each quantization layout of the cache costs one layer's attention, as a (2, 2) float32 tensor:
+
+        [[scores error, keys per channel,    scores error, keys per token  ],
+         [output error, values per channel,  output error, values per token]]
+
+    Per channel: groups of `group_size` consecutive tokens of one channel (dim=-2); per token: groups of `group_size`
+    consecutive channels of one token (dim=-1); either fake-quantized with quantize_groups_torch. Quantized keys are
+    judged by the scores S = QKᵀ/√d on and below the diagonal (the ones a token computes), with exact values;
+    quantized values by the output softmax(S + causal mask)V, with exact keys. Each error is relative over the whole
+    tensor, ‖Â − A‖_F / ‖A‖_F. q (b, heads, t, d); k, v (b, kv_heads, t, d), kv head j shared by query heads
+    j·r … j·r + r − 1, r = heads / kv_heads (grouped-query attention, as transformers' repeat_kv). The reference of
+    lab 06's exercise 2.
+
+        layout_attention_errors(q, k, v, bits=2, group_size=64)[0, 0]    # 2-bit keys per channel: scores error
+    """
+    d = q.shape[-1]
+    rep = q.shape[1] // k.shape[1]  # query heads per kv head
+    causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()  # (t, t)
+
+    def attention(kk: torch.Tensor, vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)  # (b, heads, t, d)
+        s = q.float() @ kk.mT / math.sqrt(d)  # (b, heads, t, t)
+        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+        return s.masked_fill(~causal, 0.0), p @ vv  # the scores a token computes, the output (b, heads, t, d)
+
+    def fake(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return quantize_groups_torch(x, bits, group_size, dim).dequantize(torch.float32)
+
+    def rel(a: torch.Tensor, exact: torch.Tensor) -> float:
+        return ((a - exact).norm() / exact.norm()).item()
+
+    k, v = k.float(), v.float()
+    s, o = attention(k, v)
+    errors = [[rel(attention(fake(k, dim), v)[0], s) for dim in (-2, -1)],  # keys: per channel, per token
+              [rel(attention(k, fake(v, dim))[1], o) for dim in (-2, -1)]]  # values: per channel, per token
+    return torch.tensor(errors)

@@ -4,6 +4,7 @@
     keep = wanda_mask(W, act_norm, 0.5)                 # |W_ij| * ||X_j||_2, lowest 50 % of each row pruned
     keep = wanda_mask(W, act_norm, n=2, m=4)            # 2:4: keep the 2 best of every 4 consecutive inputs
     W_sparse = sparsegpt_prune(W, H, 0.5)               # mask + OBS error feedback, lab 02's Hessian machinery
+    W_sparse = sparsegpt_blocks(W, U, 0.5)              # the same, given U: the Cholesky factor of H^-1
     pruned, report = prune_model(model, calib, "wanda", 0.5)          # layer by layer; report = sparsity reached
     smaller, report = prune_mlp_neurons(model, calib, ratio=0.25)     # a genuinely smaller dense model
 
@@ -169,6 +170,16 @@ class ActNorm:
 # ----------------------------------------------------------------------------- SparseGPT: one weight matrix
 
 
+def _sparsegpt_args(in_f, sparsity, n, m, block_size, bits, group_size):
+    """The checks sparsegpt_prune and sparsegpt_blocks share. Returns (sparsity, (n, m) or None)."""
+    sparsity, nm = _nm_or_sparsity(sparsity, n, m, in_f)
+    if nm and block_size % nm[1]:
+        raise ValueError(f"block_size={block_size} must be a multiple of M={nm[1]}")
+    if bits is not None and in_f % group_size:
+        raise ValueError(f"group_size={group_size} must divide in_features={in_f}")
+    return sparsity, nm
+
+
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, n: int | None = None,
                     m: int | None = None, block_size: int = 128, damp: float = 0.01, bits: int | None = None,
@@ -179,24 +190,43 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
     is chosen per block of block_size columns by w^2 / [U]_ii^2 (U the Cholesky factor: the OBS saliency), or per
     m columns for N:M; a pruned weight is "rounded" to 0 and propagate_error spreads its error over later columns.
     bits: also quantize the survivors (joint sparse + quantized, as the reference), groups of group_size.
+    Here H is damped and inverted (dead input columns are zeroed first); sparsegpt_blocks does the pruning.
     """
     _check_score(W)
     if H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"H must be (in, in) = {(W.shape[1],) * 2}, got {tuple(H.shape)}")
     if not torch.isfinite(H).all():
         raise ValueError("the Hessian has NaN/inf entries: calibrate in float32 (load_model(dtype='float32'))")
-    out_f, in_f = W.shape
-    sparsity, nm = _nm_or_sparsity(sparsity, n, m, in_f)
-    if nm and block_size % nm[1]:
-        raise ValueError(f"block_size={block_size} must be a multiple of M={nm[1]}")
-    if bits is not None and in_f % group_size:
-        raise ValueError(f"group_size={group_size} must divide in_features={in_f}")
+    _sparsegpt_args(W.shape[1], sparsity, n, m, block_size, bits, group_size)
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     Hinv = inverse_cholesky(H, damp)[0].float()  # (in, in) upper
+    return sparsegpt_blocks(W, Hinv, sparsity, n, m, block_size, bits, group_size)
+
+
+@torch.no_grad()
+def sparsegpt_blocks(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float | None = None, n: int | None = None,
+                     m: int | None = None, block_size: int = 128, bits: int | None = None,
+                     group_size: int = 64) -> torch.Tensor:
+    """SparseGPT's loop, given Hinv (in, in): the upper Cholesky factor U of the damped H^-1. Returns a new W.
+
+        W_sparse = sparsegpt_blocks(W, U, 0.5)          # or n=2, m=4; lab 04's Exercise 4 writes this loop
+
+    Unstructured: at the start of every block the int(sparsity * out * B) lowest saliencies w^2 / U_ii^2 of the
+    whole (out, B) block, weights as the earlier blocks left them, are pruned. N:M: the mask of each run of m
+    columns is chosen on reaching it, from the updated weights. Then column by column the OBS update, and after the
+    block the lazy update of every later column.
+    """
+    _check_score(W)
+    out_f, in_f = W.shape
+    if Hinv.shape != (in_f, in_f):
+        raise ValueError(f"Hinv must be (in, in) = {(in_f, in_f)}, got {tuple(Hinv.shape)}")
+    sparsity, nm = _sparsegpt_args(in_f, sparsity, n, m, block_size, bits, group_size)
+    W = W.detach().clone().float()
+    Hinv = Hinv.detach().float()
     scale = zero = None
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)

@@ -255,7 +255,7 @@ class Server:
     def start(self, timeout_s: float | None = None) -> "Server":
         if self.proc is not None:
             raise ServeError(f"this server is already running (pid {self.proc.pid})")
-        model_dir = Path(self.model_dir)
+        model_dir = Path(self.model_dir).resolve()  # vLLM runs in the log folder: a relative path would miss there
         if not (model_dir / "config.json").exists():
             raise ServeError(f"{model_dir} is not a checkpoint folder (no config.json): pass a folder written by "
                              "save_pretrained, e.g. compresslab.models.default_model_dir()")

@@ -14,6 +14,8 @@ A recipe is an ordered list of steps, each a (kind, argument) pair, e.g.
                        with the fp16 cache a deployment stores, KVConfig("fp16"), never the model's fp32 states
 
 The order is part of the recipe: `plan` rejects what the code cannot do (or would do wrongly) and says why.
+Once every recipe is measured, `choose_recipe` picks the best one that fits a memory budget (`deployment_bytes`:
+weights + KV cache at a context and batch) and `recipe_card` one per kind of constraint.
 """
 
 from __future__ import annotations
@@ -202,3 +204,24 @@ def recipe_card(rows: list[dict], max_ppl_increase: float = 0.25) -> list[dict]:
              ("reasoning-sensitive (exact arithmetic)", max(rows, key=lambda r: (r["probe_acc"], -total(r))),
               "best arithmetic-probe accuracy, smaller first on ties")]
     return [{"constraint": c, "recipe": r["method"], "why": why} for c, r, why in picks]
+
+
+def deployment_bytes(row: dict, context: int, batch: int = 1) -> float:
+    """Bytes a deployment of one measured recipe holds: its weights once, plus a KV cache of `context` tokens for each
+    of `batch` sequences. row: one of lab 08's capstone rows, with weight_bytes and kv_bytes_per_token (one token of
+    one sequence, as its cache stores it).
+
+        stack.deployment_bytes(row, 4096, batch=8)  # the weights + 8 caches of 4096 tokens
+    """
+    return row["weight_bytes"] + row["kv_bytes_per_token"] * context * batch
+
+
+def choose_recipe(rows: list[dict], budget_bytes: float, *, context: int = 4096, batch: int = 1) -> dict | None:
+    """The measured recipe to deploy under a memory budget (lab 08's exercise 4): among the rows whose
+    deployment_bytes(row, context, batch) fit (<= budget_bytes), the one with the lowest perplexity, the one that
+    needs fewer bytes on a perplexity tie (the earlier row on a full tie). None when no row fits.
+
+        stack.choose_recipe(rows, 256e6, context=4096, batch=1)["method"]  # e.g. 'GPTQ 4-bit + rank-32 fix'
+    """
+    fits = [r for r in rows if deployment_bytes(r, context, batch) <= budget_bytes]
+    return min(fits, key=lambda r: (r["ppl"], deployment_bytes(r, context, batch)), default=None)

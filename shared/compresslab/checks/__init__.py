@@ -172,6 +172,25 @@ def run_adapted(name: str, fn: Callable, reference: Callable, adapt: Callable, c
     return fn if chosen is got else reference
 
 
+# ----------------------------------------------------------------------------- case builders shared by labs
+
+
+def _spd(n: int, seed: int, dead: int | None = None) -> torch.Tensor:
+    """A Hessian-like symmetric positive definite (n, n) matrix: 2/N X^T X of random inputs with uneven scales."""
+    g = torch.Generator().manual_seed(seed)
+    col_scale = torch.linspace(0.2, 3.0, n)[torch.randperm(n, generator=g)]  # distinct, in no particular order
+    x = torch.randn(4 * n, n, generator=g) * col_scale  # (tokens, n)
+    if dead is not None:
+        x[:, dead] = 0
+    return 2 / x.shape[0] * x.t() @ x
+
+
+def _hinv_upper(n: int, seed: int) -> torch.Tensor:
+    """The upper Cholesky factor of the inverse of a dampened _spd: what GPTQ's and SparseGPT's loops consume."""
+    H = _spd(n, seed) + 0.01 * torch.eye(n)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 def summary() -> dict[str, str]:
     """Print and return the status of every exercise checked in this kernel."""
     marks = {"passed": "✅", "failed": "❌", "not done": "⏳"}
