@@ -349,6 +349,25 @@ def test_quantize_model_with_the_gptq_report_equals_the_checkpoint(gptq_export):
         W.quantize_model(copy.deepcopy(model).half(), report={k: v for k, v in report.items() if "1.mlp.down" not in k})
 
 
+def test_the_kernel_path_takes_a_model_from_cl_quantize(gptq_export):
+    """Issue 28: the kernel path takes the model. After cl.quantize the codes live in the model's storage modules;
+    quantize_model packs exactly those (the same buffers as from lab 02's report), and refuses non-4-bit storage."""
+    import compresslab as cl
+
+    model, report, _ = gptq_export
+    calib = torch.randint(0, 128, (8, 32), generator=gen(0))  # the fixture's calibration
+    stored = cl.quantize(copy.deepcopy(model), cl.GPTQConfig(bits=4, group_size=32), calibration=calib, progress=False)
+    mine = quant_linears(W.quantize_model(stored.half()))
+    theirs = quant_linears(W.quantize_model(copy.deepcopy(model).half(), report=report))
+    assert set(mine) == set(theirs) and len(mine) == 14
+    for name in mine:
+        for buf in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(getattr(mine[name], buf), getattr(theirs[name], buf)), (name, buf)
+    eight = cl.quantize(copy.deepcopy(model), cl.RTNConfig(bits=8, group_size=32))
+    with pytest.raises(ValueError, match="runs 4-bit weights; this layer stores 8-bit"):
+        W.quantize_model(eight)
+
+
 @torch.no_grad()
 def test_quantize_model_in_memory(gptq_export):
     model = copy.deepcopy(gptq_export[0]).half()

@@ -147,3 +147,31 @@ def test_bad_input_is_refused_with_the_fix(teacher):
     wrong.codes = wrong.codes[:, :32]
     with pytest.raises(ValueError, match="do not match"):
         TunableQuantLinear(qm.get_submodule(name), wrong)
+
+
+def test_a_model_from_cl_quantize_is_tuned_in_its_quantlinears(teacher):
+    """Issue 28: scale tuning takes the model. After cl.quantize the state is in QuantLinear modules; tuning them
+    gives exactly the scales the (model, report) path gives from the same GPTQ, leaves codes, zeros and g_idx alone,
+    and leaves QuantLinear modules behind (so save_pretrained writes the tuned checkpoint)."""
+    import compresslab as cl
+    from compresslab.quant import QuantLinear
+
+    x = ids(16, 1)
+    qm, report = quantized(teacher, bits=2)
+    tune_scales(qm, report, teacher, x, steps=4, lr=1e-2, progress=False)
+    model = cl.quantize(copy.deepcopy(teacher), cl.GPTQConfig(bits=2, group_size=16), calibration=ids(8, 0),
+                        progress=False)
+    before = {n: (m.qweight.clone(), m.zeros.clone(), m.scales.clone(), getattr(m, "g_idx", None))
+              for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert set(before) == set(report)
+    tune_scales(model, teacher=teacher, ids=x, steps=4, lr=1e-2, progress=False)
+    for name, (qweight, zeros, scales, g_idx) in before.items():
+        m = model.get_submodule(name)
+        assert isinstance(m, QuantLinear) and torch.equal(m.qweight, qweight) and torch.equal(m.zeros, zeros)
+        assert g_idx is None or torch.equal(m.g_idx, g_idx)
+        assert not torch.equal(m.scales, scales)  # tuned
+        assert torch.equal(m.scales.float(), report[name].scales.float()), name  # the report path's scales
+    with pytest.raises(ValueError, match="holds no QuantLinear"):
+        tune_scales(copy.deepcopy(teacher), teacher=teacher, ids=x, steps=1, progress=False)
+    with pytest.raises(ValueError, match="needs teacher="):
+        tune_scales(model, ids=x)

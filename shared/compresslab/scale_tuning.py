@@ -1,8 +1,11 @@
 """After GPTQ: tune the fp16 group scales and the RMSNorm weights end to end, integer codes fixed (lab 02, section 6).
 
-    qm, report = gptq.quantize_model(model, calib, bits=3, group_size=64, clip=True)
-    hist = tune_scales(qm, report, teacher=model, ids=train_windows, steps=60)   # qm and report updated in place
-    checkpoint.save_gptq(qm, report, ...)                                       # same format, same bits
+    cl.quantize(qm, cl.GPTQConfig(bits=3, clip=True), calibration=calib)     # QuantLinear modules hold the state
+    hist = tune_scales(qm, teacher=model, ids=train_windows, steps=60)          # their fp16 scales tuned in place
+    qm.save_pretrained("tuned")                                                 # same format, same bits
+
+    qm, report = gptq.quantize_model(model, calib, bits=3, group_size=64)      # or the lab's (model, report) pair:
+    tune_scales(qm, report, model, train_windows)                              # qm and report updated in place
 
 GPTQ fixes each layer against its own inputs, one layer at a time; nothing looks at the model's output. Two things a
 GPTQ checkpoint stores in floating point anyway can still move without costing a single bit:
@@ -13,7 +16,8 @@ Both are trained by distillation from the full-precision model: the loss is KL(t
 token at T = 1 (lab 05's kd_loss with alpha = 0), so the target is "behave like the FP model", not "fit the text".
 Each scale is trained as a gain on GPTQ's value (scale = s0 * gain, gain starting at 1), so one learning rate suits
 scales of every size. At the end the scales are rounded to fp16, as the checkpoint stores them, and written back
-into the model's weights and into the GPTQ report the exporter reads.
+into the model: the QuantLinear's scales buffer (what save_pretrained writes), or, for the (model, report) pair of
+gptq.quantize_model, the weights and the report the exporter reads.
 """
 
 from __future__ import annotations
@@ -24,26 +28,35 @@ import torch.nn.functional as F
 
 from .distill import distill
 from .gptq import GPTQResult
+from .quant import QuantLinear
 
 
 class TunableQuantLinear(nn.Module):
     """A GPTQ-quantized Linear whose weight is rebuilt from fixed integer codes and trainable group-scale gains."""
 
-    def __init__(self, linear: nn.Linear, res: GPTQResult):
+    def __init__(self, linear: nn.Module, res: GPTQResult | None = None):
         super().__init__()
-        out_f, in_f = linear.weight.shape
-        if tuple(res.codes.shape) != (out_f, in_f):
-            raise ValueError(f"GPTQ codes {tuple(res.codes.shape)} do not match the Linear's weight {(out_f, in_f)}")
-        dev = linear.weight.device
-        g_idx = res.g_idx.to(device=dev, dtype=torch.long)  # (in,) group of each column
-        codes, zeros = res.codes.to(dev).long(), res.zeros.to(dev).long()  # (out, in), (out, G)
+        if isinstance(linear, QuantLinear):  # the state lives in the module (cl.quantize)
+            codes, zeros, scales = linear.codes(), linear.zeros, linear.scales  # (out, in), (out, G), (out, G)
+            g_idx = getattr(linear, "g_idx", None)
+            if g_idx is None:
+                g_idx = torch.arange(linear.in_features, device=codes.device) // linear.group_size
+            weight = linear.dequantized_weight()
+        else:  # a plain Linear and its entry of gptq.quantize_model's report
+            codes, zeros, scales, g_idx, weight = res.codes, res.zeros, res.scales, res.g_idx, linear.weight.float()
+        out_f, in_f = weight.shape
+        if tuple(codes.shape) != (out_f, in_f):
+            raise ValueError(f"GPTQ codes {tuple(codes.shape)} do not match the Linear's weight {(out_f, in_f)}")
+        dev = weight.device
+        g_idx = g_idx.to(device=dev, dtype=torch.long)  # (in,) group of each column
+        codes, zeros = codes.to(dev).long(), zeros.to(dev).long()  # (out, in), (out, G)
         self.register_buffer("q", (codes - zeros[:, g_idx]).to(torch.int16))  # (out, in) in [-maxq, maxq], fixed
-        self.register_buffer("scales0", res.scales.to(device=dev, dtype=torch.float32))  # (out, G) GPTQ's scales
+        self.register_buffer("scales0", scales.to(device=dev, dtype=torch.float32))  # (out, G) GPTQ's scales
         self.register_buffer("g_idx", g_idx)
         self.gain = nn.Parameter(torch.ones_like(self.scales0))  # (out, G): scale = scales0 * gain
         self.bias = linear.bias
-        drift = (self.weight() - linear.weight.float()).abs().max().item()
-        if drift > 1e-4 * max(1.0, linear.weight.abs().max().item()):
+        drift = (self.weight() - weight).abs().max().item()
+        if drift > 1e-4 * max(1.0, weight.abs().max().item()):
             raise ValueError(f"the GPTQ report does not describe this Linear's weights (largest difference {drift:.3g}):"
                              " pass the report returned together with this model by gptq.quantize_model")
 
@@ -62,26 +75,36 @@ def _norms(model) -> list[nn.Parameter]:
     return [p for n, p in model.model.named_parameters() if n.endswith("norm.weight")]
 
 
-def tune_scales(qmodel, report: dict, teacher, ids: torch.Tensor, steps: int = 60, lr: float = 1e-3,
-                batch_size: int = 4, norms: bool = True, seed: int = 0, eval_fn=None, eval_every: int = 0,
-                progress: bool = True) -> dict:
+def tune_scales(qmodel, report: dict | None = None, teacher=None, ids: torch.Tensor | None = None, steps: int = 60,
+                lr: float = 1e-3, batch_size: int = 4, norms: bool = True, seed: int = 0, eval_fn=None,
+                eval_every: int = 0, progress: bool = True) -> dict:
     """Tune the group scales (and RMSNorm weights) of a GPTQ-quantized model by KD from `teacher`, in place.
 
-    qmodel, report: what gptq.quantize_model returned (report[name] = GPTQResult per quantized Linear).
-    teacher: the full-precision model (same tokenizer). ids: (n, seq) training windows. Integer codes, zero points
-    and g_idx never change; report[name].scales and .dequantized, and the model's weights, are updated with the
-    tuned fp16 scales. Returns lab 05's training history (loss per step, optional evals).
+    qmodel quantized by cl.quantize (report None): its QuantLinear modules' fp16 scales are tuned, codes, zeros and
+    g_idx untouched, and save_pretrained writes the tuned model. Or qmodel, report as gptq.quantize_model returned
+    them (report[name] = GPTQResult per quantized Linear): report[name].scales and .dequantized and the model's
+    weights are updated. teacher: the full-precision model (same tokenizer). ids: (n, seq) training windows.
+    Returns lab 05's training history (loss per step, optional evals).
     """
-    if not report or not all(isinstance(r, GPTQResult) for r in report.values()):
-        raise ValueError("report must be the dict of GPTQResult that gptq.quantize_model returned with the model")
+    if teacher is None or ids is None:
+        raise ValueError("tune_scales needs teacher= (the full-precision model) and ids= (training windows)")
     if teacher is qmodel:
         raise ValueError("the teacher must be the full-precision model, not the quantized one")
-    missing = [n for n in report if not isinstance(qmodel.get_submodule(n), nn.Linear)]
-    if missing:
-        raise ValueError(f"{missing[0]} is not an nn.Linear: tune_scales expects the model as quantize_model "
-                         "returned it (and runs once per model)")
-    originals = {name: qmodel.get_submodule(name) for name in report}
-    tunables = {name: TunableQuantLinear(lin, report[name]) for name, lin in originals.items()}  # all checked first
+    if report is None:
+        originals = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLinear)}
+        if not originals:
+            raise ValueError("qmodel holds no QuantLinear: quantize it with cl.quantize(model, cl.GPTQConfig(...)), "
+                             "or pass the report that gptq.quantize_model returned with it")
+    else:
+        if not report or not all(isinstance(r, GPTQResult) for r in report.values()):
+            raise ValueError("report must be the dict of GPTQResult that gptq.quantize_model returned with the model")
+        missing = [n for n in report if not isinstance(qmodel.get_submodule(n), nn.Linear)]
+        if missing:
+            raise ValueError(f"{missing[0]} is not an nn.Linear: tune_scales expects the model as quantize_model "
+                             "returned it (and runs once per model)")
+        originals = {name: qmodel.get_submodule(name) for name in report}
+    tunables = {name: TunableQuantLinear(m, None if report is None else report[name])  # all checked first
+                for name, m in originals.items()}
     was_grad = {p: p.requires_grad for p in qmodel.parameters()}
     for p in qmodel.parameters():
         p.requires_grad_(False)
@@ -94,17 +117,20 @@ def tune_scales(qmodel, report: dict, teacher, ids: torch.Tensor, steps: int = 6
         hist = distill(qmodel, ids, teacher=teacher, steps=steps, lr=lr, batch_size=batch_size, T=1.0, alpha=0.0,
                        kind="forward", seed=seed, eval_fn=eval_fn, eval_every=eval_every, progress=progress)
     finally:
-        with torch.no_grad():  # back to plain Linears with the tuned scales, stored as fp16 like the checkpoint
-            for name, lin in originals.items():
+        with torch.no_grad():  # back to the quantized modules with the tuned scales, stored as fp16
+            for name, orig in originals.items():
                 parent, child = name.rsplit(".", 1)
                 tq = qmodel.get_submodule(name)
                 s = tq.scales().half().float()  # (out, G) as the checkpoint stores them
-                w = tq.q.float() * s[:, tq.g_idx]  # (out, in)
-                lin.weight.copy_(w.to(lin.weight.dtype))
-                setattr(qmodel.get_submodule(parent), child, lin)
-                res = report[name]
-                res.scales = s.to(res.scales.device, res.scales.dtype)
-                res.dequantized = w.to(res.dequantized.device, res.dequantized.dtype)
+                if isinstance(orig, QuantLinear):
+                    orig.scales.copy_(s.half())
+                else:
+                    w = tq.q.float() * s[:, tq.g_idx]  # (out, in)
+                    orig.weight.copy_(w.to(orig.weight.dtype))
+                    res = report[name]
+                    res.scales = s.to(res.scales.device, res.scales.dtype)
+                    res.dequantized = w.to(res.dequantized.device, res.dequantized.dtype)
+                setattr(qmodel.get_submodule(parent), child, orig)
         for p, g in was_grad.items():
             p.requires_grad_(g)
     qmodel.eval()

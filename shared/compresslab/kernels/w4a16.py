@@ -380,6 +380,18 @@ class QuantLinear(nn.Module):
         packed = pack_gptq(result.codes, result.zeros, result.scales, result.g_idx)
         return cls(*(t.to(linear.weight.device) for t in packed), linear.bias)
 
+    @classmethod
+    def from_stored(cls, stored) -> "QuantLinear":
+        """From the package's storage module (quant.QuantLinear, what cl.quantize leaves in the model): its 4-bit
+        codes, zeros, fp16 scales and g_idx, packed in GPTQ's layout for the kernel. Nothing is re-quantized."""
+        if stored.bits != 4:
+            raise ValueError(f"the W4A16 kernel runs 4-bit weights; this layer stores {stored.bits}-bit codes")
+        g_idx = getattr(stored, "g_idx", None)
+        if g_idx is None:
+            g_idx = default_g_idx(stored.in_features, stored.group_size, stored.qweight.device)
+        packed = pack_gptq(stored.codes(), stored.zeros, stored.scales, g_idx)
+        return cls(*packed, stored.bias)
+
     def dequantized_weight(self) -> torch.Tensor:
         """(out, in) float32: the reference the kernel is tested against."""
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, zero_offset=self.zero_offset)
@@ -408,14 +420,21 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, group_size: int = 128, report: dict | None = None) -> nn.Module:
-    """Swap every decoder Linear for a QuantLinear, in place: round-to-nearest, or lab 02's GPTQ `report`
-    ({module name: GPTQResult}, from gptq.quantize_model). The model should be float16 (or bfloat16 on a GPU)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in DECODER_LINEARS]
+    """Swap every decoder Linear for a QuantLinear, in place. A model that cl.quantize already quantized at 4 bits
+    (its decoder Linears are quant.QuantLinear) keeps its codes and scales, packed for the kernel; a float model is
+    rounded to nearest at group_size, or takes lab 02's GPTQ `report` ({module name: GPTQResult}, from
+    gptq.quantize_model). The model should be float16 (or bfloat16 on a GPU)."""
+    from ..quant import QuantLinear as Stored  # the package's storage module (what cl.quantize leaves)
+
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, Stored)) and n.rsplit(".", 1)[-1] in DECODER_LINEARS]
     if not names:
         raise ValueError("no decoder Linear layers (q/k/v/o/gate/up/down_proj) found to quantize")
     for name in names:
         linear = model.get_submodule(name)
-        if report is not None:
+        if isinstance(linear, Stored):
+            _set_module(model, name, QuantLinear.from_stored(linear))
+        elif report is not None:
             if name not in report:
                 raise KeyError(f"{name} has no GPTQ result in the report; pass the report of this model")
             _set_module(model, name, QuantLinear.from_gptq(linear, report[name]))
