@@ -319,7 +319,7 @@ plt.show()
 
 # %% [markdown] tags=["slide"]
 # ### Exercise 5 — the GPTQ loop over a layer: blocks, groups, act-order (20 min)
-# Put the pieces together. Complete `my_gptq(W, H, bits, group_size, block_size, act_order)`: GPTQ of a weight `W`
+# Put the pieces together. Complete `my_gptq(W, H, bits, group_size, lazy_block, act_order)`: GPTQ of a weight `W`
 # `(out, in)` given its Hessian `H` `(in, in)`, with asymmetric dynamic groups; return the dequantized weights
 # `(out, in)` in `W`'s original column order. Leave `W` and `H` unchanged (work on copies).
 # 1. **Act-order** (if `act_order`): quantize the columns in order of diag(H), largest first. Reorder `W`'s columns,
@@ -327,7 +327,7 @@ plt.show()
 #    `my_gptq` the argument `act_order` hides Exercise 4's function of that name: sort diag(H) directly.)
 # 2. **The factor** (given): `U = cl.gptq.inverse_cholesky(H, 0.01)[0].float()` dampens `H` and returns the upper
 #    Cholesky factor of its inverse (section 3). It must be the factor of `H` in quantization order.
-# 3. **Blocks**: walk the columns in blocks of `block_size` (the last one may be shorter). Run your
+# 3. **Blocks**: walk the columns in blocks of `lazy_block` (the last one may be shorter). Run your
 #    `gptq_column_step` over a copy of the block, with the block's square of `U`, and keep every column's `q` and
 #    `err`. Inside the block, each step updates the block's later columns at once.
 # 4. **Groups**: when a column starts a group (`col % group_size == 0`), compute the group's scale and zero from its
@@ -338,7 +338,7 @@ plt.show()
 # 6. **Undo** the permutation.
 
 # %% [markdown]
-# Here `block_size` divides `group_size`, so every group starts a block. That matters for step 4: the reference
+# Here `lazy_block` divides `group_size`, so every group starts a block. That matters for step 4: the reference
 # implementation, which the package follows, takes a group's qparams from the weights as of the start of the
 # current block. With the package's default blocks of 128 and groups of 64, the second group of each block is
 # measured before the first group's error feedback reaches it; when each group starts a block, "as of the start of
@@ -349,7 +349,7 @@ plt.show()
 # round to its neighbour when your arithmetic differs from the package's in its last bits.
 
 # %%
-def my_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, block_size: int,
+def my_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, lazy_block: int,
             act_order: bool) -> torch.Tensor:
     """GPTQ of W (out, in) with Hessian H (in, in) -> dequantized weights (out, in), in W's column order."""
     ### BEGIN SOLUTION
@@ -359,8 +359,8 @@ def my_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, block_
         W, H = W[:, perm], H[perm][:, perm]
     U = cl.gptq.inverse_cholesky(H, 0.01)[0].float()  # (in, in) upper factor of the dampened H^-1
     Q = torch.zeros_like(W)  # dequantized, in quantization order
-    for i1 in range(0, W.shape[1], block_size):
-        i2 = min(i1 + block_size, W.shape[1])
+    for i1 in range(0, W.shape[1], lazy_block):
+        i2 = min(i1 + lazy_block, W.shape[1])
         W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])  # (out, B) each
         for i in range(i2 - i1):
             if (i1 + i) % group_size == 0:  # a group starts: qparams from the error-updated weights
@@ -381,7 +381,7 @@ my_gptq = cl.checks.check_gptq(my_gptq)
 
 # %%
 t0 = time.perf_counter()
-ref = cl.gptq.gptq_quantize_weight(W0, H0, bits=4, group_size=GROUP_SIZE, act_order=True, block_size=GROUP_SIZE)
+ref = cl.gptq.gptq_quantize_weight(W0, H0, bits=4, group_size=GROUP_SIZE, act_order=True, lazy_block=GROUP_SIZE)
 t_ref = time.perf_counter() - t0
 t0 = time.perf_counter()
 Q_mine = my_gptq(W0, H0, 4, GROUP_SIZE, GROUP_SIZE, True)

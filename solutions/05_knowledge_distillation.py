@@ -165,7 +165,7 @@ if STUDENT is None:
     print("dropped layers:", info["dropped"])
 else:  # a separate, smaller model of the same family: it must share the teacher's tokenizer
     student0, student_tok = cl.load_model(STUDENT, dtype=DTYPE, device=env.device)
-    distill.check_same_tokenizer(tok, student_tok)
+    distill.validate_same_tokenizer(tok, student_tok)
 
 
 def ppl_of(m) -> float:
@@ -605,7 +605,7 @@ print(f"({time.perf_counter() - t0:.0f} s)")
 # * **More data, more steps.** Minitron distils for billions of tokens; the recovery curve above is still falling.
 # * **A real teacher–student pair.** On a GPU, set `MODEL="smollm2-360m"` and `STUDENT="smollm2-135m"`: same
 #   tokenizer, different models. Different tokenizers need sequence-level KD (train on the teacher's generated text)
-#   or cross-tokenizer alignment; logit KD refuses them (`distill.check_same_tokenizer`).
+#   or cross-tokenizer alignment; logit KD refuses them (`distill.validate_same_tokenizer`).
 # * **On-policy distillation** (GKD, MiniLLM): score the student's *own* samples with the teacher, which removes the
 #   train/generate mismatch of training only on fixed text. TRL's `GKDTrainer` implements it (`beta` 0 = forward,
 #   1 = reverse KL).

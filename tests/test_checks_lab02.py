@@ -65,7 +65,7 @@ def good_reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Ten
     return (diff**2).sum()
 
 
-def good_my_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, block_size: int,
+def good_my_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, lazy_block: int,
                  act_order: bool) -> torch.Tensor:
     """GPTQ of W (out, in) with Hessian H (in, in) -> dequantized weights (out, in), in W's column order."""
     W, maxq = W.clone().float(), 2**bits - 1
@@ -74,8 +74,8 @@ def good_my_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, b
         W, H = W[:, perm], H[perm][:, perm]
     U = cl.gptq.inverse_cholesky(H, 0.01)[0].float()  # (in, in) upper factor of the dampened H^-1
     Q = torch.zeros_like(W)  # dequantized, in quantization order
-    for i1 in range(0, W.shape[1], block_size):
-        i2 = min(i1 + block_size, W.shape[1])
+    for i1 in range(0, W.shape[1], lazy_block):
+        i2 = min(i1 + lazy_block, W.shape[1])
         W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])  # (out, B) each
         for i in range(i2 - i1):
             if (i1 + i) % group_size == 0:  # a group starts: qparams from the error-updated weights
@@ -342,7 +342,7 @@ WRONG_RECON = [
 # ----------------------------------------------------------------------------- wrong answers: exercise 5
 
 
-def _gptq_loop(W, H, bits, group_size, block_size, act_order, bug=None):
+def _gptq_loop(W, H, bits, group_size, lazy_block, act_order, bug=None):
     """The exercise's loop written once, with one mistake switched on by `bug` (None: the correct loop)."""
     W, maxq = W.clone().float(), 2**bits - 1
     if act_order:
@@ -357,8 +357,8 @@ def _gptq_loop(W, H, bits, group_size, block_size, act_order, bug=None):
     if bug == "static":
         static = [gptq.gptq_qparams(W[:, j : j + group_size], bits, sym=False) for j in range(0, n, group_size)]
     Q = torch.zeros_like(W)
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
+    for i1 in range(0, n, lazy_block):
+        i2 = min(i1 + lazy_block, n)
         W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])
         for i in range(i2 - i1):
             col = i1 + i
@@ -511,8 +511,8 @@ def alt_recon_norm_squared(W, W_hat, X):
     return torch.linalg.matrix_norm(X @ W.T - X @ W_hat.T) ** 2
 
 
-def alt_gptq_no_blocks(W, H, bits, group_size, block_size, act_order):
-    """Every column's update reaches all later columns at once (GPTQ without lazy batching): block_size unused."""
+def alt_gptq_no_blocks(W, H, bits, group_size, lazy_block, act_order):
+    """Every column's update reaches all later columns at once (GPTQ without lazy batching): lazy_block unused."""
     W, maxq = W.clone().float(), 2**bits - 1
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
     W, H = W[:, perm], H[perm][:, perm]
@@ -525,7 +525,7 @@ def alt_gptq_no_blocks(W, H, bits, group_size, block_size, act_order):
     return Q[:, torch.argsort(perm)]
 
 
-def alt_gptq_view_rank1_scatter(W, H, bits, group_size, block_size, act_order):
+def alt_gptq_view_rank1_scatter(W, H, bits, group_size, lazy_block, act_order):
     """The block as a view of W (its updates land in W at once), the lazy update as rank-1 updates, the package's
     column step, the float32 dampening of the old ready-made loop, and the permutation undone by scattering."""
     W = W.clone()
@@ -535,13 +535,13 @@ def alt_gptq_view_rank1_scatter(W, H, bits, group_size, block_size, act_order):
     H = H + 0.01 * H.diag().mean() * torch.eye(H.shape[0])
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H.double())), upper=True).float()
     cols = []
-    for i1 in range(0, W.shape[1], block_size):
-        W1 = W[:, i1 : i1 + block_size]  # a view
+    for i1 in range(0, W.shape[1], lazy_block):
+        W1 = W[:, i1 : i1 + lazy_block]  # a view
         errs = []
         for i in range(W1.shape[1]):
             if (i1 + i) % group_size == 0:
                 scale, zero = gptq.gptq_qparams(W[:, i1 + i : i1 + i + group_size], bits, sym=False)
-            _, q, err = gptq.column_step(W1, U[i1 : i1 + block_size, i1 : i1 + block_size], i, scale[:, 0],
+            _, q, err = gptq.column_step(W1, U[i1 : i1 + lazy_block, i1 : i1 + lazy_block], i, scale[:, 0],
                                          zero[:, 0], 2**bits - 1)
             cols.append(q)
             errs.append(err)
@@ -555,7 +555,7 @@ def alt_gptq_view_rank1_scatter(W, H, bits, group_size, block_size, act_order):
     return Q
 
 
-def alt_gptq_float32_cholesky_scaled_H(W, H, bits, group_size, block_size, act_order):
+def alt_gptq_float32_cholesky_scaled_H(W, H, bits, group_size, lazy_block, act_order):
     """H summed over 1000 tokens instead of averaged (the scale GPTQ does not see), factorised in float32."""
     H = 1000 * H
     if act_order:
@@ -563,14 +563,14 @@ def alt_gptq_float32_cholesky_scaled_H(W, H, bits, group_size, block_size, act_o
         W, H = W[:, perm], H[perm][:, perm]
     H = H + 0.01 * torch.diag(H).mean() * torch.eye(H.shape[0])
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
-    Q = _gptq_blocks(W.clone(), U, bits, group_size, block_size)
+    Q = _gptq_blocks(W.clone(), U, bits, group_size, lazy_block)
     return Q[:, torch.argsort(perm)] if act_order else Q
 
 
-def _gptq_blocks(W, U, bits, group_size, block_size):
+def _gptq_blocks(W, U, bits, group_size, lazy_block):
     Q = torch.zeros_like(W)
-    for i1 in range(0, W.shape[1], block_size):
-        i2 = min(i1 + block_size, W.shape[1])
+    for i1 in range(0, W.shape[1], lazy_block):
+        i2 = min(i1 + lazy_block, W.shape[1])
         W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])
         for i in range(i2 - i1):
             if (i1 + i) % group_size == 0:
@@ -745,8 +745,8 @@ def mut_recon(W, W_hat, X):
     return out
 
 
-def mut_gptq(W, H, bits, group_size, block_size, act_order):
-    out = good_my_gptq(W, H, bits, group_size, block_size, act_order)
+def mut_gptq(W, H, bits, group_size, lazy_block, act_order):
+    out = good_my_gptq(W, H, bits, group_size, lazy_block, act_order)
     W.zero_(), H.mul_(2)
     return out
 

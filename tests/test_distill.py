@@ -483,16 +483,16 @@ class FakeTokenizer:
 
 def test_check_same_tokenizer():
     vocab = {"a": 0, "b": 1, "<eos>": 2}
-    D.check_same_tokenizer(FakeTokenizer(vocab), FakeTokenizer(dict(vocab)))
+    D.validate_same_tokenizer(FakeTokenizer(vocab), FakeTokenizer(dict(vocab)))
     with pytest.raises(ValueError, match=r"tokenizers differ \(3 vs 3 tokens.*same tokenizer"):
-        D.check_same_tokenizer(FakeTokenizer(vocab), FakeTokenizer({"a": 0, "b": 2, "<eos>": 1}))  # same strings
+        D.validate_same_tokenizer(FakeTokenizer(vocab), FakeTokenizer({"a": 0, "b": 2, "<eos>": 1}))  # same strings
     with pytest.raises(ValueError, match=r"tokenizers differ \(3 vs 4 tokens"):
-        D.check_same_tokenizer(FakeTokenizer(vocab), FakeTokenizer({**vocab, "c": 3}))
+        D.validate_same_tokenizer(FakeTokenizer(vocab), FakeTokenizer({**vocab, "c": 3}))
 
 
 def test_check_same_tokenizer_on_the_real_tokenizer(tiny_llama):
     _, tok = tiny_llama
-    D.check_same_tokenizer(tok, tok)
+    D.validate_same_tokenizer(tok, tok)
 
 
 # ----------------------------------------------------------------------------- block influence, drop_layers, students

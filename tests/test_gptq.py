@@ -23,11 +23,11 @@ PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one torch thread for the module
 
 
-def reference_gptq(W, H, bits, group_size, act_order, block_size, damp=0.01):
+def reference_gptq(W, H, bits, group_size, act_order, lazy_block, damp=0.01):
     """An independent transcription of IST-DASLab/gptq `fasterquant` (dynamic groups, asymmetric, no dead columns).
 
     As in the reference, a dynamic group's qparams are read from W as of the last block boundary. With
-    block_size=1 every column is its own block, so the qparams come from the fully updated weights.
+    lazy_block=1 every column is its own block, so the qparams come from the fully updated weights.
     """
     W, H = W.clone().float(), H.clone().float()
     n, maxq = W.shape[1], 2**bits - 1
@@ -38,8 +38,8 @@ def reference_gptq(W, H, bits, group_size, act_order, block_size, damp=0.01):
     Hd = H.double() + damp * mean_diag * torch.eye(n, dtype=torch.float64)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True).float()
     Q = torch.zeros_like(W)
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
+    for i1 in range(0, n, lazy_block):
+        i2 = min(i1 + lazy_block, n)
         W1, E = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1)
         for i in range(i2 - i1):
             c = i1 + i
@@ -159,27 +159,27 @@ def test_more_bits_less_error(layer):
 # ----------------------------------------------------------------------------- lazy batches and block size
 
 
-def test_block_size_does_not_matter_for_static_and_per_channel_groups():
+def test_lazy_block_does_not_matter_for_static_and_per_channel_groups():
     """Lazy batching only reorders the OBS updates: with qparams fixed up front the result is the same."""
     X = make_inputs(1024, 256, seed=2)
     W, H = make_weight(32, 256, seed=3), hessian_of(X)
     for kw in (dict(group_size=32, static_groups=True, act_order=False),
                dict(group_size=32, static_groups=True, act_order=True),
                dict(group_size=-1, act_order=False), dict(group_size=-1, act_order=True)):
-        one_block = gptq.gptq_quantize_weight(W, H, 4, block_size=256, **kw).dequantized
+        one_block = gptq.gptq_quantize_weight(W, H, 4, lazy_block=256, **kw).dequantized
         for bs in (128, 16):
-            torch.testing.assert_close(gptq.gptq_quantize_weight(W, H, 4, block_size=bs, **kw).dequantized,
-                                       one_block, rtol=0, atol=1e-5, msg=f"{kw}, block_size={bs}")
+            torch.testing.assert_close(gptq.gptq_quantize_weight(W, H, 4, lazy_block=bs, **kw).dequantized,
+                                       one_block, rtol=0, atol=1e-5, msg=f"{kw}, lazy_block={bs}")
 
 
 @pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
-def test_block_size_dividing_the_group_equals_the_one_column_at_a_time_loop(act_order):
+def test_lazy_block_dividing_the_group_equals_the_one_column_at_a_time_loop(act_order):
     """Dynamic groups: when every group starts on a block boundary, lazy batches change nothing."""
     X = make_inputs(1024, 128, seed=4)
     W, H = make_weight(24, 128, seed=5), hessian_of(X)
-    plain = reference_gptq(W, H, 4, 32, act_order, block_size=1)  # qparams from the fully updated weights
+    plain = reference_gptq(W, H, 4, 32, act_order, lazy_block=1)  # qparams from the fully updated weights
     for bs in (32, 16):
-        res = gptq.gptq_quantize_weight(W, H, 4, 32, act_order=act_order, block_size=bs)
+        res = gptq.gptq_quantize_weight(W, H, 4, 32, act_order=act_order, lazy_block=bs)
         torch.testing.assert_close(res.dequantized, plain, rtol=0, atol=1e-5)
 
 
@@ -190,7 +190,7 @@ def test_dynamic_groups_match_the_reference_implementation(act_order):
     X = make_inputs(1024, 256, seed=6)
     W, H = make_weight(24, 256, seed=7), hessian_of(X)
     for bs in (128, 256):
-        res = gptq.gptq_quantize_weight(W, H, 4, 32, act_order=act_order, block_size=bs)
+        res = gptq.gptq_quantize_weight(W, H, 4, 32, act_order=act_order, lazy_block=bs)
         torch.testing.assert_close(res.dequantized, reference_gptq(W, H, 4, 32, act_order, bs), rtol=0, atol=1e-5)
 
 

@@ -552,7 +552,7 @@ def test_make_cache_rejects_sliding_window_layers():
     assert K.make_cache(_tiny_qwen2(use_sliding_window=True, sliding_window=8),
                         K.KVConfig("kivi", group_size=16, residual_length=16)) is not None
     with pytest.raises(ValueError, match=r"sliding_attention"):
-        K.check_model_supported(SimpleNamespace(config=Qwen2Config(
+        K.validate_model_supported(SimpleNamespace(config=Qwen2Config(
             num_hidden_layers=2, layer_types=["full_attention", "sliding_attention"])))
 
 

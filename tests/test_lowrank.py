@@ -242,17 +242,17 @@ def test_rank_for_energy_is_the_smallest_rank_keeping_the_energy(energy):
 @pytest.mark.parametrize("rank", [0, -1, 7])
 def test_check_rank_rejects(rank):
     with pytest.raises(ValueError, match=r"rank must be in \[1, min\(d_out, d_in\)\] = \[1, 6\]"):
-        lr.check_rank(rank, 6, 9)
+        lr.validate_rank(rank, 6, 9)
 
 
 @pytest.mark.parametrize("rank", [2.5, True, "3", None])
 def test_check_rank_rejects_non_integers(rank):
     with pytest.raises(ValueError, match=r"rank must be an integer, got"):
-        lr.check_rank(rank, 6, 9)
+        lr.validate_rank(rank, 6, 9)
 
 
 def test_check_rank_accepts_the_range():
-    assert [lr.check_rank(r, 9, 6) for r in (1, 3, 6)] == [1, 3, 6]
+    assert [lr.validate_rank(r, 9, 6) for r in (1, 3, 6)] == [1, 3, 6]
 
 
 @pytest.mark.parametrize("W", [torch.ones(8), torch.ones(2, 3, 4), torch.tensor(1.0)])
@@ -549,9 +549,9 @@ def test_asvd_beats_svd_on_a_real_projection(smollm):
 
 
 def test_check_rank_takes_numpy_integers_and_names_the_type_otherwise():
-    assert lr.check_rank(np.int64(3), 8, 4) == 3 and type(lr.check_rank(np.int64(3), 8, 4)) is int
+    assert lr.validate_rank(np.int64(3), 8, 4) == 3 and type(lr.validate_rank(np.int64(3), 8, 4)) is int
     with pytest.raises(ValueError, match="rank must be an integer, got float"):
-        lr.check_rank(2.0, 8, 4)
+        lr.validate_rank(2.0, 8, 4)
 
 
 def test_rank_for_energy_rejects_an_all_zero_spectrum():

@@ -156,13 +156,13 @@ def _linear(in_f=64, out_f=16):
 
 @pytest.mark.parametrize("bits", BAD_BITS, ids=repr)
 @pytest.mark.parametrize("call", [
-    lambda b: quant.check_bits(b),
+    lambda b: quant.validate_bits(b),
     lambda b: quant.compute_qparams(randn(2, 8), b),
     lambda b: quant.fake_quantize(randn(2, 8), b, 8),
     lambda b: quant.QuantLinear.from_linear(_linear(), b, 16),
     lambda b: quant.fake_quantize_model(nn.Sequential(_linear()), b, 16),
     lambda b: quant.quantize_model(nn.Sequential(_linear()), b, 16),
-], ids=["check_bits", "compute_qparams", "fake_quantize", "from_linear", "fake_quantize_model", "quantize_model"])
+], ids=["validate_bits", "compute_qparams", "fake_quantize", "from_linear", "fake_quantize_model", "quantize_model"])
 def test_bad_bits(call, bits):
     with pytest.raises(ValueError, match="bits must be an integer from 2 to 8"):
         call(bits)

@@ -33,9 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import formats
-from .quant import _decoder_linears, check_float
+from .quant import _decoder_linears, validate_float
 from .smoothquant import channel_amax, input_stats  # noqa: F401 (re-exported for the lab's outlier plots)
-from .smoothquant import check_calibration, collect_input_stats, smooth_model
+from .smoothquant import validate_calibration, collect_input_stats, smooth_model
 
 INT8_MAX = 127  # symmetric: -127 .. 127 (-128 unused, so the grid is symmetric around 0)
 FP8_MAX = formats.E4M3_MAX  # 448, the largest float8_e4m3fn value
@@ -47,13 +47,13 @@ BLOCK = {"nvfp4": 16, "mxfp4": 32, "mxfp8": 32}  # values per block scale, along
 # ----------------------------------------------------------------------------- argument checks
 
 
-def check_fmt(fmt, allowed=ACT_FORMATS, what: str = "fmt") -> str:
+def validate_fmt(fmt, allowed=ACT_FORMATS, what: str = "fmt") -> str:
     if fmt not in allowed:
         raise ValueError(f"{what} must be one of {list(allowed)}, got {fmt!r}")
     return fmt
 
 
-def check_granularity(fmt: str, granularity, amax) -> None:
+def validate_granularity(fmt: str, granularity, amax) -> None:
     if fmt in MICROSCALING:
         if granularity != "block":
             raise ValueError(f"{fmt} scales blocks of {BLOCK[fmt]} values along the last dim (always dynamic): "
@@ -108,9 +108,9 @@ def quantize_activation(x: torch.Tensor, fmt: str = "fp8", granularity: str = "t
     deployment calibrates that global scale once per tensor (static); per call is the dynamic version of the same
     two-level scheme, and it makes a token's result depend on the batch it is in only through that one scalar.
     """
-    check_float(x, "x")
-    check_fmt(fmt)
-    check_granularity(fmt, granularity, amax)
+    validate_float(x, "x")
+    validate_fmt(fmt)
+    validate_granularity(fmt, granularity, amax)
     if fmt in MICROSCALING:
         n = x.shape[-1] if x.dim() else 0
         if n % BLOCK[fmt] or n == 0:
@@ -137,8 +137,8 @@ def quantize_weight(w: torch.Tensor, fmt: str = "fp8",
                     granularity: str = "channel") -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) -> (codes, scale): codes (out, in) torch.float8_e4m3fn or torch.int8; scale float32, (out, 1) for
     "channel" or a 0-dim tensor for "tensor". w ≈ codes * scale (dequantize_weight)."""
-    check_float(w, "w")
-    check_fmt(fmt, EIGHT_BIT, "weight fmt")
+    validate_float(w, "w")
+    validate_fmt(fmt, EIGHT_BIT, "weight fmt")
     if w.dim() != 2:
         raise ValueError(f"w must be a Linear weight (out, in), got shape {tuple(w.shape)}")
     if granularity not in ("channel", "tensor"):
@@ -200,14 +200,14 @@ class ActQuantLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
         if weight_fmt is not None:
-            check_fmt(weight_fmt, ACT_FORMATS, "weight_fmt")
+            validate_fmt(weight_fmt, ACT_FORMATS, "weight_fmt")
         if weight_fmt in MICROSCALING:
             weight_granularity = "block"
         elif weight_fmt is not None and weight_granularity not in ("channel", "tensor"):
             raise ValueError(f"weight_granularity must be 'channel' or 'tensor', got {weight_granularity!r}")
         if act_fmt is not None:
-            check_fmt(act_fmt, ACT_FORMATS, "act_fmt")
-            check_granularity(act_fmt, act_granularity, input_amax)
+            validate_fmt(act_fmt, ACT_FORMATS, "act_fmt")
+            validate_granularity(act_fmt, act_granularity, input_amax)
         elif input_amax is not None:
             raise ValueError("input_amax is a static activation scale: it needs act_fmt='fp8' or 'int8'")
         w = linear.weight.detach()  # (out, in)
@@ -390,7 +390,7 @@ def apply(model: nn.Module, config, calibration: torch.Tensor | None = None, *, 
             smooth_model(model, calibration, config.smooth_alpha, batch_size=batch_size, progress=progress)
         amax = {}
         if static:
-            amax = calibrate_input_amax(model, check_calibration(calibration), {n: m for _, _, n, m in targets},
+            amax = calibrate_input_amax(model, validate_calibration(calibration), {n: m for _, _, n, m in targets},
                                         batch_size, progress)
         for parent, attr, name, linear in targets:
             setattr(parent, attr, ActQuantLinear.from_linear(

@@ -36,7 +36,7 @@ class RTNConfig:
     sym: bool = False
 
     def __post_init__(self):
-        quant.check_bits(self.bits)
+        quant.validate_bits(self.bits)
         _check_group_size(self.group_size)
 
 
@@ -74,7 +74,7 @@ class _PruneConfig:
             raise ValueError(f"{type(self).__name__}: give sparsity=0.5 (unstructured) or pattern='2:4' (N:M), "
                              "exactly one of them")
         if self.sparsity is not None:
-            pruning.check_sparsity(self.sparsity)
+            pruning.validate_sparsity(self.sparsity)
         else:
             self.nm()
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .gptq import SEQUENTIAL, check_decoder, collect_stats, decoder_linears, layer0_inputs, run_layer
+from .gptq import SEQUENTIAL, validate_decoder, collect_stats, decoder_linears, layer0_inputs, run_layer
 from .quant import compute_qparams, dequantize, group_view, linear_in_features, quantize
 
 # the op each SEQUENTIAL group's scale is folded into (its inputs are that op's outputs divided by s)
@@ -307,7 +307,7 @@ def _skipped(name: str, skip: tuple) -> bool:
     return any(p in name for p in skip)
 
 
-def check_llama_layer(layer, li: int = 0) -> None:
+def validate_llama_layer(layer, li: int = 0) -> None:
     """AWQ folds scales into Llama-style layers; raise TypeError naming what is missing otherwise."""
     parts = ["input_layernorm", "post_attention_layernorm", *[n for names in SEQUENTIAL for n in names]]
     missing = []
@@ -334,7 +334,7 @@ def search_layer(layer, inputs, config: AWQConfig | None = None, *, layer_index:
     Lab 03 plots searches[i].errors against alphas(config.grid) for one layer.
     """
     config = config or AWQConfig()
-    check_llama_layer(layer, layer_index)
+    validate_llama_layer(layer, layer_index)
     firsts = {names[0]: decoder_linears(layer, names, layer_index, "AWQ")[names[0]] for names in SEQUENTIAL}
     stats = collect_stats(layer, inputs, firsts, lambda m: ActStats(m.in_features, m.weight.device))
     searches = []
@@ -415,9 +415,9 @@ def apply(model, config: AWQConfig | None = None, calibration: torch.Tensor | No
         raise TypeError(f"config must be an AWQConfig, e.g. AWQConfig(bits=4, group_size=64); "
                         f"got {type(config).__name__}")
     calibration = _check_calibration(calibration, config.group_size)
-    check_decoder(model, "awq.apply")
+    validate_decoder(model, "awq.apply")
     for li, layer in enumerate(model.model.layers):
-        check_llama_layer(layer, li)
+        validate_llama_layer(layer, li)
     bad = sorted(n for n in linear_in_features(model, config.skip) if n % config.group_size)
     if bad:
         raise ValueError(f"group_size={config.group_size} does not divide in_features {bad}: use a divisor of "

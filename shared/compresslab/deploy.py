@@ -48,7 +48,7 @@ FORMATS_BY_GENERATION = {
 }
 
 
-def check_bits(bits) -> int:
+def validate_weight_bits(bits) -> int:
     if isinstance(bits, bool) or bits not in (2, 3, 4, 8, 16):
         raise ValueError(f"weight bits must be one of 2, 3, 4, 8, 16 (16 = unquantized fp16), got {bits!r}")
     return bits
@@ -75,7 +75,7 @@ def linear_and_other_params(model: nn.Module, skip: tuple[str, ...] = ("lm_head"
 def weight_bytes_at(linear_params: int, other_params: int, bits: int = 4, group_size: int | None = 64) -> float:
     """Bytes of the weights with the Linears at `bits` (groups of `group_size` with an fp16 scale and a `bits`-bit
     zero point each) and everything else in fp16. bits=16 means no quantization (no scales)."""
-    check_bits(bits)
+    validate_weight_bits(bits)
     if bits == 16:
         return 2.0 * (linear_params + other_params)
     groups = linear_params / group_size if group_size else 0
@@ -87,7 +87,7 @@ def deployed_weight_bytes(model: nn.Module, bits: int = 16, nm: tuple[int, int] 
     """Deployable weight bytes: decoder Linears at `bits` with fp16 scales and `bits`-bit zeros per group
     (weight_bytes_at); N:M keeps n of every m values plus 2 bits of position metadata per kept value (the sparse
     tensor core format); `extra_params` fp16 (e.g. low-rank factors); everything else (embeddings, norms) fp16."""
-    check_bits(bits)
+    validate_weight_bits(bits)
     if nm is not None and not (len(nm) == 2 and 0 < nm[0] < nm[1]):
         raise ValueError(f"nm must be (n, m) with 0 < n < m, e.g. (2, 4); got {nm!r}")
     linear, other = linear_and_other_params(model)

@@ -31,14 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .gptq import check_decoder, layer0_inputs, run_layer
+from .gptq import validate_decoder, layer0_inputs, run_layer
 
 KINDS = ("forward", "reverse", "skew")
 
 # ----------------------------------------------------------------------------- softened distributions
 
 
-def check_temperature(T) -> float:
+def validate_temperature(T) -> float:
     if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
         raise ValueError(f"temperature T must be a finite number > 0 (T = 1 is the plain softmax), got {T!r}")
     return float(T)
@@ -46,12 +46,12 @@ def check_temperature(T) -> float:
 
 def softmax_T(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """Softmax at temperature T over the last dim: exp(z_i / T) / sum_j exp(z_j / T). T > 1 flattens, T < 1 sharpens."""
-    return torch.softmax(logits / check_temperature(T), dim=-1)
+    return torch.softmax(logits / validate_temperature(T), dim=-1)
 
 
 def log_softmax_T(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     """log softmax_T, computed stably (log-sum-exp), never log(softmax)."""
-    return torch.log_softmax(logits / check_temperature(T), dim=-1)
+    return torch.log_softmax(logits / validate_temperature(T), dim=-1)
 
 
 def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str = "forward", skew: float = 0.1) -> torch.Tensor:
@@ -122,7 +122,7 @@ class TopKLogits:
 
 def topk_logits(teacher_logits: torch.Tensor, k: int = 64, T: float = 2.0) -> TopKLogits:
     """Keep the k largest logits of each position (and the log-normaliser at T)."""
-    T = check_temperature(T)
+    T = validate_temperature(T)
     V = teacher_logits.shape[-1]
     if not 1 <= k < V:
         raise ValueError(f"k must be in [1, vocab size {V}), got {k!r}")
@@ -150,7 +150,7 @@ def kd_terms(student_logits: torch.Tensor, teacher_logits, labels: torch.Tensor 
              kind: str = "forward", skew: float = 0.1, ignore_index: int = -100) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(hard CE or None, T^2 * soft divergence), both averaged over the positions whose label is not ignore_index.
     teacher_logits None (CE only): the soft term is 0."""
-    T = check_temperature(T)
+    T = validate_temperature(T)
     cached = isinstance(teacher_logits, TopKLogits)
     if not isinstance(student_logits, torch.Tensor) or student_logits.dim() < 2:
         raise ValueError("student_logits must be a tensor (..., vocab), e.g. (batch, seq, vocab)")
@@ -265,7 +265,7 @@ def hidden_loss(student_hidden, teacher_hidden, pairs, proj: nn.Module, mask: to
 # ----------------------------------------------------------------------------- the student: the teacher, pruned
 
 
-def check_same_tokenizer(teacher_tok, student_tok) -> None:
+def validate_same_tokenizer(teacher_tok, student_tok) -> None:
     """Distillation on logits needs one vocabulary: the same token id must mean the same string on both sides."""
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
     if tv != sv:
@@ -279,7 +279,7 @@ def check_same_tokenizer(teacher_tok, student_tok) -> None:
 def block_influence(model, calib: torch.Tensor, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
     """(n_layers,) ShortGPT's Block Influence: 1 - mean cosine(hidden in, hidden out) over calibration tokens.
     A layer that barely turns its input (BI near 0) is the cheapest to remove."""
-    check_decoder(model, "block_influence")
+    validate_decoder(model, "block_influence")
     inputs = layer0_inputs(model, calib, batch_size)
     scores = []
     for layer in tqdm(model.model.layers, desc="block influence", disable=not progress, leave=False):
@@ -293,7 +293,7 @@ def block_influence(model, calib: torch.Tensor, batch_size: int = 4, progress: b
 
 def drop_layers(model, drop, inplace: bool = False):
     """The model without decoder layers `drop` (indices): attention layer_idx and the config renumbered."""
-    check_decoder(model, "drop_layers")
+    validate_decoder(model, "drop_layers")
     n = len(model.model.layers)
     drop = sorted({int(i) for i in drop})
     if any(not 0 <= i < n for i in drop):
@@ -318,7 +318,7 @@ def make_student(teacher, calib: torch.Tensor, n_layers: int | None = None, mlp_
     neurons with lab 04's activation-aware prune_mlp_neurons. -> (student, info {'dropped', 'influence'})."""
     from .pruning import prune_mlp_neurons
 
-    check_decoder(teacher, "make_student")
+    validate_decoder(teacher, "make_student")
     n = len(teacher.model.layers)
     n_layers = n if n_layers is None else n_layers
     if not 1 <= n_layers <= n:
@@ -343,7 +343,7 @@ def cache_teacher(teacher, ids: torch.Tensor, k: int = 64, T: float = 2.0, batch
                   path: str | Path | None = None, progress: bool = True) -> TopKLogits:
     """Run the teacher once over the training windows ids (n, seq) and keep its top-k logits per position.
     With path: load it from there if it was made from the same ids, k and T; otherwise compute and save."""
-    T = check_temperature(T)
+    T = validate_temperature(T)
     meta = {"ids": _ids_key(ids), "k": k, "T": T}
     if path is not None and Path(path).exists():
         saved = torch.load(path, weights_only=False)
@@ -384,7 +384,7 @@ def distill(student, ids: torch.Tensor, teacher=None, steps: int = 100, lr: floa
     needs the teacher as a model.
     history: {'step', 'loss', 'ce', 'soft', 'hidden', 'eval_step', 'eval'}.
     """
-    check_decoder(student, "distill")
+    validate_decoder(student, "distill")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha is the weight of the hard-label loss and must be in [0, 1], got {alpha!r}")
     if alpha < 1 and teacher is None:

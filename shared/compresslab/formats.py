@@ -2,7 +2,7 @@
 
     grid("fp8_e4m3")          # every finite value of float8 e4m3fn, sorted (253 values, max 448)
     grid("nf4")               # the 16 NormalFloat-4 levels in [-1, 1] (bitsandbytes)
-    codebook_quantize(w, grid("fp4_e2m1"), block_size=64)    # absmax-scaled round-to-nearest-level
+    codebook_quantize(w, grid("fp4_e2m1"), group_size=64)    # absmax-scaled round-to-nearest-level
     nvfp4_quantize(w).dequantize()    # E2M1 + an E4M3 scale per 16 + an fp32 scale per tensor (4.5 bits/weight)
     mxfp4_quantize(w).dequantize()    # E2M1 + a power-of-two (E8M0) scale per 32 (OCP MX, 4.25 bits/weight)
     bits_per_element("nvfp4")         # 4.5: element bits + block metadata bits / block size
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import check_float, group_view
+from .quant import validate_float, group_view
 
 # bitsandbytes' NF4 levels (quantiles of N(0, 1), normalised to [-1, 1], with an exact zero).
 NF4_LEVELS = [
@@ -64,15 +64,15 @@ def grid(name: str) -> torch.Tensor:
     return torch.unique(values[torch.isfinite(values)])  # sorted, -0 merged with 0
 
 
-def codebook_quantize(w: torch.Tensor, levels: torch.Tensor, block_size=64,
+def codebook_quantize(w: torch.Tensor, levels: torch.Tensor, group_size=64,
                       scale_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Absmax-scale each block to the codebook's range, snap to the nearest level, scale back.
+    """Absmax-scale each group (bitsandbytes' "block") to the codebook's range, snap to the nearest level, scale back.
 
     w (..., in) -> same shape and dtype. The scale maps max|w| of a block to max|levels| (NF4/FP4 style). It is
     kept in float32 (bitsandbytes stores an fp32 absmax), or rounded to `scale_dtype` (e.g. torch.float16) first.
     """
-    check_float(w, "w")
-    blocks = group_view(w, block_size).float()  # (n_blocks, block)
+    validate_float(w, "w")
+    blocks = group_view(w, group_size).float()  # (n_groups, group_size)
     levels = levels.to(blocks)
     scale = blocks.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / levels.abs().max()  # (n_blocks, 1)
     if scale_dtype is not None:  # the scale a checkpoint would store
@@ -153,7 +153,7 @@ def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
 
 def _fp4_blocks(w: torch.Tensor, block: int, fmt: str) -> torch.Tensor:
     """w (..., n) -> (n_blocks, block) float32, refusing what the format cannot hold."""
-    check_float(w, "w")
+    validate_float(w, "w")
     n = w.shape[-1] if w.dim() else 0
     if n % block or n == 0:
         raise ValueError(f"{fmt} scales blocks of {block} consecutive values along the last dim, which must be a "

@@ -116,7 +116,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 10) -> tuple
 
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size=64, sym: bool = False,
                          act_order: bool = True, static_groups: bool = False, damp: float = 0.01,
-                         block_size: int = 128, clip: bool = False) -> GPTQResult:
+                         lazy_block: int = 128, clip: bool = False) -> GPTQResult:
     """Quantize one Linear weight W (out, in) given its Hessian H (in, in). W and H are not modified."""
     if bits not in GPTQ_BITS:
         raise ValueError(f"GPTQ supports bits in {GPTQ_BITS} (the packed checkpoint formats), got {bits!r}")
@@ -153,8 +153,8 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
     loss = torch.zeros(out_f, device=W.device)
     scale = zero = None
 
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
+    for i1 in range(0, in_f, lazy_block):
+        i2 = min(i1 + lazy_block, in_f)
         W1 = W[:, i1:i2].clone()  # (out, block): updated column by column
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
@@ -219,7 +219,7 @@ def layer0_inputs(model, calib: torch.Tensor, batch_size: int):
     return [(h, {k: v for k, v in kw.items() if k not in ("past_key_values", "use_cache")}) for h, kw in captured]
 
 
-def check_decoder(model, who: str) -> None:
+def validate_decoder(model, who: str) -> None:
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise TypeError(f"{who} expects a decoder-only causal LM with model.model.layers "
                         f"(Llama, Qwen2, SmolLM2, Mistral); got {type(model).__name__}")
@@ -259,7 +259,7 @@ def run_layer(layer, inputs):
 @torch.no_grad()
 def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym: bool = False,
                    act_order: bool = True, static_groups: bool = False, damp: float = 0.01,
-                   block_size: int = 128, clip: bool = False, batch_size: int = 8, inplace: bool = False,
+                   lazy_block: int = 128, clip: bool = False, batch_size: int = 8, inplace: bool = False,
                    progress: bool = True):
     """GPTQ every Linear of every decoder layer, layer by layer. Returns (model, report).
 
@@ -269,7 +269,7 @@ def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym
     """
     if bits not in GPTQ_BITS:
         raise ValueError(f"GPTQ supports bits in {GPTQ_BITS}, got {bits!r}")
-    check_decoder(model, "quantize_model")
+    validate_decoder(model, "quantize_model")
     hidden = model.config.hidden_size
     if calib.numel() < hidden:
         raise ValueError(f"{calib.numel()} calibration tokens cannot estimate a {hidden}x{hidden} Hessian: "
@@ -283,7 +283,7 @@ def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym
             hessians = collect_stats(layer, inputs, linears, lambda m: Hessian(m.in_features, m.weight.device))
             for n, m in linears.items():
                 res = gptq_quantize_weight(m.weight.data, hessians[n].H, bits, group_size, sym, act_order,
-                                           static_groups, damp, block_size, clip)
+                                           static_groups, damp, lazy_block, clip)
                 m.weight.data = res.dequantized.to(m.weight.dtype)
                 report[f"model.layers.{li}.{n}"] = res
         inputs = run_layer(layer, inputs)  # the quantized layer's outputs feed the next layer
@@ -298,7 +298,7 @@ def rtn_quantize_model(model, bits: int = 4, group_size=64, sym: bool = False, i
     and zero come from the original weights — exactly RTN. No calibration data."""
     if bits not in GPTQ_BITS:
         raise ValueError(f"bits must be one of {GPTQ_BITS}, got {bits!r}")
-    check_decoder(model, "rtn_quantize_model")
+    validate_decoder(model, "rtn_quantize_model")
     model = model if inplace else copy.deepcopy(model)
     report = {}
     for li, layer in enumerate(model.model.layers):

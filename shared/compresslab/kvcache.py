@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from .kvformat import (KV_BITS, STORE, QuantizedGroups, check_group, check_kv_bits, kind_dim,  # noqa: F401
+from .kvformat import (KV_BITS, STORE, QuantizedGroups, validate_group, validate_kv_bits, kind_dim,  # noqa: F401
                        pack_codes, quantize_groups_torch, tensor_nbytes, unpack_codes)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder-only, full attention, RoPE'd K/V per head
 METHODS = ("fp16", "kivi", "gear_l", "gear")
@@ -80,7 +80,7 @@ def plot_memory_vs_context(config, weight_bytes: int, contexts=None, batch_sizes
 # ----------------------------------------------------------------------------- argument checks
 
 
-def check_ratio(ratio) -> float:
+def validate_ratio(ratio) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ValueError(f"outlier_ratio must be a fraction in [0, 1), e.g. 0.02 for 2 %, got {ratio!r}")
     return float(ratio)
@@ -134,7 +134,7 @@ def layer_qkv(model, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch
     q (1, heads, t, d), k and v (1, kv_heads, t, d), float32. (lab 06: judge a cache layout by the attention.)"""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    check_model_supported(model)
+    validate_model_supported(model)
     attn = model.model.layers[layer].self_attn
     seen = {}
     hook = attn.q_proj.register_forward_hook(lambda m, i, o: seen.setdefault("q", o.detach()))
@@ -196,7 +196,7 @@ def outlier_share(n: int, ratio: float) -> float:
 
 def outlier_mask(x: torch.Tensor, ratio: float, dim: int) -> torch.Tensor:
     """Bool mask of the k largest and k smallest entries of every vector along `dim`, k = outliers_per_side."""
-    check_ratio(ratio)
+    validate_ratio(ratio)
     k = outliers_per_side(x.shape[dim], ratio)
     mask = torch.zeros_like(x, dtype=torch.bool)
     if k:
@@ -234,7 +234,7 @@ def index_bytes(n: int) -> int:
 
 def split_outliers(x: torch.Tensor, ratio: float, dim: int) -> tuple[Outliers, torch.Tensor]:
     """(S, x clamped to its inlier range along dim). The clamp keeps outliers from stretching the quantizer's range."""
-    k = outliers_per_side(x.shape[dim], check_ratio(ratio))
+    k = outliers_per_side(x.shape[dim], validate_ratio(ratio))
     xm = x.movedim(dim, -1)  # (..., n)
     top, bottom = xm.topk(k + 1, dim=-1), xm.topk(k + 1, dim=-1, largest=False)
     index = torch.cat([top.indices[..., :k], bottom.indices[..., :k]], -1)  # (..., 2k)
@@ -303,7 +303,7 @@ def gear_compress(x: torch.Tensor, kind: str, bits: int = 2, group_size: int = 6
     if x.dim() != 4:
         raise ValueError(f"expected KV states of shape (batch, kv_heads, tokens, head_dim), got {tuple(x.shape)}")
     dim = kind_dim(kind)
-    S, inliers = (None, x) if check_ratio(outlier_ratio) == 0 else split_outliers(x, outlier_ratio, dim)
+    S, inliers = (None, x) if validate_ratio(outlier_ratio) == 0 else split_outliers(x, outlier_ratio, dim)
     D = quantize_groups(inliers, bits, group_size, dim, backend)
     L = None
     if rank:
@@ -354,13 +354,13 @@ class KVConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        check_kv_bits(self.bits)
+        validate_kv_bits(self.bits)
         if self.key_bits is not None:
-            check_kv_bits(self.key_bits)
-        check_ratio(self.outlier_ratio)
+            validate_kv_bits(self.key_bits)
+        validate_ratio(self.outlier_ratio)
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
-        check_group(self.residual_length, self.group_size, "residual_length (keys are grouped along tokens, so the "
+        validate_group(self.residual_length, self.group_size, "residual_length (keys are grouped along tokens, so the "
                      "fp16 buffer must hold whole groups)")
         for name, low in (("rank", 0), ("rank_decode", 0), ("iters", 1)):
             v = getattr(self, name)
@@ -415,7 +415,7 @@ class CompressedLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
         if self.config.method != "fp16":  # the fp16 cache groups nothing
-            check_group(d, self.config.group_size, "head_dim (values are grouped along channels)")
+            validate_group(d, self.config.group_size, "head_dim (values are grouped along channels)")
         self.keys = key_states.new_zeros((b, h, 0, d), dtype=STORE)  # the fp16 streaming buffer
         self.values = value_states.new_zeros((b, h, 0, d), dtype=STORE)
         self.is_initialized = True
@@ -465,7 +465,7 @@ class CompressedLayer(DynamicLayer):
     reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
 
 
-def check_model_supported(model) -> None:
+def validate_model_supported(model) -> None:
     """The compressed cache assumes a decoder-only model with full attention in every layer and per-head K/V."""
     config = model.config.get_text_config(decoder=True)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -484,10 +484,10 @@ def make_cache(model, config: KVConfig | None = None) -> Cache:
     """A fresh cache for one generate() / forward: DynamicCache for config None, else a Cache of CompressedLayer."""
     if config is None:
         return DynamicCache(config=model.config)
-    check_model_supported(model)
+    validate_model_supported(model)
     n_layers, _, head_dim = _attention_dims(model.config)
     if config.method != "fp16":  # the fp16 cache groups nothing
-        check_group(head_dim, config.group_size, "head_dim (values are grouped along channels)")
+        validate_group(head_dim, config.group_size, "head_dim (values are grouped along channels)")
     return Cache(layers=[CompressedLayer(config) for _ in range(n_layers)])
 
 

@@ -20,14 +20,14 @@ STORE = torch.float16  # every stored float (scales, minima, outlier values, low
 DEQUANTIZERS: dict[str, Callable] = {}  # backend name -> fn(QuantizedGroups, dtype): kernels register themselves
 
 
-def check_kv_bits(bits) -> int:
+def validate_kv_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in KV_BITS:
         raise ValueError(f"KV-cache bits must be one of {KV_BITS} (packed 8 // bits codes per byte), got {bits!r}. "
                          "16 bits is the uncompressed cache: use method='fp16'.")
     return bits
 
 
-def check_group(n: int, group_size, what: str) -> int:
+def validate_group(n: int, group_size, what: str) -> int:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 4:
         raise ValueError(f"group_size must be a positive multiple of 4 (codes are packed per byte), got {group_size!r}")
     if n % group_size:
@@ -98,11 +98,11 @@ def tensor_nbytes(t: torch.Tensor) -> int:
 def quantize_groups_torch(x: torch.Tensor, bits: int, group_size: int, dim: int) -> QuantizedGroups:
     """Asymmetric b-bit quantization of x in groups of `group_size` consecutive elements along `dim`, in PyTorch:
     the reference of the fused kernel (compresslab.kernels.kv_quant). kvcache.quantize_groups picks the backend."""
-    check_kv_bits(bits)
+    validate_kv_bits(bits)
     if not x.is_floating_point():
         raise TypeError(f"the KV states must be floating point, got {x.dtype}")
     dim = dim % x.dim()
-    check_group(x.shape[dim], group_size, "tokens of the block (keys are grouped along tokens)" if dim == x.dim() - 2
+    validate_group(x.shape[dim], group_size, "tokens of the block (keys are grouped along tokens)" if dim == x.dim() - 2
                  else f"size of dim {dim}")
     g = x.float().movedim(dim, -1)
     g = g.reshape(*g.shape[:-1], -1, group_size)  # (..., n_groups, group_size)

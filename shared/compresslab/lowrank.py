@@ -16,7 +16,7 @@
    X^T X instead (a full, not diagonal, activation metric); that is not implemented here. The correction is stored
    in 16 bits next to the 4-bit codes: it costs 2 r (d_out + d_in) bytes per Linear.
 
-Public API: check_rank, break_even_rank, lowrank_params, rank_for_ratio, rank_for_energy, svd_factors,
+Public API: validate_rank, break_even_rank, lowrank_params, rank_for_ratio, rank_for_energy, svd_factors,
 activation_scale, activation_norms, LowRankLinear, lowrank_model, compensate_model, relative_error.
 """
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .gptq import check_decoder
+from .gptq import validate_decoder
 from .pruning import ActNorm
 
 DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -40,7 +40,7 @@ DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "
 # ----------------------------------------------------------------------------- accounting
 
 
-def check_rank(rank, d_out: int, d_in: int) -> int:
+def validate_rank(rank, d_out: int, d_in: int) -> int:
     """A usable rank for a (d_out, d_in) matrix, or a clear error."""
     top = min(d_out, d_in)
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
@@ -105,7 +105,7 @@ def svd_factors(W: torch.Tensor, rank: int, scale: torch.Tensor | None = None) -
     if W.ndim != 2:
         raise ValueError(f"W must be a matrix (d_out, d_in), got shape {tuple(W.shape)}")
     d_out, d_in = W.shape
-    check_rank(rank, d_out, d_in)
+    validate_rank(rank, d_out, d_in)
     Wf = W.detach().float()
     if scale is not None:
         if scale.shape != (d_in,):
@@ -125,7 +125,7 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
-        check_rank(rank, out_features, in_features)
+        validate_rank(rank, out_features, in_features)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.B = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.A = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
@@ -163,7 +163,7 @@ def activation_norms(model, calib: torch.Tensor, batch_size: int = 4, names=DECO
                      progress: bool = True) -> dict[str, torch.Tensor]:
     """||X_j|| / sqrt(tokens) per input channel of every decoder Linear, from one pass of the model over calib
     (n, seq) token ids. Keys: 'model.layers.{i}.{name}'."""
-    check_decoder(model, "activation_norms")
+    validate_decoder(model, "activation_norms")
     stats, hooks = {}, []
     for li, layer in enumerate(model.model.layers):
         for name in names:
@@ -182,7 +182,7 @@ def activation_norms(model, calib: torch.Tensor, batch_size: int = 4, names=DECO
 
 
 def _targets(model, names, who: str):
-    check_decoder(model, who)
+    validate_decoder(model, who)
     for li, layer in enumerate(model.model.layers):
         for name in names:
             parent_name, _, child = name.rpartition(".")
@@ -232,7 +232,7 @@ def compensate_model(quantized, reference, rank: int, act_norms: dict | None = N
         if ref[key].weight.shape != lin.weight.shape:
             raise ValueError(f"{key}: reference {tuple(ref[key].weight.shape)} vs quantized "
                              f"{tuple(lin.weight.shape)} — compensate against the model that was quantized")
-        check_rank(rank, *lin.weight.shape)
+        validate_rank(rank, *lin.weight.shape)
     added = {}
     for key, parent, child in tqdm(targets,
                                    desc=f"rank-{rank} compensation", disable=not progress):

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .gptq import (SEQUENTIAL, Hessian, check_decoder, collect_stats, decoder_linears, gptq_qparams,
+from .gptq import (SEQUENTIAL, Hessian, validate_decoder, collect_stats, decoder_linears, gptq_qparams,
                    inverse_cholesky, layer0_inputs, propagate_error, run_layer)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -33,14 +33,14 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 # ----------------------------------------------------------------------------- argument checks
 
 
-def check_sparsity(sparsity: float) -> float:
+def validate_sparsity(sparsity: float) -> float:
     if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise ValueError(f"sparsity is the fraction of weights removed and must be in [0, 1), got {sparsity!r} "
                          "(0.5 = half the weights; for 2:4 pass n=2, m=4 instead)")
     return float(sparsity)
 
 
-def check_nm(n: int, m: int, in_features: int) -> None:
+def validate_nm(n: int, m: int, in_features: int) -> None:
     if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
         raise ValueError(f"N:M sparsity keeps N of every M weights and needs 0 < N < M, got {n}:{m} "
                          "(the GPU format is 2:4)")
@@ -61,8 +61,8 @@ def _nm_or_sparsity(sparsity, n, m, in_features):
     if n is None:
         if sparsity is None:
             raise ValueError("pass a sparsity in [0, 1) or n and m")
-        return check_sparsity(sparsity), None
-    check_nm(n, m, in_features)
+        return validate_sparsity(sparsity), None
+    validate_nm(n, m, in_features)
     if sparsity is not None and abs(sparsity - (1 - n / m)) > 1e-9:
         raise ValueError(f"{n}:{m} sparsity removes {1 - n / m:.0%} of the weights; sparsity={sparsity} contradicts it")
     return 1 - n / m, (n, m)
@@ -80,7 +80,7 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """
     _check_score(score)
     out_f, in_f = score.shape
-    check_nm(n, m, in_f)
+    validate_nm(n, m, in_f)
     groups = score.reshape(out_f, in_f // m, m)  # (out, in/m, m)
     keep = torch.ones_like(groups, dtype=torch.bool)
     keep.scatter_(-1, groups.topk(m - n, dim=-1, largest=False).indices, False)
@@ -90,7 +90,7 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the int(sparsity * in) lowest scores of every row (Wanda's comparison group: one output)."""
     _check_score(score)
-    k = int(score.shape[1] * check_sparsity(sparsity))
+    k = int(score.shape[1] * validate_sparsity(sparsity))
     keep = torch.ones_like(score, dtype=torch.bool)
     keep.scatter_(1, score.argsort(dim=1, stable=True)[:, :k], False)
     return keep
@@ -99,7 +99,7 @@ def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the int(sparsity * numel) lowest scores of the whole matrix (one threshold per layer)."""
     _check_score(score)
-    k = int(score.numel() * check_sparsity(sparsity))
+    k = int(score.numel() * validate_sparsity(sparsity))
     flat = score.flatten()
     if k == 0:
         return torch.ones_like(score, dtype=torch.bool)
@@ -145,7 +145,7 @@ def sparsity_of(W: torch.Tensor) -> float:
 
 def is_nm_sparse(W: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     """True if every run of m consecutive inputs of every row has at most n nonzeros."""
-    check_nm(n, m, W.shape[1])
+    validate_nm(n, m, W.shape[1])
     return bool(((W != 0).reshape(W.shape[0], -1, m).sum(-1) <= n).all())
 
 
@@ -268,7 +268,7 @@ def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsi
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_decoder(model, "prune_model")
+    validate_decoder(model, "prune_model")
     sparsity, nm = _nm_or_sparsity(sparsity, n, m, model.config.hidden_size)  # per-Linear checks follow
     if sparsegpt_options and method != "sparsegpt":
         raise TypeError(f"{sorted(sparsegpt_options)} are SparseGPT options; method={method!r} takes none")
@@ -356,7 +356,7 @@ def prune_mlp_neurons(model, calib: torch.Tensor, ratio: float = 0.25, batch_siz
     the calibration tokens (the input of down_proj). Layer by layer, inputs recomputed from the pruned layers.
     Returns (model, report {layer: kept neuron indices}); config.intermediate_size is updated.
     """
-    check_decoder(model, "prune_mlp_neurons")
+    validate_decoder(model, "prune_mlp_neurons")
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio is the fraction of MLP neurons removed and must be in [0, 1), got {ratio!r}")
     inter = model.config.intermediate_size

@@ -28,14 +28,14 @@ EPS = 1e-8  # smallest scale: an all-zero group must not divide by zero
 # ----------------------------------------------------------------------------- argument checks
 
 
-def check_bits(bits) -> int:
+def validate_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}. (16 bits is a dtype cast: "
                          "use model.to(torch.bfloat16); 1-bit needs a binarization method, not RTN.)")
     return bits
 
 
-def check_float(x: torch.Tensor, what: str = "tensor") -> None:
+def validate_float(x: torch.Tensor, what: str = "tensor") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -85,8 +85,8 @@ def qrange(bits: int, sym: bool) -> tuple[int, int]:
 
 def compute_qparams(x: torch.Tensor, bits: int = 4, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of x (n_groups, group_len) -> ((n_groups, 1), (n_groups, 1)), float32."""
-    check_bits(bits)
-    check_float(x, "x")
+    validate_bits(bits)
+    validate_float(x, "x")
     x = x.float()
     if sym:
         absmax = x.abs().amax(dim=-1, keepdim=True)  # (n_groups, 1)
@@ -106,7 +106,7 @@ def search_clip_qparams(x: torch.Tensor, bits: int = 4, grid: int = 100, maxshri
     Tries ranges p * [xmin, xmax] for p = 1, 0.99, ..., 1 - maxshrink: clipping a few large values buys a finer
     step for all the others. Returns ((n_groups, 1), (n_groups, 1)) like compute_qparams.
     """
-    check_float(x, "x")
+    validate_float(x, "x")
     x = x.float()
     maxq = 2**bits - 1
     xmin = x.amin(dim=-1, keepdim=True).clamp(max=0)  # (n_groups, 1)
@@ -165,8 +165,8 @@ def fake_quantize(w: torch.Tensor, bits: int = 4, group_size=64, sym: bool = Fal
 
     clip=True searches each group's range for the lowest error (asymmetric only; see search_clip_qparams).
     """
-    check_bits(bits)
-    check_float(w, "w")
+    validate_bits(bits)
+    validate_float(w, "w")
     if clip and sym:
         raise ValueError("clip=True searches an asymmetric range; use sym=False with it")
     groups = group_view(w, group_size)  # (n_groups, group_len)
@@ -235,7 +235,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size=64, sym: bool = False) -> "QuantLinear":
         w = linear.weight.detach()  # (out, in)
-        check_bits(bits)
+        validate_bits(bits)
         groups = group_view(w, group_size)  # (out * n_groups, g)
         scale, zero = compute_qparams(groups, bits, sym)
         scale = scale.half().float().clamp(min=6e-8)  # what we store is float16: quantize against it
@@ -257,7 +257,7 @@ class QuantLinear(nn.Module):
         """A QuantLinear holding codes that an algorithm already chose (GPTQ, AWQ): codes (out, in) in
         [0, 2^bits - 1], scales and zeros (out, n_groups) (scales fp16-exact: they are stored as float16),
         g_idx (in,) the group of each column when it is not column // group_size (GPTQ's act-order, dynamic groups)."""
-        check_bits(bits)
+        validate_bits(bits)
         out_f, in_f = codes.shape
         if codes.min() < 0 or codes.max() > 2**bits - 1:
             raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits}-bit storage")
@@ -316,7 +316,7 @@ def fake_quantize_model(model: nn.Module, bits: int = 4, group_size=64, sym: boo
 
     Returns a copy unless inplace=True. Weights keep their dtype; only their values move onto the grid.
     """
-    check_bits(bits)
+    validate_bits(bits)
     model = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for _, _, _, linear in _decoder_linears(model, skip):
@@ -327,7 +327,7 @@ def fake_quantize_model(model: nn.Module, bits: int = 4, group_size=64, sym: boo
 def quantize_model(model: nn.Module, bits: int = 4, group_size=64, sym: bool = False,
                    skip: tuple[str, ...] = ("lm_head",), inplace: bool = False) -> nn.Module:
     """Swap every Linear (but lm_head) for a QuantLinear holding packed codes: real memory saved."""
-    check_bits(bits)
+    validate_bits(bits)
     model = model if inplace else copy.deepcopy(model)
     for parent, attr, _, linear in _decoder_linears(model, skip):
         setattr(parent, attr, QuantLinear.from_linear(linear, bits, group_size, sym))

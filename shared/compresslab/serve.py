@@ -111,7 +111,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def check_port(port: int, host: str = "127.0.0.1") -> None:
+def validate_port(port: int, host: str = "127.0.0.1") -> None:
     if not port_free(port, host):
         raise ServeError(
             f"port {port} on {host} is already in use: another server (an earlier vLLM still running?) listens "
@@ -262,7 +262,7 @@ class Server:
         python = serve_python(self.venv)
         if self.port is None:
             self.port = free_port(self.host)
-        check_port(self.port, self.host)
+        validate_port(self.port, self.host)
         self.served_model_name = self.served_model_name or model_dir.name
         cmd = serve_command(model_dir, self.port, host=self.host, dtype=self.dtype, max_model_len=self.max_model_len,
                             enforce_eager=self.enforce_eager, prefix_caching=self.prefix_caching,

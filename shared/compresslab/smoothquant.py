@@ -70,7 +70,7 @@ class InputStats:
         return out | ({"token_amax": self.token_amax} if self.tokens else {})
 
 
-def check_calibration(calibration) -> torch.Tensor:
+def validate_calibration(calibration) -> torch.Tensor:
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0 \
             or calibration.is_floating_point():
         got = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
@@ -85,7 +85,7 @@ def collect_input_stats(model: nn.Module, calibration: torch.Tensor, modules: di
                         desc: str = "activation stats") -> dict[str, InputStats]:
     """Whole-model forwards over calibration (n_samples, seq_len) with a forward hook on each module:
     every input batch goes to that module's InputStats. Returns {name: InputStats}."""
-    check_calibration(calibration)
+    validate_calibration(calibration)
     if not modules:
         raise ValueError("no modules to observe: pass a non-empty {name: nn.Linear} dict")
     device = next(model.parameters()).device
@@ -211,7 +211,7 @@ ATTN_IN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
 MLP_IN = ["mlp.gate_proj", "mlp.up_proj"]
 
 
-def check_llama_layers(model: nn.Module) -> None:
+def validate_llama_layers(model: nn.Module) -> None:
     """Raise a TypeError unless every decoder layer has Llama's layout (norms, q/k/v/o, gate/up/down Linears)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
@@ -247,7 +247,7 @@ def smooth_model(model: nn.Module, calibration: torch.Tensor, alpha: float = 0.5
     statistics change as other layers are smoothed, and one pass serves all. o_proj is left alone (module docstring).
     """
     smooth_scales(torch.ones(1), torch.ones(1), alpha)  # check alpha before the calibration pass
-    check_llama_layers(model)
+    validate_llama_layers(model)
     layers = model.model.layers
     observe = {}
     for li, layer in enumerate(layers):

@@ -129,16 +129,16 @@ def _calibrated_layer(out_f: int, in_f: int, seed: int) -> tuple[torch.Tensor, t
     return W, 2 / tokens * x.t() @ x
 
 
-def _gptq_layer(W, H, bits, group_size, block_size, act_order):
+def _gptq_layer(W, H, bits, group_size, lazy_block, act_order):
     return gptq.gptq_quantize_weight(W, H, bits, group_size, sym=False, act_order=act_order,
-                                     block_size=block_size).dequantized
+                                     lazy_block=lazy_block).dequantized
 
 
 def check_gptq(fn: Callable) -> Callable:
-    """Exercise: fn(W, H, bits, group_size, block_size, act_order) -> dequantized W (out, in), original column order.
+    """Exercise: fn(W, H, bits, group_size, lazy_block, act_order) -> dequantized W (out, in), original column order.
 
     GPTQ with dynamic asymmetric groups, lazy block updates and act-order, against the package's gptq_quantize_weight
-    (damp 0.01). block_size divides group_size in every case, so each group starts a block (see the lab's text).
+    (damp 0.01). lazy_block divides group_size in every case, so each group starts a block (see the lab's text).
     Tolerance 1e-3, a fifth of the smallest grid step in the cases: every code must be the package's, while a
     group's fp16 scale may round to its neighbour (arithmetic that differs in its last bits moves q by < 5e-4)."""
     cases = []
@@ -162,7 +162,7 @@ def check_gptq(fn: Callable) -> Callable:
                           "(err, not q) through the rows of U that belong to the block.",
                      more="if act_order: perm = argsort(diag(H), descending=True); W, H = W[:, perm], "
                           "H[perm][:, perm]. U = inverse_cholesky(H, 0.01)[0].float(). For i1 in range(0, n, "
-                          "block_size): i2 = min(i1 + block_size, n); W1 = W[:, i1:i2].clone(); per column i: if "
+                          "lazy_block): i2 = min(i1 + lazy_block, n); W1 = W[:, i1:i2].clone(); per column i: if "
                           "(i1 + i) % group_size == 0: scale, zero = gptq_qparams(W[:, i1 + i : i1 + i + group_size], "
                           "bits, sym=False); W1, Q[:, i1 + i], Err1[:, i] = gptq_column_step(W1, U[i1:i2, i1:i2], i, "
                           "scale[:, 0], zero[:, 0], 2**bits - 1); after the block: W[:, i2:] -= Err1 @ U[i1:i2, i2:]. "

@@ -36,7 +36,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def check_device(*tensors: torch.Tensor, who: str) -> torch.device:
+def validate_device(*tensors: torch.Tensor, who: str) -> torch.device:
     """All tensors on one device; CPU only under the interpreter, CUDA only compiled."""
     devices = {t.device for t in tensors}
     if len(devices) != 1:
@@ -57,5 +57,5 @@ from . import kv_quant, w4a16  # noqa: E402
 from .kv_quant import dequantize_kv, quantize_kv  # noqa: E402
 from .w4a16 import QuantLinear, w4a16_matmul  # noqa: E402
 
-__all__ = ["interpreting", "check_device", "w4a16", "kv_quant", "w4a16_matmul", "QuantLinear", "quantize_kv",
+__all__ = ["interpreting", "validate_device", "w4a16", "kv_quant", "w4a16_matmul", "QuantLinear", "quantize_kv",
            "dequantize_kv"]

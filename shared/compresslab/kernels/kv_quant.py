@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_device, interpreting
-from ..kvformat import DEQUANTIZERS, STORE, QuantizedGroups, check_group, check_kv_bits, kind_dim
+from . import validate_device, interpreting
+from ..kvformat import DEQUANTIZERS, STORE, QuantizedGroups, validate_group, validate_kv_bits, kind_dim
 
 BLOCK_R = 32  # rows per program (keys: channels; values: tokens)
 
@@ -98,19 +98,19 @@ def _rows_and_strides(shape_or_tensor, dim: int, strides):
 def quantize_kv(x: torch.Tensor, kind: str, bits: int = 2, group_size: int = 64) -> QuantizedGroups:
     """Keys ("key", per channel) or values ("value", per token) (b, h, t, d) -> kvcache.QuantizedGroups."""
     dim = kind_dim(kind) % 4
-    check_kv_bits(bits)
+    validate_kv_bits(bits)
     if x.dim() != 4:
         raise ValueError(f"expected KV states of shape (batch, kv_heads, tokens, head_dim), got {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the KV states must be float16, bfloat16 or float32, got {x.dtype}")
     if interpreting() and x.dtype == torch.bfloat16:
         raise TypeError("the Triton interpreter (CPU) has no bfloat16; use float16 or float32 on CPU")
-    check_group(x.shape[dim], group_size, "tokens of the block (keys are grouped along tokens)" if dim == 2
+    validate_group(x.shape[dim], group_size, "tokens of the block (keys are grouped along tokens)" if dim == 2
                  else "head_dim (values are grouped along channels)")
     if group_size & (group_size - 1):
         raise ValueError(f"the Triton kernel needs a power-of-two group_size (tiles are powers of two), got "
                          f"{group_size}; use 32 or 64, or the PyTorch path (kvcache.quantize_groups)")
-    check_device(x, who="quantize_kv")
+    validate_device(x, who="quantize_kv")
     b, h = x.shape[:2]
     rows, n, s_r, s_n = _rows_and_strides(x.shape, dim, x.stride())
     ng = n // group_size
@@ -129,7 +129,7 @@ def dequantize_kv(q: QuantizedGroups, dtype=torch.float32) -> torch.Tensor:
         raise ValueError("dequantize_kv takes keys or values quantized by quantize_kv / quantize_keys / quantize_values")
     if interpreting() and dtype == torch.bfloat16:
         raise TypeError("the Triton interpreter (CPU) has no bfloat16; use float16 or float32 on CPU")
-    check_device(q.codes, q.scale, q.minimum, who="dequantize_kv")
+    validate_device(q.codes, q.scale, q.minimum, who="dequantize_kv")
     for name in ("codes", "scale", "minimum"):
         if not getattr(q, name).is_contiguous():
             raise ValueError(f"QuantizedGroups.{name} must be contiguous")

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import packing
-from . import check_device, interpreting
+from . import validate_device, interpreting
 
 PACK = 8  # 4-bit codes per int32 word
 ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -225,7 +225,7 @@ def _launcher(kind: str):
 # ----------------------------------------------------------------------------- the entry point
 
 
-def check_packed(qweight, qzeros, scales, g_idx, group_size, in_features: int | None = None) -> tuple[int, int, int]:
+def validate_packed(qweight, qzeros, scales, g_idx, group_size, in_features: int | None = None) -> tuple[int, int, int]:
     """Validate the packed layout -> (K, N, group_size). Errors name what is wrong and how to fix it."""
     for name, t in (("qweight", qweight), ("qzeros", qzeros)):
         if t.dtype != torch.int32:
@@ -277,9 +277,9 @@ def w4a16_matmul(x: torch.Tensor, qweight, qzeros, scales, g_idx=None, group_siz
                         "bfloat16 runs compiled on a GPU")
     if zero_offset not in (0, 1):
         raise ValueError("zero_offset is 1 for GPTQ v1 checkpoints (zeros stored minus one) and 0 for v2")
-    k, n, group_size = check_packed(qweight, qzeros, scales, g_idx, group_size, x.shape[-1])
+    k, n, group_size = validate_packed(qweight, qzeros, scales, g_idx, group_size, x.shape[-1])
     tensors = [x, qweight, qzeros, scales] + ([g_idx] if g_idx is not None else []) + ([bias] if bias is not None else [])
-    check_device(*tensors, who="w4a16_matmul")
+    validate_device(*tensors, who="w4a16_matmul")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -352,7 +352,7 @@ class QuantLinear(nn.Module):
         k = qweight.shape[0] * PACK
         group_size = k // scales.shape[0]
         g_idx = default_g_idx(k, group_size, qweight.device) if g_idx is None else g_idx.to(torch.int32).contiguous()
-        check_packed(qweight, qzeros, scales, g_idx, None)
+        validate_packed(qweight, qzeros, scales, g_idx, None)
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[0]):
             raise ValueError(f"g_idx holds groups outside [0, {scales.shape[0]}): wrongly packed checkpoint")
         self.in_features, self.out_features, self.group_size = k, qweight.shape[1], group_size
