@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .kvformat import (KV_BITS, STORE, QuantizedGroups, validate_group, validate_kv_bits, kind_dim,  # noqa: F401
-                       pack_codes, quantize_groups_torch, tensor_nbytes, unpack_codes)
+                       attention_error, pack_codes, quantize_groups_torch, tensor_nbytes, unpack_codes)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoder-only, full attention, RoPE'd K/V per head
 METHODS = ("fp16", "kivi", "gear_l", "gear")
 
@@ -151,33 +151,6 @@ def layer_qkv(model, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch
     q, _ = apply_rotary_pos_emb(q, q, cos, sin)
     k, v = cache.layers[layer].keys, cache.layers[layer].values  # (b, kv_heads, t, d), RoPE already applied
     return q.float(), k.float(), v.float()
-
-
-def attention_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.Tensor,
-                    v_hat: torch.Tensor) -> dict[str, float]:
-    """Relative error a quantized cache causes where it matters: in the scores QKᵀ and in the attention output
-    softmax(QKᵀ/√d + causal mask)V, against the exact cache. q (b, heads, t, d); k, v, k_hat, v_hat (b, kv_heads,
-    t, d) — kv heads are repeated for grouped-query attention, as the model does."""
-    if k_hat.shape != k.shape or v_hat.shape != v.shape or k.shape != v.shape:
-        raise ValueError(f"k, v, k_hat and v_hat must share one shape; got {k.shape}, {v.shape}, {k_hat.shape}, "
-                         f"{v_hat.shape}")
-    rep = q.shape[1] // k.shape[1]
-    if rep * k.shape[1] != q.shape[1] or q.shape[-2:] != k.shape[-2:]:
-        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)}: heads must be a multiple of kv heads "
-                         "and tokens/head_dim equal")
-    expand = lambda x: x.float().repeat_interleave(rep, dim=1)  # noqa: E731  (b, heads, t, d)
-    t, d = q.shape[-2], q.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-
-    def scores_and_out(kk, vv):
-        s = q.float() @ expand(kk).mT / math.sqrt(d)  # (b, heads, t, t)
-        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
-        return s.masked_fill(~causal, 0.0), p @ expand(vv)  # scores below the diagonal, output (b, heads, t, d)
-
-    s, o = scores_and_out(k, v)
-    s_hat, o_hat = scores_and_out(k_hat, v_hat)
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-    return {"scores": rel(s_hat, s), "output": rel(o_hat, o)}
 
 
 # ----------------------------------------------------------------------------- S: outliers

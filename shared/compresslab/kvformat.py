@@ -117,6 +117,33 @@ def quantize_groups_torch(x: torch.Tensor, bits: int, group_size: int, dim: int)
 # ----------------------------------------------------------------------------- what a layout costs attention
 
 
+def attention_error(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_hat: torch.Tensor,
+                    v_hat: torch.Tensor) -> dict[str, float]:
+    """Relative error a quantized cache causes where it matters: in the scores QKᵀ and in the attention output
+    softmax(QKᵀ/√d + causal mask)V, against the exact cache. q (b, heads, t, d); k, v, k_hat, v_hat (b, kv_heads,
+    t, d) — kv heads are repeated for grouped-query attention, as the model does."""
+    if k_hat.shape != k.shape or v_hat.shape != v.shape or k.shape != v.shape:
+        raise ValueError(f"k, v, k_hat and v_hat must share one shape; got {k.shape}, {v.shape}, {k_hat.shape}, "
+                         f"{v_hat.shape}")
+    rep = q.shape[1] // k.shape[1]
+    if rep * k.shape[1] != q.shape[1] or q.shape[-2:] != k.shape[-2:]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)}: heads must be a multiple of kv heads "
+                         "and tokens/head_dim equal")
+    expand = lambda x: x.float().repeat_interleave(rep, dim=1)  # noqa: E731  (b, heads, t, d)
+    t, d = q.shape[-2], q.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+
+    def scores_and_out(kk, vv):
+        s = q.float() @ expand(kk).mT / math.sqrt(d)  # (b, heads, t, t)
+        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+        return s.masked_fill(~causal, 0.0), p @ expand(vv)  # scores below the diagonal, output (b, heads, t, d)
+
+    s, o = scores_and_out(k, v)
+    s_hat, o_hat = scores_and_out(k_hat, v_hat)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    return {"scores": rel(s_hat, s), "output": rel(o_hat, o)}
+
+
 def layout_attention_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int,
                             group_size: int) -> torch.Tensor:
     """What each quantization layout of the cache costs one layer's attention, as a (2, 2) float32 tensor:
@@ -127,31 +154,18 @@ def layout_attention_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     Per channel: groups of `group_size` consecutive tokens of one channel (dim=-2); per token: groups of `group_size`
     consecutive channels of one token (dim=-1); either fake-quantized with quantize_groups_torch. Quantized keys are
     judged by the scores S = QKᵀ/√d on and below the diagonal (the ones a token computes), with exact values;
-    quantized values by the output softmax(S + causal mask)V, with exact keys. Each error is relative over the whole
+    quantized values by the output softmax(S + causal mask)V, with exact keys (attention_error, above). Each error is relative over the whole
     tensor, ‖Â − A‖_F / ‖A‖_F. q (b, heads, t, d); k, v (b, kv_heads, t, d), kv head j shared by query heads
     j·r … j·r + r − 1, r = heads / kv_heads (grouped-query attention, as transformers' repeat_kv). The reference of
     lab 06's exercise 2.
 
         layout_attention_errors(q, k, v, bits=2, group_size=64)[0, 0]    # 2-bit keys per channel: scores error
     """
-    d = q.shape[-1]
-    rep = q.shape[1] // k.shape[1]  # query heads per kv head
-    causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()  # (t, t)
-
-    def attention(kk: torch.Tensor, vv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kk, vv = kk.repeat_interleave(rep, dim=1), vv.repeat_interleave(rep, dim=1)  # (b, heads, t, d)
-        s = q.float() @ kk.mT / math.sqrt(d)  # (b, heads, t, t)
-        p = s.masked_fill(~causal, float("-inf")).softmax(-1)
-        return s.masked_fill(~causal, 0.0), p @ vv  # the scores a token computes, the output (b, heads, t, d)
 
     def fake(x: torch.Tensor, dim: int) -> torch.Tensor:
         return quantize_groups_torch(x, bits, group_size, dim).dequantize(torch.float32)
 
-    def rel(a: torch.Tensor, exact: torch.Tensor) -> float:
-        return ((a - exact).norm() / exact.norm()).item()
-
     k, v = k.float(), v.float()
-    s, o = attention(k, v)
-    errors = [[rel(attention(fake(k, dim), v)[0], s) for dim in (-2, -1)],  # keys: per channel, per token
-              [rel(attention(k, fake(v, dim))[1], o) for dim in (-2, -1)]]  # values: per channel, per token
+    errors = [[attention_error(q, k, v, fake(k, dim), v)["scores"] for dim in (-2, -1)],  # keys: channel, token
+              [attention_error(q, k, v, k, fake(v, dim))["output"] for dim in (-2, -1)]]  # values: channel, token
     return torch.tensor(errors)
