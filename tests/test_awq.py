@@ -13,12 +13,12 @@ import torch
 import torch.nn as nn
 
 import compresslab as cl
-from compresslab import awq, gptq, quant
+from compresslab import awq, layerwise, quant
 from layer_testing import make_inputs, make_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: one torch thread for the module
 
-GROUPS = [(prev, names) for prev, names in zip(awq.PREV_OPS, gptq.SEQUENTIAL)]
+GROUPS = [(prev, names) for prev, names in zip(awq.PREV_OPS, layerwise.SEQUENTIAL)]
 
 
 def rel(a, b):
@@ -52,7 +52,7 @@ def real_layer(smollm):
     """Layer 0 of SmolLM2-135M, its inputs on 4 x 128 calibration tokens, and each group's input tokens (n, in)."""
     model, tok = smollm
     calib = cl.data.calibration_batches(tok, 4, 128, seed=0)
-    inputs = gptq.layer0_inputs(model, calib, 4)
+    inputs = layerwise.layer0_inputs(model, calib, 4)
     layer = model.model.layers[0]
 
     class Tokens:
@@ -62,9 +62,9 @@ def real_layer(smollm):
         def add_batch(self, x):
             self.xs.append(x.reshape(-1, x.shape[-1]).float())
 
-    firsts = {names[0]: layer.get_submodule(names[0]) for names in gptq.SEQUENTIAL}
+    firsts = {names[0]: layer.get_submodule(names[0]) for names in layerwise.SEQUENTIAL}
     with torch.no_grad():
-        caught = gptq.collect_stats(layer, inputs, firsts, lambda m: Tokens())
+        caught = layerwise.collect_stats(layer, inputs, firsts, lambda m: Tokens())
     xs = {n: torch.cat(t.xs) for n, t in caught.items()}  # (512, in) per group
     config = awq.AWQConfig(grid=10)
     return layer, inputs, xs, config, awq.search_layer(layer, inputs, config)
@@ -192,7 +192,7 @@ def test_folding_the_searched_scales_is_exact_on_a_real_layer(real_layer):
         if s.scales is not None:
             awq.fold_scale(folded.get_submodule(s.prev), [folded.get_submodule(n) for n in s.names], s.scales)
     with torch.no_grad():
-        for (ref, _), (out, _) in zip(gptq.run_layer(layer, inputs), gptq.run_layer(folded, inputs)):
+        for (ref, _), (out, _) in zip(layerwise.run_layer(layer, inputs), layerwise.run_layer(folded, inputs)):
             assert rel(out, ref) < 1e-4
 
 
@@ -217,7 +217,7 @@ def test_search_layer_on_a_real_layer(real_layer):
 @pytest.mark.parametrize("group", [0, 2, 3], ids=["qkv", "gate_up", "down"])
 def test_awq_beats_rtn_on_real_inputs(real_layer, group):
     layer, _, xs, config, _ = real_layer
-    names = gptq.SEQUENTIAL[group]
+    names = layerwise.SEQUENTIAL[group]
     linears, x = [layer.get_submodule(n) for n in names], xs[names[0]]  # x (512, in)
     s, errors = awq.awq_scale_search(linears, x, bits=4, group_size=64, sym=True, grid=config.grid)
     rtn_err = awq_err = 0.0
@@ -239,19 +239,19 @@ def test_a_quantized_real_layer_is_closer_than_rtn(real_layer, sym):
         searches = awq.search_layer(layer, inputs, cfg)
     quantized, rtn_layer = copy.deepcopy(layer), copy.deepcopy(layer)
     records = awq.quantize_layer(quantized, searches, cfg)
-    for n in [n for names in gptq.SEQUENTIAL for n in names]:
+    for n in [n for names in layerwise.SEQUENTIAL for n in names]:
         m = rtn_layer.get_submodule(n)
         m.weight.data = quant.fake_quantize(m.weight.data, 4, 64, sym=sym)
-    assert set(records) == {n for names in gptq.SEQUENTIAL for n in names}
+    assert set(records) == {n for names in layerwise.SEQUENTIAL for n in names}
     for n, r in records.items():
         out_f, in_f = quantized.get_submodule(n).weight.shape
         assert r["scales"].shape == r["zeros"].shape == (out_f, in_f // 64)
         assert (r["clip"] is None) == (sym or n in awq.NO_CLIP)
         assert distinct_per_group(quantized.get_submodule(n).weight.data, 64) <= 16
     with torch.no_grad():
-        ref = torch.cat([o for o, _ in gptq.run_layer(layer, inputs)])
-        err_awq = rel(torch.cat([o for o, _ in gptq.run_layer(quantized, inputs)]), ref)
-        err_rtn = rel(torch.cat([o for o, _ in gptq.run_layer(rtn_layer, inputs)]), ref)
+        ref = torch.cat([o for o, _ in layerwise.run_layer(layer, inputs)])
+        err_awq = rel(torch.cat([o for o, _ in layerwise.run_layer(quantized, inputs)]), ref)
+        err_rtn = rel(torch.cat([o for o, _ in layerwise.run_layer(rtn_layer, inputs)]), ref)
     assert err_awq < err_rtn
 
 
@@ -268,7 +268,7 @@ def test_apply_in_place(tiny_llama, sym):
     assert model.config.quantization_config == config.quantization_config()
     assert model.config.quantization_config["zero_point"] == (not sym)
     for li, layer in enumerate(model.model.layers):
-        for names in gptq.SEQUENTIAL:
+        for names in layerwise.SEQUENTIAL:
             for n in names:
                 w = layer.get_submodule(n).weight.data
                 assert not torch.equal(w, before[f"model.layers.{li}.{n}.weight"])
@@ -284,10 +284,10 @@ def test_apply_is_search_then_quantize_layer_by_layer(tiny_llama):
     applied = awq.apply(copy.deepcopy(tiny_llama[0]), config, ids, progress=False)
     manual = copy.deepcopy(tiny_llama[0])
     with torch.no_grad():
-        inputs = gptq.layer0_inputs(manual, ids, 8)
+        inputs = layerwise.layer0_inputs(manual, ids, 8)
         for li, layer in enumerate(manual.model.layers):
             awq.quantize_layer(layer, awq.search_layer(layer, inputs, config, layer_index=li), config, layer_index=li)
-            inputs = gptq.run_layer(layer, inputs)
+            inputs = layerwise.run_layer(layer, inputs)
     for (n, a), (_, b) in zip(applied.named_parameters(), manual.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), n
 

@@ -3,7 +3,7 @@
     s, errors = awq_scale_search([q, k, v], x, bits=4, group_size=64, sym=True)   # s (in,); errors[i]: alpha = i/grid
     w_hat, clip = awq_clip_search(w, x, bits=4, group_size=64, sym=False)         # (out, in), (out, n_groups)
     model = apply(model, AWQConfig(bits=4, group_size=64), calib)                 # in place, layer by layer
-    searches = search_layer(layer, inputs, config)      # one layer's alpha curves (inputs: gptq.layer0_inputs)
+    searches = search_layer(layer, inputs, config)      # one layer's alpha curves (inputs: layerwise.layer0_inputs)
     records = quantize_layer(layer, searches, config)   # fold the scales, clip, round: scales/zeros per Linear
 
 The idea: a few input channels carry much larger activations than the rest (mean |x_j| spans orders of magnitude), so
@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .gptq import SEQUENTIAL, validate_decoder, collect_stats, decoder_linears, layer0_inputs, run_layer
+from .layerwise import SEQUENTIAL, collect_stats, decoder_linears, layer0_inputs, run_layer, validate_decoder
 from .quant import compute_qparams, dequantize, group_view, linear_in_features, quantize
 
 # the op each SEQUENTIAL group's scale is folded into (its inputs are that op's outputs divided by s)
@@ -104,7 +104,7 @@ class AWQConfig:
 class ActStats:
     """Running statistics of the inputs x of one Linear (or one group sharing an input), over every token seen:
     mean |x_j| per input channel (AWQ's saliency, (in,)) and G = x^T x ((in, in), float64), the error's quadratic form.
-    Anything with add_batch(x) works with gptq.collect_stats."""
+    Anything with add_batch(x) works with layerwise.collect_stats."""
 
     def __init__(self, in_features: int, device="cpu"):
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
@@ -329,7 +329,7 @@ def validate_llama_layer(layer, li: int = 0) -> None:
 @torch.no_grad()
 def search_layer(layer, inputs, config: AWQConfig | None = None, *, layer_index: int = 0) -> list[ScaleSearch]:
     """Run one decoder layer (full precision, nothing modified) on its calibration inputs and search a scale for each
-    SEQUENTIAL group. inputs: gptq.layer0_inputs(model, calib, 8) for layer 0, then run_layer's outputs.
+    SEQUENTIAL group. inputs: layerwise.layer0_inputs(model, calib, 8) for layer 0, then run_layer's outputs.
 
     Lab 03 plots searches[i].errors against alphas(config.grid) for one layer.
     """

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .gptq import validate_decoder, layer0_inputs, run_layer
+from .layerwise import layer0_inputs, run_layer, validate_decoder
 
 KINDS = ("forward", "reverse", "skew")
 

@@ -19,9 +19,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .layerwise import SEQUENTIAL, collect_stats, decoder_linears, layer0_inputs, run_layer, validate_decoder
 from .quant import compute_qparams, gptq_qparams, group_view, search_clip_qparams  # noqa: F401 (gptq_qparams: cl.gptq's)
 
 GPTQ_BITS = (2, 3, 4, 8)
@@ -188,74 +188,6 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
 # ----------------------------------------------------------------------------- the whole model
 
 
-# true-sequential order inside a decoder block: each step sees the outputs of the already-quantized steps
-SEQUENTIAL = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-
-
-class _StopForward(Exception):
-    pass
-
-
-@torch.no_grad()
-def layer0_inputs(model, calib: torch.Tensor, batch_size: int):
-    """Run the model up to decoder layer 0 -> list of (hidden (b, seq, hidden), kwargs) per micro-batch."""
-    layer0 = model.model.layers[0]
-    captured = []
-
-    def grab(module, args, kwargs):
-        captured.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
-        raise _StopForward
-
-    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for i in range(0, calib.shape[0], batch_size):
-            try:
-                model(calib[i : i + batch_size].to(next(model.parameters()).device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return [(h, {k: v for k, v in kw.items() if k not in ("past_key_values", "use_cache")}) for h, kw in captured]
-
-
-def validate_decoder(model, who: str) -> None:
-    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
-        raise TypeError(f"{who} expects a decoder-only causal LM with model.model.layers "
-                        f"(Llama, Qwen2, SmolLM2, Mistral); got {type(model).__name__}")
-
-
-def decoder_linears(layer, names: list[str], li: int, who: str) -> dict[str, nn.Linear]:
-    """The named submodules of decoder layer li, checked to be nn.Linear."""
-    linears = {n: layer.get_submodule(n) for n in names}
-    for n, m in linears.items():
-        if not isinstance(m, nn.Linear):
-            raise TypeError(f"layer {li}.{n} is a {type(m).__name__}; {who} here handles nn.Linear only")
-    return linears
-
-
-def collect_stats(layer, inputs, linears: dict, make_stat) -> dict:
-    """Run the layer on its calibration inputs; every Linear's input batches go to its own make_stat(linear)
-    (anything with add_batch(x): a Hessian here, activation norms in lab 04). Returns {name: stat}."""
-    stats = {n: make_stat(m) for n, m in linears.items()}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: stats[n].add_batch(inp[0]))
-             for n, m in linears.items()]
-    try:
-        run_layer(layer, inputs)  # only to collect the inputs
-    finally:
-        for h in hooks:
-            h.remove()
-    return stats
-
-
-def run_layer(layer, inputs):
-    outs = []
-    for h, kw in inputs:
-        out = layer(h, **kw)
-        outs.append((out[0] if isinstance(out, tuple) else out, kw))
-    return outs
-
-
 @torch.no_grad()
 def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym: bool = False,
                    act_order: bool = True, static_groups: bool = False, damp: float = 0.01,
@@ -280,9 +212,12 @@ def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym
     for li, layer in enumerate(tqdm(model.model.layers, desc=f"GPTQ {bits}-bit", disable=not progress)):
         for names in SEQUENTIAL:
             linears = decoder_linears(layer, names, li, "GPTQ")
-            hessians = collect_stats(layer, inputs, linears, lambda m: Hessian(m.in_features, m.weight.device))
+            # the Linears of one SEQUENTIAL step read the same tensor (q/k/v: input_layernorm's output; gate/up:
+            # post_attention_layernorm's), so one Hessian serves them all (gptq_quantize_weight copies it)
+            first = {names[0]: linears[names[0]]}
+            H = collect_stats(layer, inputs, first, lambda m: Hessian(m.in_features, m.weight.device))[names[0]].H
             for n, m in linears.items():
-                res = gptq_quantize_weight(m.weight.data, hessians[n].H, bits, group_size, sym, act_order,
+                res = gptq_quantize_weight(m.weight.data, H, bits, group_size, sym, act_order,
                                            static_groups, damp, lazy_block, clip)
                 m.weight.data = res.dequantized.to(m.weight.dtype)
                 report[f"model.layers.{li}.{n}"] = res

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .gptq import (SEQUENTIAL, Hessian, validate_decoder, collect_stats, decoder_linears, gptq_qparams,
-                   inverse_cholesky, layer0_inputs, propagate_error, run_layer)
+from .gptq import Hessian, gptq_qparams, inverse_cholesky, propagate_error
+from .layerwise import SEQUENTIAL, collect_stats, decoder_linears, layer0_inputs, run_layer, validate_decoder
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
