@@ -85,7 +85,7 @@ print(f"expected runtime of this notebook: {'~2 min' if env.quick else '~8 min o
 # %%
 model, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)
 n_params = sum(p.numel() for p in model.parameters())
-fp_bytes = cl.eval.weight_bytes(model)
+fp_bytes = cl.evaluation.stored_bytes(model)
 print(f"{MODEL}: {n_params / 1e6:.1f} M parameters, {fp_bytes / 1e6:.0f} MB of weights in {DTYPE}")
 print(model.model.layers[0])
 
@@ -106,7 +106,7 @@ print(model.model.layers[0])
 # parameters cell): the measurements then describe a model as it is usually deployed.
 
 # %%
-tps = cl.eval.tokens_per_second(model, tok, new_tokens=16 if env.quick else 64)
+tps = cl.evaluation.tokens_per_second(model, tok, new_tokens=16 if env.quick else 64)
 print(f"measured decode speed on {env.device}: {tps:.1f} tokens/s "
       f"-> {tps * fp_bytes / 1e9:.1f} GB/s of weights read (a lower bound on the bandwidth used: every token reads "
       "at least every weight once)")
@@ -462,12 +462,12 @@ mb = fp_bytes / 1e6
 
 def evaluate(m, method: str, bits, group_size, weight_mb: float) -> dict:
     """Perplexity + probe for one variant, recorded in the shared results table."""
-    ppl = cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
-    acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
+    ppl = cl.evaluation.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
+    acc = cl.evaluation.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
     row = cl.results.record(lab="01", method=method, model=MODEL, bits=bits, group_size=group_size,
                             weight_mb=round(weight_mb, 1), ppl=round(ppl, 3), probe_acc=acc, quick=env.quick)
     print(f"{method:14s} bits={bits!s:4s} group={group_size!s:8s} ppl={ppl:9.2f}  "
-          f"probe={cl.eval.accuracy_with_interval(acc, sz.probe_n)}")
+          f"probe={cl.evaluation.accuracy_with_interval(acc, sz.probe_n)}")
     return row
 
 
@@ -559,9 +559,9 @@ print(ql)
 codes = cl.quant.unpack_int4(ql.qweight)  # (576, 576) codes in [0, 15]
 print("your pack_int4 reproduces QuantLinear's bytes:", torch.equal(pack_int4(codes), ql.qweight))
 
-q4_bytes = cl.eval.weight_bytes(q4)
-q4_ppl = cl.eval.perplexity(q4, tok, sz.ppl_windows, sz.seq_len)
-q4_tps = cl.eval.tokens_per_second(q4, tok, new_tokens=16 if env.quick else 64)
+q4_bytes = cl.evaluation.stored_bytes(q4)
+q4_ppl = cl.evaluation.perplexity(q4, tok, sz.ppl_windows, sz.seq_len)
+q4_tps = cl.evaluation.tokens_per_second(q4, tok, new_tokens=16 if env.quick else 64)
 print(f"weights: {fp_bytes / 1e6:.0f} MB fp32 -> {q4_bytes / 1e6:.0f} MB packed 4-bit "
       f"({fp_bytes / q4_bytes:.1f}x smaller; embeddings stay fp32)")
 print(f"perplexity: packed {q4_ppl:.2f} vs fake-quantized {bit_rows[BITS_SWEEP.index(4)]['ppl']:.2f}"
@@ -591,7 +591,7 @@ bnb_configs = {
 }
 for name, (bits, config) in bnb_configs.items():
     bnb_model, _ = cl.load_model(MODEL, dtype=DTYPE, device=env.device, quantization_config=config)
-    evaluate(bnb_model, name, bits, 64 if bits == 4 else "channel", cl.eval.weight_bytes(bnb_model) / 1e6)
+    evaluate(bnb_model, name, bits, 64 if bits == 4 else "channel", cl.evaluation.stored_bytes(bnb_model) / 1e6)
     del bnb_model
 
 # %% [markdown]

@@ -430,13 +430,13 @@ probe_answers = {}  # (method, bits) -> per-question right/wrong of the probe, f
 
 def evaluate(m, method: str, bits: int, seconds: float | None = None, group_size: int = GROUP_SIZE, **extra) -> dict:
     """Perplexity + arithmetic probe, recorded in the shared results table."""
-    ppl = cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
-    acc, details = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED, return_details=True)
+    ppl = cl.evaluation.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
+    acc, details = cl.evaluation.arithmetic_probe(m, tok, sz.probe_n, seed=SEED, return_details=True)
     probe_answers[method, bits] = [d["correct"] for d in details]
     stored = cl.results.describe(m, bits if bits < 16 else None, group_size)  # bits, group, deployable weight MB
     row = cl.results.record(lab="02", method=method, model=MODEL, **stored, ppl=round(ppl, 3),
                             probe_acc=acc, quick=env.quick, quant_seconds=seconds and round(seconds, 1), **extra)
-    print(f"{method:34s} {bits}-bit  ppl {ppl:8.2f}  probe {cl.eval.accuracy_with_interval(acc, sz.probe_n):13s}"
+    print(f"{method:34s} {bits}-bit  ppl {ppl:8.2f}  probe {cl.evaluation.accuracy_with_interval(acc, sz.probe_n):13s}"
           + (f"  ({seconds:.0f} s)" if seconds else ""))
     return row
 
@@ -586,7 +586,7 @@ cl.results.table(lab="02", model=MODEL, quick=env.quick)
 # GSM8K solutions are full of them. Does calibrating on math text protect the arithmetic probe?
 #
 # Both models answer the *same* questions, so the cell compares them question by question: only the questions one
-# gets right and the other wrong carry information (an exact McNemar test, `cl.eval.paired_test`; p < 0.05 means a
+# gets right and the other wrong carry information (an exact McNemar test, `cl.evaluation.paired_test`; p < 0.05 means a
 # real difference). Even then, it is one calibration draw of each text.
 
 # %%
@@ -595,10 +595,10 @@ qm_math, _, secs = gptq(4, calib_math, act_order=True)
 row_math = evaluate(qm_math, "GPTQ + act-order (GSM8K calib)", 4, secs, calibration="gsm8k")
 del qm_math
 row_wiki = next(r for r in rows if r["method"] == "GPTQ + act-order" and r["bits"] == 4)
-test = cl.eval.paired_test(probe_answers["GPTQ + act-order", 4], probe_answers["GPTQ + act-order (GSM8K calib)", 4])
+test = cl.evaluation.paired_test(probe_answers["GPTQ + act-order", 4], probe_answers["GPTQ + act-order (GSM8K calib)", 4])
 print(f"probe accuracy (n = {sz.probe_n}, 95 % intervals): WikiText calibration "
-      f"{cl.eval.accuracy_with_interval(row_wiki['probe_acc'], sz.probe_n)}, GSM8K calibration "
-      f"{cl.eval.accuracy_with_interval(row_math['probe_acc'], sz.probe_n)}")
+      f"{cl.evaluation.accuracy_with_interval(row_wiki['probe_acc'], sz.probe_n)}, GSM8K calibration "
+      f"{cl.evaluation.accuracy_with_interval(row_math['probe_acc'], sz.probe_n)}")
 print(f"right only with WikiText calibration {test['a_only']}, only with GSM8K {test['b_only']}: p = {test['p']:.3f}, "
       + ("a real difference" if test["p"] < 0.05 else "not distinguishable at this n"))
 
@@ -627,12 +627,12 @@ print(f"right only with WikiText calibration {test['a_only']}, only with GSM8K {
 path = cl.checkpoint.save_gptq(q4, report4, EXPORT_DIR, bits=4, group_size=GROUP_SIZE, sym=False, desc_act=True,
                                tokenizer=tok)
 size_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
-print(f"wrote {path}: {size_mb:.0f} MB on disk (fp32 model: {cl.eval.weight_bytes(model) / 1e6:.0f} MB)")
+print(f"wrote {path}: {size_mb:.0f} MB on disk (fp32 model: {cl.evaluation.stored_bytes(model) / 1e6:.0f} MB)")
 print(json.loads((path / "config.json").read_text())["quantization_config"])
 
 reloaded, _ = cl.checkpoint.load_gptq(path, device=env.device)
-ppl_mem = cl.eval.perplexity(q4, tok, sz.ppl_windows, sz.seq_len, progress=False)
-ppl_disk = cl.eval.perplexity(reloaded, tok, sz.ppl_windows, sz.seq_len, progress=False)
+ppl_mem = cl.evaluation.perplexity(q4, tok, sz.ppl_windows, sz.seq_len, progress=False)
+ppl_disk = cl.evaluation.perplexity(reloaded, tok, sz.ppl_windows, sz.seq_len, progress=False)
 max_diff = max((reloaded.get_submodule(n).weight - q4.get_submodule(n).weight).abs().max().item() for n in report4)
 print(f"in memory ppl {ppl_mem:.4f} | reloaded from disk {ppl_disk:.4f} | largest weight difference {max_diff:.1e}")
 
@@ -665,7 +665,7 @@ else:
 # %%
 if sz.gsm8k_n and MODEL != "smollm2-135m":
     for label, m in {"fp": model, "GPTQ 4-bit act-order": q4}.items():
-        print(f"GSM8K {label}: {cl.eval.gsm8k_accuracy(m, tok, n=sz.gsm8k_n):.1%} (n = {sz.gsm8k_n})")
+        print(f"GSM8K {label}: {cl.evaluation.gsm8k_accuracy(m, tok, n=sz.gsm8k_n):.1%} (n = {sz.gsm8k_n})")
 else:
     print("skipped: GSM8K needs a >= 0.5B instruct model on a GPU (set MODEL = 'qwen2.5-0.5b' in full mode). "
           "A 135M model is too weak for GSM8K to tell quantizers apart; the arithmetic probe is the CPU stand-in.")

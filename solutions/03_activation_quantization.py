@@ -88,7 +88,7 @@ LINEAR, OTHER = cl.deploy.linear_and_other_params(model)  # decoder Linear weigh
 
 
 def ppl(m) -> float:
-    return cl.eval.perplexity(m, tok, n_windows=sz.ppl_windows, seq_len=sz.seq_len)
+    return cl.evaluation.perplexity(m, tok, n_windows=sz.ppl_windows, seq_len=sz.seq_len)
 
 
 def weight_mb(bits_per_weight: float) -> float:
@@ -591,8 +591,8 @@ probe["fp8 W8A8 per-token"] = cl.quantize(copy.deepcopy(model), cl.W8A8Config(fm
 if not env.quick:  # quick mode's 32 questions cannot rank more formats anyway (+-17 points)
     probe["nvfp4 W4A4"] = cl.quantize(copy.deepcopy(model), cl.MXConfig(fmt="nvfp4"))
 for name, m in probe.items():
-    acc = cl.eval.arithmetic_probe(m, tok, n=sz.probe_n, progress=False)
-    print(f"{name:22s} arithmetic probe {cl.eval.accuracy_with_interval(acc, sz.probe_n)}")
+    acc = cl.evaluation.arithmetic_probe(m, tok, n=sz.probe_n, progress=False)
+    print(f"{name:22s} arithmetic probe {cl.evaluation.accuracy_with_interval(acc, sz.probe_n)}")
 
 # %%
 cl.results.table(lab="03", model=MODEL, quick=env.quick)

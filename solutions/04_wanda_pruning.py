@@ -365,14 +365,14 @@ def evaluate(m, method: str, sparsity: float, seconds: float | None = None, bits
              nm: tuple[int, int] | None = None, **extra) -> dict:
     """Perplexity + arithmetic probe, recorded in the shared results table. sparsity: the share of zeros among the
     remaining weights; bits/nm: how the row is deployed (None: as stored, zeros included)."""
-    ppl = cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
-    acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
+    ppl = cl.evaluation.perplexity(m, tok, sz.ppl_windows, sz.seq_len)
+    acc = cl.evaluation.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
     stored = cl.results.describe(m, bits, 64, nm)  # bits, group, deployable weight MB of *this* model
     row = cl.results.record(lab="04", method=method, model=MODEL, **stored, ppl=round(ppl, 3),
                             probe_acc=acc, quick=env.quick, sparsity=sparsity,
                             prune_seconds=seconds and round(seconds, 1), **extra)
     print(f"{method:24s} sparsity {sparsity:4.0%}  ppl {ppl:9.2f}  "
-          f"probe {cl.eval.accuracy_with_interval(acc, sz.probe_n):13s}  {stored['weight_mb']:6.1f} MB"
+          f"probe {cl.evaluation.accuracy_with_interval(acc, sz.probe_n):13s}  {stored['weight_mb']:6.1f} MB"
           + (f"  ({seconds:.0f} s)" if seconds else ""))
     return row
 
@@ -456,13 +456,13 @@ cl.results.table(lab="04", model=MODEL, quick=env.quick)
 
 # %%
 RATIOS = (0.25,) if env.quick else (0.1, 0.25, 0.4, 0.5)
-dense_ms = 1000 * cl.eval.prefill_seconds(model, tok, sz.seq_len, 1)
+dense_ms = 1000 * cl.evaluation.prefill_seconds(model, tok, sz.seq_len, 1)
 struct_rows = []
 for r in RATIOS:
     t0 = time.perf_counter()
     sm, _ = pruning.prune_mlp_neurons(model, calib, ratio=r)
     secs = time.perf_counter() - t0
-    ms = 1000 * cl.eval.prefill_seconds(sm, tok, sz.seq_len, 1)
+    ms = 1000 * cl.evaluation.prefill_seconds(sm, tok, sz.seq_len, 1)
     share = 1 - pruning.count_parameters(sm) / pruning.count_parameters(model)
     # a smaller dense model: no zeros (sparsity 0); the parameters it lost go in their own column
     struct_rows.append(evaluate(sm, f"structured MLP {r:.0%}", 0.0, secs, params_removed=round(share, 4),
@@ -500,15 +500,15 @@ print(why)
 if ok:
     W24 = wanda24.model.layers[0].mlp.up_proj.weight.detach().half()  # (1536, 576), 2:4
     x = torch.randn(4096, W24.shape[1], dtype=torch.float16, device=W24.device)
-    t_dense = cl.eval.matmul_seconds(W24, x)
-    t_sparse = cl.eval.matmul_seconds(torch.sparse.to_sparse_semi_structured(W24), x)
+    t_dense = cl.evaluation.matmul_seconds(W24, x)
+    t_sparse = cl.evaluation.matmul_seconds(torch.sparse.to_sparse_semi_structured(W24), x)
     print(f"up_proj matmul, 4096 tokens: dense {t_dense * 1e6:.0f} us, 2:4 {t_sparse * 1e6:.0f} us "
           f"({t_dense / t_sparse:.2f}x)")
     m16 = wanda24.half()
-    ms_dense = 1000 * cl.eval.prefill_seconds(m16, tok, sz.seq_len, 8)
+    ms_dense = 1000 * cl.evaluation.prefill_seconds(m16, tok, sz.seq_len, 8)
     try:
         print(f"converted {pruning.to_semi_structured(m16)} Linears to the compressed 2:4 format")
-        ms_sparse = 1000 * cl.eval.prefill_seconds(m16, tok, sz.seq_len, 8)
+        ms_sparse = 1000 * cl.evaluation.prefill_seconds(m16, tok, sz.seq_len, 8)
         print(f"prefill 8×{sz.seq_len} in fp16: dense {ms_dense:.1f} ms, 2:4 {ms_sparse:.1f} ms ({ms_dense / ms_sparse:.2f}x;"
               " the 135M model's matrices are small, so expect less than the matmul gain)")
     except (RuntimeError, NotImplementedError) as err:  # kernel coverage differs between torch/CUDA versions

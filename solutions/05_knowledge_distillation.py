@@ -169,7 +169,7 @@ else:  # a separate, smaller model of the same family: it must share the teacher
 
 
 def ppl_of(m) -> float:
-    return cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len, progress=False)
+    return cl.evaluation.perplexity(m, tok, sz.ppl_windows, sz.seq_len, progress=False)
 
 
 n_teacher, n_student = (sum(p.numel() for p in m.parameters()) for m in (teacher, student0))
@@ -411,12 +411,12 @@ def mean_entropy(m) -> float:
 
 
 def record(name, m, ppl, **extra):
-    acc = cl.eval.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
+    acc = cl.evaluation.arithmetic_probe(m, tok, sz.probe_n, seed=SEED)
     cl.results.record(lab="05", method=name, model=MODEL, **cl.results.describe(m), ppl=round(ppl, 3),
                       probe_acc=acc, quick=env.quick,
                       params_m=round(sum(p.numel() for p in m.parameters()) / 1e6, 1), steps=STEPS,
                       entropy=round(mean_entropy(m), 3), **extra)
-    print(f"{name:40s} ppl {ppl:8.2f}  probe {cl.eval.accuracy_with_interval(acc, sz.probe_n)}")
+    print(f"{name:40s} ppl {ppl:8.2f}  probe {cl.evaluation.accuracy_with_interval(acc, sz.probe_n)}")
     return acc
 
 

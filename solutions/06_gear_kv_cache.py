@@ -499,11 +499,11 @@ results = {}
 for name, config in CONFIGS.items():
     t0 = time.perf_counter()
     r = kv.kv_perplexity(model, tok, config, n_windows=N_WINDOWS, prefix=PREFIX, scored=SCORED, chunk=CHUNK)
-    r["probe_acc"] = cl.eval.arithmetic_probe(model, tok, PROBE_N, shots=6, seed=SEED, align=64, progress=False,
+    r["probe_acc"] = cl.evaluation.arithmetic_probe(model, tok, PROBE_N, shots=6, seed=SEED, align=64, progress=False,
                                               cache_factory=lambda c=config: kv.new_cache(model, c))
     r["seconds"] = time.perf_counter() - t0
     results[name] = r
-    print(f"{name:44s} ppl {r['ppl']:8.3f}  probe {cl.eval.accuracy_with_interval(r['probe_acc'], PROBE_N)}  "
+    print(f"{name:44s} ppl {r['ppl']:8.3f}  probe {cl.evaluation.accuracy_with_interval(r['probe_acc'], PROBE_N)}  "
           f"KV {r['ratio']:.3f}x fp16  ({r['seconds']:.0f} s)")
 
 # %%
@@ -526,7 +526,7 @@ table[["method", "ppl", "ppl_increase", "probe_acc", "kv_ratio", "kv_mb"]]
 # %%
 if sz.gsm8k_n and env.device == "cuda":
     for name in ("fp16 cache", "KIVI 2-bit", "GEAR 2-bit"):
-        acc = cl.eval.gsm8k_accuracy(model, tok, sz.gsm8k_n, batch_size=8,
+        acc = cl.evaluation.gsm8k_accuracy(model, tok, sz.gsm8k_n, batch_size=8,
                                      cache_factory=lambda c=CONFIGS[name]: kv.new_cache(model, c))
         print(f"{name:12s} GSM8K {acc:.1%} ({sz.gsm8k_n} problems)")
 else:

@@ -101,10 +101,10 @@ print(f"{MODEL}: {linear_params / 1e6:.1f} M parameters in decoder Linears, {oth
 # %%
 with torch.no_grad():
     ids = cl.data.test_windows(tok, 1, 256).to(env.device)  # (1, 256)
-    t_prefill = cl.eval.median_seconds(lambda: model(ids), repeats=3)
+    t_prefill = cl.evaluation.median_seconds(lambda: model(ids), repeats=3)
     out = model(ids[:, :255], use_cache=True)
     # a step extends the cache it is given: each timed call gets a fresh copy, made outside the timed region
-    t_step = cl.eval.median_seconds(lambda cache: model(ids[:, 255:], past_key_values=cache), repeats=5,
+    t_step = cl.evaluation.median_seconds(lambda cache: model(ids[:, 255:], past_key_values=cache), repeats=5,
                                     setup=lambda: copy.deepcopy(out.past_key_values))
 print(f"prefill of 256 tokens: {t_prefill * 1e3:.0f} ms = {t_prefill / 256 * 1e3:.2f} ms per token")
 print(f"one decode step:       {t_step * 1e3:.0f} ms per token — {t_step / (t_prefill / 256):.0f}x more per token, "
@@ -319,7 +319,7 @@ if env.device == "cpu":
     models["PyTorch dynamic int8"] = deploy.dynamic_int8(copy.deepcopy(model))
     timed["PyTorch dynamic int8"] = deploy.timed_generate(models["PyTorch dynamic int8"], tok, PROMPT, NEW_TOKENS)
 windows = cl.data.test_windows(tok, 1, PPL_TOKENS)  # the same WikiText-2 tokens for every runtime
-ppl = {name: cl.eval.perplexity(m, tok, n_windows=1, seq_len=PPL_TOKENS, batch_size=1, progress=False)
+ppl = {name: cl.evaluation.perplexity(m, tok, n_windows=1, seq_len=PPL_TOKENS, batch_size=1, progress=False)
        for name, m in models.items()}
 read_bytes = {name: deploy.decode_read_bytes(m) for name, m in models.items()}  # what one decode step reads
 for name, t in timed.items():
@@ -328,7 +328,7 @@ for name, t in timed.items():
           f"{t.tokens_per_s:6.1f} tok/s  ppl {ppl[name]:.2f}  agreement {agree:.0%} (first difference at {first})")
 if env.device == "cpu":  # quantize_dynamic takes every nn.Linear: the tied LM head gets an int8 copy of its own
     head_fp32 = deploy.dynamic_int8(copy.deepcopy(model), lm_head=False)
-    p_head = cl.eval.perplexity(head_fp32, tok, n_windows=1, seq_len=PPL_TOKENS, batch_size=1, progress=False)
+    p_head = cl.evaluation.perplexity(head_fp32, tok, n_windows=1, seq_len=PPL_TOKENS, batch_size=1, progress=False)
     print(f"dynamic int8 reads {read_bytes['PyTorch dynamic int8'] / 1e6:.0f} MB per step (LM head int8 included); "
           f"with the LM head kept fp32 it reads {deploy.decode_read_bytes(head_fp32) / 1e6:.0f} MB at ppl "
           f"{p_head:.2f}: the int8 head's share of the increase over fp32 is "
@@ -449,7 +449,7 @@ if env.device == "cuda":
     gpu_bw = deploy.measure_bandwidth_GBps(device="cuda", nbytes=2**30)
     for name, m in {"fp16": copy.deepcopy(model).half(), "W4A16 Triton": qmodel}.items():
         t = deploy.timed_generate(m, tok, PROMPT, NEW_TOKENS)
-        bound = decode_bound(cl.eval.weight_bytes(m), kv_per_token, context, 1, gpu_bw)
+        bound = decode_bound(cl.evaluation.stored_bytes(m), kv_per_token, context, 1, gpu_bw)
         print(f"{name:14s} {t.tokens_per_s:7.1f} tok/s (bound {bound:,.0f} at {gpu_bw:.0f} GB/s) — {source}")
 else:
     print("no GPU: the W4A16 kernel runs here only in Triton's interpreter (lab 02, section 10); `make bench` on a GPU")

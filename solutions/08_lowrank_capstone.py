@@ -103,7 +103,7 @@ print(f"calibration: {tuple(calib.shape)} token ids of WikiText-2 valid")
 
 
 def ppl_of(m):
-    return cl.eval.perplexity(m, tok, n_windows=sz.ppl_windows, seq_len=sz.seq_len, progress=False)
+    return cl.evaluation.perplexity(m, tok, n_windows=sz.ppl_windows, seq_len=sz.seq_len, progress=False)
 
 
 dense_ppl = ppl_of(model)
@@ -197,11 +197,11 @@ ranks = [32, 64, 128, 256, break_even_rank(d_out, d_in)]
 timings = {}
 for tokens in (1, 512):
     x = torch.randn(tokens, d_in, device=W.device, dtype=W.dtype)
-    dense_t = cl.eval.median_seconds(lambda: x @ W.T, repeats=30)
+    dense_t = cl.evaluation.median_seconds(lambda: x @ W.T, repeats=30)
     lowr_t = []
     for r in ranks:
         A, B = (f.to(W.device, W.dtype).contiguous() for f in lowrank.svd_factors(W, r))
-        lowr_t.append(cl.eval.median_seconds(lambda: (x @ B.T) @ A.T, repeats=30))
+        lowr_t.append(cl.evaluation.median_seconds(lambda: (x @ B.T) @ A.T, repeats=30))
     timings[tokens] = (dense_t, lowr_t)
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
 for ax, (tokens, (dense_t, lowr_t)) in zip(axes, timings.items()):
@@ -376,7 +376,7 @@ for name, steps in RECIPES.items():
                                scored=64 if env.quick else 256, progress=False)
     factory = lambda m=m, c=built.kv: kvcache.make_cache(m, c)  # noqa: E731  (fp16 cache without a "kv" step)
     # align=64: the last 64k tokens of each 6-shot prompt, so the question itself is compressed (see lab 06 §7)
-    acc, details = cl.eval.arithmetic_probe(m, tok, n=PROBE_N, shots=6, align=64, progress=False,
+    acc, details = cl.evaluation.arithmetic_probe(m, tok, n=PROBE_N, shots=6, align=64, progress=False,
                                             cache_factory=factory, return_details=True)
     answers[name] = [d["correct"] for d in details]  # per question: section 8 compares models pairwise
     weight_b = built.weight_bytes()
@@ -498,7 +498,7 @@ for c in card:
 # Test its small version here: for each variant, the relative perplexity increase against the change in exact-match
 # accuracy on the arithmetic probe. Every model answers the *same* questions, so the fair test of a difference is
 # paired: only the questions one model gets right and the other wrong count (an exact McNemar test,
-# `cl.eval.paired_test`); each accuracy also gets its 95 % Wilson interval (`cl.eval.wilson_interval`). With n = 16
+# `cl.evaluation.paired_test`); each accuracy also gets its 95 % Wilson interval (`cl.evaluation.wilson_interval`). With n = 16
 # (quick) an accuracy of 50 % means 28 %–72 %: most gaps you see are inside the noise, and the text says so.
 
 # %%
@@ -506,7 +506,7 @@ base = table.loc["dense"]
 fig, ax = plt.subplots()
 for name in table.index.drop("dense"):
     r = table.loc[name]
-    lo, hi = cl.eval.wilson_interval(sum(answers[name]), PROBE_N)  # the variant's 95 % interval, shifted by dense
+    lo, hi = cl.evaluation.wilson_interval(sum(answers[name]), PROBE_N)  # the variant's 95 % interval, shifted by dense
     ax.errorbar(r["ppl"] / base["ppl"] - 1, r["probe_acc"] - base["probe_acc"],
                 yerr=[[r["probe_acc"] - lo], [hi - r["probe_acc"]]], fmt="o", capsize=3)
     ax.annotate(name, (r["ppl"] / base["ppl"] - 1, r["probe_acc"] - base["probe_acc"]), fontsize=7,
@@ -515,11 +515,11 @@ ax.axhline(0, color="k", lw=0.8)
 ax.set(xscale="symlog", xlabel="relative perplexity increase vs dense", ylabel="probe accuracy change",
        title=f"arithmetic probe (n={PROBE_N}) vs perplexity")
 plt.show()
-lo, hi = cl.eval.wilson_interval(sum(answers["dense"]), PROBE_N)
+lo, hi = cl.evaluation.wilson_interval(sum(answers["dense"]), PROBE_N)
 print(f"dense: probe {base['probe_acc']:.0%} (95 % interval {lo:.0%}–{hi:.0%}, n={PROBE_N})")
 for name in table.index.drop("dense"):
-    r, test = table.loc[name], cl.eval.paired_test(answers["dense"], answers[name])
-    lo, hi = cl.eval.wilson_interval(sum(answers[name]), PROBE_N)
+    r, test = table.loc[name], cl.evaluation.paired_test(answers["dense"], answers[name])
+    lo, hi = cl.evaluation.wilson_interval(sum(answers[name]), PROBE_N)
     verdict = "a real difference" if test["p"] < 0.05 else "not distinguishable from dense at this n"
     print(f"{name:34s} perplexity {r['ppl'] / base['ppl'] - 1:+7.0%}  probe {r['probe_acc']:4.0%} ({lo:.0%}–{hi:.0%})"
           f"  right only dense {test['a_only']:2d}, only this {test['b_only']:2d}: p = {test['p']:.3f}, {verdict}")
@@ -527,7 +527,7 @@ if sz.gsm8k_n and env.device == "cuda":
     print("GSM8K (a >= 0.5B instruct model on a GPU):")
     for name in [n for n in ("dense", "GPTQ 4-bit", "GPTQ 3-bit") if n in RECIPES]:
         built = stack.build(name, RECIPES[name], model, calib, gptq_dir=GPTQ_DIR, progress=False)
-        print(f"  {name}: {cl.eval.gsm8k_accuracy(built.model, tok, n=sz.gsm8k_n):.1%}")
+        print(f"  {name}: {cl.evaluation.gsm8k_accuracy(built.model, tok, n=sz.gsm8k_n):.1%}")
 else:
     print("GSM8K skipped: it needs a >= 0.5B instruct model on a GPU (set MODEL, full mode)")
 

@@ -110,7 +110,7 @@ def test_fp32_export_scores_like_pytorch(onnx_exports, smollm):
     perplexity: the export, the cache and the scoring loop are right."""
     model, tok = smollm
     windows = cl.data.test_windows(tok, 1, 48)
-    ref = cl.eval.perplexity(model, tok, n_windows=1, seq_len=48, batch_size=1, progress=False)
+    ref = cl.evaluation.perplexity(model, tok, n_windows=1, seq_len=48, batch_size=1, progress=False)
     got = deploy.onnx_perplexity(deploy.OnnxLM(onnx_exports["fp32"]), windows)
     assert got == pytest.approx(ref, rel=1e-3)
 
@@ -122,7 +122,7 @@ def test_int4_generates_and_stays_close(onnx_exports, smollm):
     t = lm.timed_generate(ids, 6)
     assert len(t.tokens) == 6 and all(0 <= x < model.config.vocab_size for x in t.tokens)
     windows = cl.data.test_windows(tok, 1, 48)
-    ref = cl.eval.perplexity(model, tok, n_windows=1, seq_len=48, batch_size=1, progress=False)
+    ref = cl.evaluation.perplexity(model, tok, n_windows=1, seq_len=48, batch_size=1, progress=False)
     ppl = deploy.onnx_perplexity(lm, windows)
     assert math.isfinite(ppl) and ref < ppl < 2 * ref  # 4-bit RTN costs something, not everything
     again = deploy.build_onnx(onnx_exports["int4"], "int4")  # a complete export is reused, not rebuilt
@@ -137,7 +137,7 @@ def test_decode_read_bytes_counts_what_each_path_stores(tiny_llama):
     model, _ = tiny_llama
     cfg = model.config
     # fp32, tied: everything once, the embedding table through the LM head
-    assert deploy.decode_read_bytes(model) == cl.eval.weight_bytes(model)
+    assert deploy.decode_read_bytes(model) == cl.evaluation.stored_bytes(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     n_linear = sum(m.weight.numel() for m in linears)  # includes the LM head (vocab x hidden)
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
@@ -159,10 +159,10 @@ def test_median_seconds_times_only_the_step_not_its_setup():
     import time
 
     calls = []
-    t = cl.eval.median_seconds(lambda x: calls.append(x), repeats=5, warmup=1,
+    t = cl.evaluation.median_seconds(lambda x: calls.append(x), repeats=5, warmup=1,
                                setup=lambda: time.sleep(0.05) or len(calls))
     assert t < 0.01 and calls == [0, 1, 2, 3, 4, 5]  # 6 calls (1 warm-up), each handed its own setup result
-    assert cl.eval.median_seconds(lambda: time.sleep(0.02), repeats=3, warmup=0) >= 0.02
+    assert cl.evaluation.median_seconds(lambda: time.sleep(0.02), repeats=3, warmup=0) >= 0.02
 
 
 def test_median_timed_warms_up_then_takes_medians_of_every_run():

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "shared" / "compresslab"
 # its own submodules, and they the package's __init__; the package root is the facade and imports anything).
 LAYERS = {
     0: "paths runtime packing kvformat data",
-    1: "quant models checkpoint eval layerwise",
+    1: "quant models checkpoint evaluation layerwise",
     2: "formats gptq smoothquant widgets deploy serve nvmodelopt kernels kernels.w4a16 kernels.kv_quant",
     3: "pruning awq actquant kvcache results",
     4: "distill lowrank expected",

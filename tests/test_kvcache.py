@@ -856,7 +856,7 @@ def test_outlier_share_is_what_is_kept_not_what_is_asked():
 
 
 def test_unpadded_batches_group_equal_lengths():
-    from compresslab.eval import unpadded_batches
+    from compresslab.evaluation import unpadded_batches
 
     assert unpadded_batches([5, 7, 5, 5, 7, 9], 2) == [[0, 2], [3], [1, 4], [5]]
     assert unpadded_batches([], 4) == []
@@ -866,7 +866,7 @@ def test_batched_generation_never_puts_padding_into_a_compressed_cache(smollm):
     """Issue 24, item 3: left padding put pad tokens into the groups (min/max, outliers, low-rank fit) of the
     compressed cache. With a cache_factory, generate_batch batches prompts of one length only: every real token's
     compressed state equals the prompt's state generated alone; the old left-padded batch's differs."""
-    from compresslab.eval import generate_batch
+    from compresslab.evaluation import generate_batch
 
     model, tok = smollm
     cfg = K.KVConfig("kivi", bits=2)
@@ -915,7 +915,7 @@ def test_probe_with_align_compresses_the_question_too(smollm):
     """Issue 24, item 4: a ~98-token 4-shot prompt left its last 34 tokens (the question) in the fp16 buffer, so
     the probe "through the cache" never read a compressed question. align=64 keeps the last 64k prompt tokens: the
     whole prompt is compressed at prefill and only the generated tokens sit in the buffer."""
-    from compresslab.eval import arithmetic_prompts, arithmetic_probe
+    from compresslab.evaluation import arithmetic_prompts, arithmetic_probe
 
     model, tok = smollm
     caches = []

@@ -14,5 +14,5 @@ REFERENCE = {None: 36.63, 8: 36.60, 4: 48.82, 3: 116.6}
 def test_rtn_perplexity_matches_reference(smollm, bits):
     model, tok = smollm
     m = model if bits is None else cl.quant.fake_quantize_model(model, bits=bits, group_size=64)
-    ppl = cl.eval.perplexity(m, tok, n_windows=16, seq_len=512, progress=False)
+    ppl = cl.evaluation.perplexity(m, tok, n_windows=16, seq_len=512, progress=False)
     assert ppl == pytest.approx(REFERENCE[bits], rel=2e-3), ppl

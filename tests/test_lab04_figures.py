@@ -7,7 +7,7 @@ The Wanda and SparseGPT figures need a calibrated whole-model pass (minutes on C
 
 import pytest
 
-from compresslab import eval as cl_eval
+from compresslab import evaluation
 from compresslab import pruning
 
 REFERENCE = {"50%": (dict(sparsity=0.5), 487.6), "2:4": (dict(n=2, m=4), 1828.0)}
@@ -19,5 +19,5 @@ def test_magnitude_perplexity_matches_reference(smollm, pattern):
     kw, ref = REFERENCE[pattern]
     pruned, report = pruning.prune_model(model, None, "magnitude", progress=False, **kw)
     assert all(v >= 0.5 - 1e-6 for v in report.values())  # more where the model already held exact zeros
-    ppl = cl_eval.perplexity(pruned, tok, n_windows=16, seq_len=512, progress=False)
+    ppl = evaluation.perplexity(pruned, tok, n_windows=16, seq_len=512, progress=False)
     assert ppl == pytest.approx(ref, rel=0.03), ppl

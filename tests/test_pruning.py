@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from layer_testing import gen, hessian_of, layer, make_inputs, make_weight  # noqa: F401 (layer: fixture)
 
-from compresslab import eval as cl_eval
+from compresslab import evaluation
 from compresslab import gptq, pruning
 
 PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -716,10 +716,10 @@ def test_semi_structured_bytes_is_nine_sixteenths_of_fp16():
 
 
 def test_matmul_seconds_and_prefill_seconds(tiny_llama):
-    t = cl_eval.matmul_seconds(torch.randn(64, 64), torch.randn(8, 64), repeats=5)
+    t = evaluation.matmul_seconds(torch.randn(64, 64), torch.randn(8, 64), repeats=5)
     assert isinstance(t, float) and t > 0
     model, tok = tiny_llama
-    p = cl_eval.prefill_seconds(model, tok, seq_len=64, repeats=2)
+    p = evaluation.prefill_seconds(model, tok, seq_len=64, repeats=2)
     assert isinstance(p, float) and 0 < p < 60
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compresslab import eval as cl_eval
+from compresslab import evaluation
 from compresslab import formats, quant, runtime
 
 ALL_BITS = [2, 3, 4, 5, 6, 7, 8]
@@ -374,7 +374,7 @@ def test_linear_in_features_and_group_size_fits():
 @pytest.mark.parametrize("inplace", [False, True])
 def test_quantize_model(inplace):
     model = tiny_model()
-    before, fp_bytes = _state(model), cl_eval.weight_bytes(model)
+    before, fp_bytes = _state(model), evaluation.stored_bytes(model)
     ids = torch.tensor([[1, 2, 3]])
     q = quant.quantize_model(model, bits=4, group_size=32, inplace=inplace)
     assert (q is model) == inplace
@@ -388,7 +388,7 @@ def test_quantize_model(inplace):
     # exact byte count: packed codes + fp16 scales + uint8 zeros per group, float32 bias; the rest unchanged
     quantized = sum(o * i // 2 + o * (i // 32) * 3 + 4 * o for i, o in [(64, 96), (96, 48)])
     untouched = 4 * (10 * 64 + 48 * 10)
-    assert cl_eval.weight_bytes(q) == quantized + untouched < fp_bytes
+    assert evaluation.stored_bytes(q) == quantized + untouched < fp_bytes
     fake = quant.fake_quantize_model(tiny_model(), bits=4, group_size=32)
     with torch.no_grad():  # same tolerance as test_quant_linear_matches_fake_quantize (float16 scales)
         out, expected, exact = q(ids), fake(ids), tiny_model()(ids)
@@ -410,7 +410,7 @@ def test_fake_quantize_model(inplace):
         assert torch.equal(f.state_dict()[name], before[name]), name
     if not inplace:
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert cl_eval.weight_bytes(f) == cl_eval.weight_bytes(tiny_model())  # fake: nothing saved
+    assert evaluation.stored_bytes(f) == evaluation.stored_bytes(tiny_model())  # fake: nothing saved
 
 
 def test_model_skip_patterns():

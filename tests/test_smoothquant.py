@@ -185,7 +185,7 @@ def test_smoothquant_lowers_int8_static_w8a8_perplexity(real):
     for alpha in (None, 0.5):
         config = actquant.W8A8Config(fmt="int8", weights="channel", activations="tensor", smooth_alpha=alpha)
         q = actquant.apply(copy.deepcopy(model), config, calib, progress=False)
-        ppl[alpha] = cl.eval.perplexity(q, tok, n_windows=2, seq_len=128, progress=False)
+        ppl[alpha] = cl.evaluation.perplexity(q, tok, n_windows=2, seq_len=128, progress=False)
         del q
     # measured: 88.1 without smoothing, 56.5 with alpha 0.5 (full precision: 46.3)
     assert ppl[0.5] < 0.85 * ppl[None], ppl

@@ -56,7 +56,7 @@ def main():
             qm, report = cl.gptq.quantize_model(model, calib[windows], bits=bits, group_size=group_size,
                                                 progress=False, **opts)
         if tune:
-            extra["ppl_before_tuning"] = round(cl.eval.perplexity(qm, tok, 16, 512, progress=False), 3)
+            extra["ppl_before_tuning"] = round(cl.evaluation.perplexity(qm, tok, 16, 512, progress=False), 3)
             train = cl.data.training_windows(tok, n_windows=256, seq_len=256, seed=1)
             hist = scale_tuning.tune_scales(qm, report, model, train, steps=tune, lr=1e-3, batch_size=4,
                                             progress=False)
@@ -64,8 +64,8 @@ def main():
         seconds = time.perf_counter() - t0
         row = dict(name=name, bits=bits, group_size=group_size, windows=windows if method == "gptq" else None,
                    calib_seed=args.seed, seconds=round(seconds, 1), device=env.gpu_name or "cpu", **extra,
-                   ppl=round(cl.eval.perplexity(qm, tok, 16, 512, progress=False), 3),
-                   probe_acc=cl.eval.arithmetic_probe(qm, tok, 100, progress=False))
+                   ppl=round(cl.evaluation.perplexity(qm, tok, 16, 512, progress=False), 3),
+                   probe_acc=cl.evaluation.arithmetic_probe(qm, tok, 100, progress=False))
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -62,7 +62,7 @@ def main():
             pm, report = pruning.prune_model(model, calib[windows], method, progress=False, **opts)
             extra["sparsity_reached"] = round(sum(report.values()) / len(report), 4)
             if recover:
-                extra["ppl_before_recovery"] = round(cl.eval.perplexity(pm, tok, 16, 512, progress=False), 3)
+                extra["ppl_before_recovery"] = round(cl.evaluation.perplexity(pm, tok, 16, 512, progress=False), 3)
                 train = cl.data.training_windows(tok, n_windows=256, seq_len=256, seed=1)  # <unk>-free, as GPTQ/KD
                 losses = pruning.finetune_masked(pm, train, steps=recover, lr=1e-4, batch_size=4, progress=False)
                 extra |= dict(recover_steps=recover, first_loss=round(losses[0], 3), last_loss=round(losses[-1], 3),
@@ -71,10 +71,10 @@ def main():
         seconds = time.perf_counter() - t0
         if method in ("dense", "structured"):
             extra |= dict(params=pruning.count_parameters(pm),
-                          prefill_ms=round(1000 * cl.eval.prefill_seconds(pm, tok, 512, 1, 7), 1))
+                          prefill_ms=round(1000 * cl.evaluation.prefill_seconds(pm, tok, 512, 1, 7), 1))
         row = dict(name=name, method=method, **opts, windows=windows, seconds=round(seconds, 1),
-                   device=env.gpu_name or "cpu", ppl=round(cl.eval.perplexity(pm, tok, 16, 512, progress=False), 3),
-                   probe_acc=None if args.no_probe else cl.eval.arithmetic_probe(pm, tok, 100, progress=False),
+                   device=env.gpu_name or "cpu", ppl=round(cl.evaluation.perplexity(pm, tok, 16, 512, progress=False), 3),
+                   probe_acc=None if args.no_probe else cl.evaluation.arithmetic_probe(pm, tok, 100, progress=False),
                    **extra)
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:

@@ -33,7 +33,7 @@ def main():
     student0, _ = distill.make_student(teacher, calib, n_layers=20)
 
     def ppl_of(m):
-        return cl.eval.perplexity(m, tok, sz.ppl_windows, sz.seq_len, progress=False)
+        return cl.evaluation.perplexity(m, tok, sz.ppl_windows, sz.seq_len, progress=False)
 
     ppl_teacher, ppl_pruned = ppl_of(teacher), ppl_of(student0)
     for run in args.runs:

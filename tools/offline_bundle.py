@@ -80,7 +80,7 @@ cl.setup(quick=True)
 model, tok = cl.load_model(device="cpu")
 if marker.stat().st_mtime != before:
     raise SystemExit("the model was converted again instead of read from the bundle's cache")
-ppl = cl.eval.perplexity(model, tok, n_windows=1, seq_len=128, progress=False)
+ppl = cl.evaluation.perplexity(model, tok, n_windows=1, seq_len=128, progress=False)
 calib = cl.data.calibration_batches(tok, n_samples=2, seq_len=64)
 gsm = cl.data.gsm8k("test")
 if not (5 < ppl < 100) or calib.shape != (2, 64) or len(gsm) < 1000:

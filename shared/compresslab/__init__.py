@@ -3,7 +3,7 @@
 One file per concern, arrows pointing down: a module imports only from layers below its own (tests/test_imports.py
 holds this table and fails on an upward or sideways import, or a cycle):
     0 bottom   paths  runtime (setup, device, the Triton switch)  packing  kvformat  data
-    1 storage  quant  models  checkpoint  eval  layerwise (the layer-by-layer calibration harness)
+    1 storage  quant  models  checkpoint  evaluation  layerwise (the layer-by-layer calibration harness)
     2 methods  formats  gptq  smoothquant  widgets  deploy  serve  nvmodelopt  kernels (Triton W4A16, KV cache)
     3          pruning  awq  actquant  kvcache  results
     4          distill  lowrank  expected
@@ -40,5 +40,5 @@ def __getattr__(name: str):
 
 __version__ = "0.1.0"
 __all__ = ["Env", "setup", "require_cuda", "load_model",
-           "checkpoint", "checks", "data", "eval", "formats", "gptq", "kvcache", "quant", "results",
+           "checkpoint", "checks", "data", "evaluation", "formats", "gptq", "kvcache", "quant", "results",
            "widgets", *_API]

@@ -53,13 +53,13 @@ def describe(model, bits: int | None = None, group_size: int | None = 64, nm: tu
     group), with nm=(n, m) keeping n of every m values plus 2-bit positions; everything else fp16 — the bytes a
     deployment stores (lab 07's formula, compresslab.deploy.deployed_weight_bytes)."""
     from . import deploy
-    from .eval import weight_bytes
+    from .evaluation import stored_bytes
 
     if bits is None:
         if nm is not None:
             raise ValueError("nm needs bits: an N:M model stored dense (zeros included) has no N:M saving")
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        return {"bits": dtype.itemsize * 8, "group_size": None, "weight_mb": round(weight_bytes(model) / 1e6, 1)}
+        return {"bits": dtype.itemsize * 8, "group_size": None, "weight_mb": round(stored_bytes(model) / 1e6, 1)}
     if isinstance(bits, bool) or bits not in (2, 3, 4, 8):
         raise ValueError(f"bits must be None (as stored) or one of 2, 3, 4, 8 (quantized Linears), got {bits!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:

@@ -118,12 +118,12 @@ def bench_w4a16(shapes, batches, group_size: int, device, smoke: bool, reps: int
         baselines = _optional_baselines(w16, smoke)
         for m in batches:
             x = torch.randn(m, k, device=device, dtype=torch.float16)
-            moved = w4a16.weight_bytes(m, n, k, group_size)
+            moved = w4a16.bytes_moved(m, n, k, group_size)
             calls = {
                 "fp16": (lambda: F.linear(x, dense.next()), 2 * n * k + 2 * m * (k + n)),
                 "w4a16": (lambda: w4a16.w4a16_matmul(x, *quant.next(), None, group_size), moved),
                 "w4a16_act_order": (lambda: w4a16.w4a16_matmul(x, *quant.next(), g_act, group_size),
-                                    w4a16.weight_bytes(m, n, k, group_size, g_idx=True)),
+                                    w4a16.bytes_moved(m, n, k, group_size, g_idx=True)),
             }
             for name, fn in baselines.items():
                 if callable(fn):

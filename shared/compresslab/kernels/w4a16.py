@@ -488,7 +488,7 @@ def load_quantized(path, dtype=torch.float16, device: str | None = None):
     return model.to(device=device, dtype=dtype).eval(), tok
 
 
-def weight_bytes(m: int, n: int, k: int, group_size: int, act_bytes: int = 2, g_idx: bool = False) -> int:
+def bytes_moved(m: int, n: int, k: int, group_size: int, act_bytes: int = 2, g_idx: bool = False) -> int:
     """Bytes one call must move at least: packed codes + scales + zeros (+ g_idx) + activations in and out."""
     groups = math.ceil(k / group_size)
     return k * n // 2 + groups * n * 2 + groups * n // 2 + (4 * k if g_idx else 0) + act_bytes * m * (k + n)

@@ -2,7 +2,7 @@
 
     ppl = perplexity(model, tok, n_windows=16, seq_len=512)     # WikiText-2 test, deterministic
     acc = arithmetic_probe(model, tok, n=100)                   # few-shot 2-digit addition, exact match
-    weight_bytes(model), peak_memory_bytes(), tokens_per_second(model, tok)
+    stored_bytes(model), peak_memory_bytes(), tokens_per_second(model, tok)
 
 Used by every lab; the numbers feed compresslab.results.
 """
@@ -186,8 +186,9 @@ def gsm8k_accuracy(model, tokenizer, n: int = 100, max_new_tokens: int = 256, ba
 # ----------------------------------------------------------------------------- memory and speed
 
 
-def weight_bytes(model) -> int:
-    """Bytes of every parameter and buffer, tied tensors counted once (what the weights really occupy)."""
+def stored_bytes(model) -> int:
+    """Bytes of every parameter and buffer at the dtype it is stored in, tied tensors counted once (what the model
+    occupies now; deploy.deployed_weight_bytes gives what a deployment format would store)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() in seen:

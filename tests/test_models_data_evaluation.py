@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import compresslab as cl
-from compresslab import data, eval as ev, models, results
+from compresslab import data, evaluation as ev, models, results
 
 
 # ----------------------------------------------------------------------------- models
@@ -24,10 +24,10 @@ def test_default_model_loads_offline_and_answers(smollm):
     assert tok.padding_side == "left" and tok.pad_token is not None
 
 
-def test_weight_bytes_counts_tied_weights_once(smollm):
+def test_stored_bytes_counts_tied_weights_once(smollm):
     model, _ = smollm
     n = sum(p.numel() for p in model.parameters())  # parameters() already yields the tied tensor once
-    assert n * 4 <= ev.weight_bytes(model) < n * 4 + 4096  # + small buffers (rotary inv_freq)
+    assert n * 4 <= ev.stored_bytes(model) < n * 4 + 4096  # + small buffers (rotary inv_freq)
     assert 134e6 < n < 136e6
 
 
@@ -109,7 +109,7 @@ def test_bitsandbytes_nf4_smoke(smollm):
     model, tok = smollm
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     q, _ = cl.load_model(device="cpu", quantization_config=config)
-    assert ev.weight_bytes(q) < 0.4 * ev.weight_bytes(model)
+    assert ev.stored_bytes(q) < 0.4 * ev.stored_bytes(model)
     ppl = ev.perplexity(q, tok, n_windows=1, seq_len=128, progress=False)
     assert 10 < ppl < 200
 
@@ -158,7 +158,7 @@ def test_extract_number(text, expected):
     assert data.extract_number(text) == expected
 
 
-# ----------------------------------------------------------------------------- eval
+# ----------------------------------------------------------------------------- evaluation
 
 
 def test_perplexity_is_deterministic_and_plausible(smollm):
@@ -220,7 +220,7 @@ def test_results_upsert_table_and_plot(tmp_path, monkeypatch):
 
 def test_wilson_interval_and_paired_test():
     """Issue 24, item 11: the probe's uncertainty (binomial) and the paired comparison of two models."""
-    from compresslab.eval import paired_test, wilson_interval
+    from compresslab.evaluation import paired_test, wilson_interval
 
     lo, hi = wilson_interval(8, 16)
     assert lo == pytest.approx(0.2800, abs=1e-3) and hi == pytest.approx(0.7200, abs=1e-3)
@@ -247,7 +247,7 @@ def test_results_describe_gives_each_row_the_model_it_measured(tiny_llama):
     model, _ = tiny_llama
     linear, other = deploy.linear_and_other_params(model)
     assert results.describe(model) == {"bits": 32, "group_size": None,
-                                       "weight_mb": round(cl.eval.weight_bytes(model) / 1e6, 1)}
+                                       "weight_mb": round(cl.evaluation.stored_bytes(model) / 1e6, 1)}
     four = results.describe(model, 4)
     assert four["bits"] == 4 and four["group_size"] == 64
     assert four["weight_mb"] == round((linear * 4 / 8 + linear / 64 * 2.5 + 2 * other) / 1e6, 1)
@@ -264,7 +264,7 @@ def test_results_describe_gives_each_row_the_model_it_measured(tiny_llama):
 
 
 def test_accuracy_with_interval():
-    from compresslab.eval import accuracy_with_interval
+    from compresslab.evaluation import accuracy_with_interval
 
     assert accuracy_with_interval(0.5, 16) == "50% (28%–72%)"
     assert accuracy_with_interval(0.0, 32).startswith("0% (0%–")
