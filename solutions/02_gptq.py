@@ -410,9 +410,12 @@ print(f"time: yours {t_mine:.2f} s with blocks of {GROUP_SIZE}, {t_unbatched:.2f
 # %% [markdown] tags=["slide"]
 # ## 5 · The whole model, layer by layer
 #
-# `cl.gptq.quantize_model` runs GPTQ over the decoder one layer at a time. Each layer's Hessians come from the
-# outputs of the **already-quantized** layers before it, and inside a layer the Linears go in *true-sequential* order
-# (q/k/v → o → gate/up → down), re-running the layer between steps so each step sees its quantized predecessors.
+# `cl.quantize(model, cl.GPTQConfig(...), calibration=calib)` runs GPTQ over the decoder one layer at a time, in
+# place (the algorithm is `cl.gptq`, one readable file; the entry point only dispatches). Each layer's Hessians come
+# from the outputs of the **already-quantized** layers before it, and inside a layer the Linears go in
+# *true-sequential* order (q/k/v → o → gate/up → down), re-running the layer between steps so each step sees its
+# quantized predecessors (only as far as the step needs: `cl.layerwise.collect_stats` stops each forward once the
+# step's Linears have their inputs; the Linears of one step share one input, so one Hessian serves them all).
 #
 # We compare, at group 64: RTN; GPTQ; GPTQ + act-order with dynamic groups; and with static groups, at 4 and 3 bits.
 # (Quick mode runs fewer variants on a small calibration set.)
@@ -442,10 +445,11 @@ def evaluate(m, method: str, bits: int, seconds: float | None = None, group_size
 
 
 def gptq(bits: int, calib_ids=calib, group_size: int = GROUP_SIZE, **kw):
-    """GPTQ the whole model; returns (model, report, seconds)."""
+    """GPTQ a copy of the model (cl.quantize works in place); returns (quantized model, seconds of GPTQ)."""
+    qm = copy.deepcopy(model)
     t0 = time.perf_counter()
-    qm, report = cl.gptq.quantize_model(model, calib_ids, bits=bits, group_size=group_size, **kw)
-    return qm, report, time.perf_counter() - t0
+    cl.quantize(qm, cl.GPTQConfig(bits=bits, group_size=group_size, **kw), calibration=calib_ids)
+    return qm, time.perf_counter() - t0
 
 
 rows = [evaluate(model, "fp32", 32)]
@@ -457,13 +461,13 @@ if env.quick:  # keep CI and laptops under ~3 minutes: the variant we export, an
 for bits, names in plan.items():
     rows.append(evaluate(cl.quant.fake_quantize_model(model, bits, GROUP_SIZE), "RTN", bits))
     for name in names:
-        qm, report, secs = gptq(bits, **VARIANTS[name])
+        qm, secs = gptq(bits, **VARIANTS[name])
         rows.append(evaluate(qm, name, bits, secs))
         if (bits, name) == (4, "GPTQ + act-order"):
-            q4, report4 = qm, report  # exported in section 8
+            q4 = qm  # exported in section 8
         if (bits, name) == (4, "GPTQ + act-order, static groups"):
-            q4_static, report4_static = qm, report  # exported for vLLM in section 8 (full mode)
-        del qm, report
+            q4_static = qm  # exported for vLLM in section 8 (full mode)
+        del qm
 
 # %% tags=["slide"]
 fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -542,12 +546,12 @@ BEYOND = {
 beyond_rows = []
 tune_ids = cl.data.training_windows(tok, n_windows=256, seq_len=256, seed=SEED + 1)  # (256, 256) valid text
 if env.quick:  # only a short tuning run on a copy of section 5's 4-bit model; QUICK = False runs the whole table
-    qm, report = copy.deepcopy(q4), copy.deepcopy(report4)
+    qm = copy.deepcopy(q4)
     t0 = time.perf_counter()
-    scale_tuning.tune_scales(qm, report, model, tune_ids[:, :128], steps=8, lr=1e-3, batch_size=2)
+    scale_tuning.tune_scales(qm, teacher=model, ids=tune_ids[:, :128], steps=8, lr=1e-3, batch_size=2)
     beyond_rows.append(evaluate(qm, "GPTQ + act-order + tuned scales/norms (8 short steps)", 4,
                                 time.perf_counter() - t0))
-    del qm, report
+    del qm
 else:
     calib128 = cl.data.calibration_batches(tok, n_samples=128, seq_len=sz.calib_len, seed=SEED)
     for bits in (4, 3):
@@ -555,13 +559,13 @@ else:
             opts = dict(opts)
             ids = calib128 if opts.pop("windows", None) == 128 else calib
             tune = opts.pop("tune", 0)
-            qm, report, secs = gptq(bits, ids, **opts)
-            if tune:  # codes fixed; scales and norms learn from the FP model (in place: qm and report)
+            qm, secs = gptq(bits, ids, **opts)
+            if tune:  # codes fixed; the stored fp16 scales and the norms learn from the FP model, in place
                 t0 = time.perf_counter()
-                scale_tuning.tune_scales(qm, report, model, tune_ids, steps=tune, lr=1e-3, batch_size=4)
+                scale_tuning.tune_scales(qm, teacher=model, ids=tune_ids, steps=tune, lr=1e-3, batch_size=4)
                 secs += time.perf_counter() - t0
             beyond_rows.append(evaluate(qm, name, bits, secs, group_size=opts.get("group_size", GROUP_SIZE)))
-            del qm, report
+            del qm
 quantized = [r for r in rows + beyond_rows if r["bits"] in (4, 3)]
 methods = list(dict.fromkeys(r["method"] for r in quantized))  # one line per method, in the order they ran
 fig, ax = plt.subplots(figsize=(8, 1.2 + 0.3 * len(methods)))
@@ -591,7 +595,7 @@ cl.results.table(lab="02", model=MODEL, quick=env.quick)
 
 # %%
 calib_math = cl.data.calibration_batches(tok, n_samples=n_calib, seq_len=sz.calib_len, seed=SEED, source="gsm8k")
-qm_math, _, secs = gptq(4, calib_math, act_order=True)
+qm_math, secs = gptq(4, calib_math, act_order=True)
 row_math = evaluate(qm_math, "GPTQ + act-order (GSM8K calib)", 4, secs, calibration="gsm8k")
 del qm_math
 row_wiki = next(r for r in rows if r["method"] == "GPTQ + act-order" and r["bits"] == 4)
@@ -605,27 +609,30 @@ print(f"right only with WikiText calibration {test['a_only']}, only with GSM8K {
 # %% [markdown] tags=["slide"]
 # ## 8 · A deployable checkpoint
 #
-# Fake-quantized weights are for measuring. To deploy, write the integer codes in a layout engines know. We write the
-# GPTQ "v1" layout (`quant_method: gptq`, `checkpoint_format: gptq`): per Linear, `qweight` (codes packed 8 per int32
-# along `in_features`), `qzeros` (zero points packed along `out_features`, **stored minus one** — a zero of 0 wraps to
-# 15), `scales` (fp16) and `g_idx`, plus a `quantization_config` in `config.json`. That is the layout transformers'
-# GPTQ integration (through GPTQModel and optimum, neither installed here) and vLLM read.
+# Fake-quantized weights are for measuring. To deploy, write the integer codes in a layout engines know. After
+# `cl.quantize` the codes already live in the model (each Linear is a `QuantLinear` holding packed codes, fp16 scales,
+# zero points and, for act-order, `g_idx`), so `q4.save_pretrained(path, format="gptq")` writes them as a GPTQ
+# checkpoint (`quant_method: gptq`): per Linear, `qweight` (codes packed 8 per int32 along `in_features`), `qzeros`
+# (zero points packed along `out_features`), `scales` (fp16) and `g_idx`, plus a `quantization_config` in
+# `config.json`. We write GPTQModel's **v2** layout (`checkpoint_format: gptq_v2`): zero points as they are. The older
+# v1 layout stores them **minus one** (a zero of 0 wraps to 15), and a v2 file read as v1 shifts every weight by a
+# grid step: one cause of "GPTQ broke my model" reports. GPTQModel refuses an asymmetric v1 checkpoint it did not
+# produce; it loads this v2 one.
 #
-# What this repository proves is narrower: the checkpoint round-trips through the package's own readers — below,
-# `cl.checkpoint.load_gptq`, which shares no code with the writer, and the Triton W4A16 kernel's `load_quantized`
-# (tested in Triton's interpreter, run on a GPU in lab 07) — and no test loads it with an engine. It is also the
-# least portable variant: asymmetric, with act-order, and `in_features` 576. GPTQModel refuses an asymmetric v1
-# checkpoint that GPTQModel did not produce; vLLM's Marlin kernels want symmetric weights and `in_features`
-# divisible by 128, which 576 is not (the hub models' hidden sizes 896, 1536 and 2048 are); TensorRT-LLM does not
-# read `quant_method: gptq` at all (lab 07, section 7). For an engine, quantize a hub model with `sym=True` and load
-# the result in that engine before you trust it.
+# Which reader proves what: the tests load this layout back with the package's own readers (below,
+# `cl.checkpoint.load_gptq`, which shares no code with the writer, and the Triton W4A16 kernel's `load_quantized`),
+# and with GPTQModel and transformers' GPTQ integration in a separate environment (`make check-gptq`: GPTQModel's
+# pins do not fit the lab's). It is also the least portable variant: asymmetric, with act-order's dynamic groups,
+# and `in_features` 576. vLLM's Marlin kernels want symmetric weights and `in_features` divisible by 128, which 576
+# is not (the hub models' hidden sizes 896, 1536 and 2048 are); TensorRT-LLM does not read `quant_method: gptq` at
+# all (lab 07). For an engine, quantize a hub model with `sym=True` and load the result in that engine before you
+# trust it.
 #
 # We export the 4-bit act-order model, reload it with the independent reader, and check the reloaded model is the
 # same model.
 
 # %%
-path = cl.checkpoint.save_gptq(q4, report4, EXPORT_DIR, bits=4, group_size=GROUP_SIZE, sym=False, desc_act=True,
-                               tokenizer=tok)
+path = q4.save_pretrained(EXPORT_DIR, format="gptq", tokenizer=tok)  # GPTQ v2 (dynamic act-order groups need g_idx)
 size_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
 print(f"wrote {path}: {size_mb:.0f} MB on disk (fp32 model: {cl.evaluation.stored_bytes(model) / 1e6:.0f} MB)")
 print(json.loads((path / "config.json").read_text())["quantization_config"])
@@ -633,7 +640,9 @@ print(json.loads((path / "config.json").read_text())["quantization_config"])
 reloaded, _ = cl.checkpoint.load_gptq(path, device=env.device)
 ppl_mem = cl.evaluation.perplexity(q4, tok, sz.ppl_windows, sz.seq_len, progress=False)
 ppl_disk = cl.evaluation.perplexity(reloaded, tok, sz.ppl_windows, sz.seq_len, progress=False)
-max_diff = max((reloaded.get_submodule(n).weight - q4.get_submodule(n).weight).abs().max().item() for n in report4)
+qlinears = [n for n, m in q4.named_modules() if isinstance(m, cl.quant.QuantLinear)]  # what cl.quantize swapped in
+max_diff = max((reloaded.get_submodule(n).weight - q4.get_submodule(n).dequantized_weight()).abs().max().item()
+               for n in qlinears)
 print(f"in memory ppl {ppl_mem:.4f} | reloaded from disk {ppl_disk:.4f} | largest weight difference {max_diff:.1e}")
 
 # %% [markdown]
@@ -647,9 +656,7 @@ print(f"in memory ppl {ppl_mem:.4f} | reloaded from disk {ppl_disk:.4f} | larges
 
 # %%
 if "q4_static" in globals():
-    ct_path = cl.checkpoint.save_compressed_tensors(q4_static, report4_static, CT_EXPORT_DIR, bits=4,
-                                                    group_size=GROUP_SIZE, sym=False, act_order=True,
-                                                    static_groups=True, tokenizer=tok)
+    ct_path = q4_static.save_pretrained(CT_EXPORT_DIR, format="compressed-tensors", tokenizer=tok)
     print(f"wrote {ct_path}:", json.loads((ct_path / "config.json").read_text())["quantization_config"]["format"])
 else:
     print("quick mode: the static-groups variant was not run, so no compressed-tensors export (QUICK = False)")
@@ -679,10 +686,11 @@ else:
 # read *more* than fp16.
 #
 # Write that kernel in [Triton](https://triton-lang.org): one program computes `BLOCK_N` outputs of $y = Wx$ for one
-# token, walking $K$ in steps of `BLOCK_K`. Everything is in the checkpoint layout of section 8 (contiguous groups
-# here; act-order's `g_idx` adds a group lookup per row of $K$, which the package's kernel does, or a reordering of
-# the weight at load plus a gather of $x$, which engines do). On CPU, Triton runs through its interpreter (numpy
-# underneath: exact, ~1 s per call); on a GPU the same code compiles. The package's full version,
+# token, walking $K$ in steps of `BLOCK_K`. Everything is in the GPTQ layout of section 8, with v1 zero points
+# (stored minus one: what most GPTQ checkpoints on the hub hold, and how the package's kernel keeps them in memory)
+# and contiguous groups here (act-order's `g_idx` adds a group lookup per row of $K$, which the package's kernel
+# does, or a reordering of the weight at load plus a gather of $x$, which engines do). On CPU, Triton runs through
+# its interpreter (numpy underneath: exact, ~1 s per call); on a GPU the same code compiles. The package's full version,
 # `compresslab.kernels.w4a16` (split-K GEMV for decode, tensor-core GEMM for prefill, autotuned), is what `make bench`
 # times.
 

@@ -63,6 +63,7 @@ RECOVER_STEPS = 100  # section 8 (full mode): masked fine-tuning steps of 4 x 25
 # ## 0 · Setup
 
 # %%
+import copy
 import time
 
 import matplotlib.pyplot as plt
@@ -349,7 +350,9 @@ for label, kw in (("50 %", dict(sparsity=0.5)), ("2:4", dict(n=2, m=4))):
 # %% [markdown] tags=["slide"]
 # ## 5 · The whole model, layer by layer
 #
-# `pruning.prune_model` prunes every Linear inside the decoder layers (embeddings and `lm_head` stay dense). Wanda and
+# `cl.prune(model, config, calibration=calib)` prunes every Linear inside the decoder layers, in place (embeddings and
+# `lm_head` stay dense); the config says how: `cl.MagnitudeConfig`, `cl.WandaConfig` or `cl.SparseGPTConfig`, each
+# with `sparsity=0.5` or `pattern="2:4"` (N:M as engines name it). Wanda and
 # SparseGPT run layer by layer: each layer's statistics come from the outputs of the **already-pruned** layers before
 # it, as lab 02's GPTQ. We sweep sparsity for magnitude and Wanda, add 2:4 and 4:8, and SparseGPT at 50 % and 2:4.
 
@@ -377,28 +380,35 @@ def evaluate(m, method: str, sparsity: float, seconds: float | None = None, bits
     return row
 
 
-def prune(method: str, **kw):
+CONFIGS = {"magnitude": cl.MagnitudeConfig, "wanda": cl.WandaConfig, "sparsegpt": cl.SparseGPTConfig}
+
+
+def prune(config):
+    """Prune a copy of the model (cl.prune works in place); returns (model, sparsity reached, seconds)."""
+    pm = copy.deepcopy(model)
     t0 = time.perf_counter()
-    pm, report = pruning.prune_model(model, calib, method, **kw)
-    reached = sum(report.values()) / len(report)  # the sparsity actually reached, averaged over the Linears
-    return pm, reached, time.perf_counter() - t0
+    cl.prune(pm, config, calibration=calib)
+    secs = time.perf_counter() - t0
+    reached = pruning.decoder_sparsity(pm)  # {Linear: share of zeros}: more where the model already held zeros
+    return pm, sum(reached.values()) / len(reached), secs
 
 
 SWEEP = (0.5,) if env.quick else (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-PATTERNS = ((2, 4),) if env.quick else ((2, 4), (4, 8))
+PATTERNS = ("2:4",) if env.quick else ("2:4", "4:8")
 rows = [evaluate(model, "dense", 0.0)]
 for method in ("magnitude", "wanda"):
     for s in SWEEP:
-        pm, reached, secs = prune(method, sparsity=s)
+        pm, reached, secs = prune(CONFIGS[method](sparsity=s))
         rows.append(evaluate(pm, f"{method} {s:.0%}", reached, secs))
-    for n, m in PATTERNS:
-        pm, reached, secs = prune(method, n=n, m=m)
-        rows.append(evaluate(pm, f"{method} {n}:{m}", reached, secs))
-        if (method, n) == ("wanda", 2):
+    for pattern in PATTERNS:
+        pm, reached, secs = prune(CONFIGS[method](pattern=pattern))
+        rows.append(evaluate(pm, f"{method} {pattern}", reached, secs))
+        if (method, pattern) == ("wanda", "2:4"):
             wanda24 = pm  # section 7 runs it on sparse tensor cores, when there are some
-for kw in ([dict(n=2, m=4)] if env.quick else [dict(sparsity=0.5), dict(n=2, m=4)]):
-    pm, reached, secs = prune("sparsegpt", **kw)
-    rows.append(evaluate(pm, "sparsegpt " + (f"{kw['n']}:{kw['m']}" if "n" in kw else "50%"), reached, secs))
+for config in ([cl.SparseGPTConfig(pattern="2:4")] if env.quick
+               else [cl.SparseGPTConfig(sparsity=0.5), cl.SparseGPTConfig(pattern="2:4")]):
+    pm, reached, secs = prune(config)
+    rows.append(evaluate(pm, f"sparsegpt {config.pattern or '50%'}", reached, secs))
 del pm
 
 # %% tags=["slide"]
@@ -536,11 +546,11 @@ if ok:
 if env.quick:
     print("quick mode: skipped (run with QUICK = False)")
 else:
-    pm, reached, secs = prune("sparsegpt", n=2, m=4, bits=4, group_size=64)
+    pm, reached, secs = prune(cl.SparseGPTConfig(pattern="2:4", bits=4, group_size=64))
     rows.append(evaluate(pm, "sparsegpt 2:4 + 4-bit", reached, secs, bits=4, nm=(2, 4)))  # as Sparse-Marlin stores it
     train = cl.data.training_windows(tok, n_windows=256, seq_len=256, seed=SEED + 1)  # (256, 256) <unk>-free valid
-    for kw, label in ((dict(sparsity=0.5), "50%"), (dict(n=2, m=4), "2:4")):
-        pm, reached, secs = prune("sparsegpt", **kw)
+    for config, label in ((cl.SparseGPTConfig(sparsity=0.5), "50%"), (cl.SparseGPTConfig(pattern="2:4"), "2:4")):
+        pm, reached, secs = prune(config)
         t0 = time.perf_counter()
         pruning.finetune_masked(pm, train, steps=RECOVER_STEPS, lr=1e-4, batch_size=4)
         masks = pruning.mask_of(pm)  # the zeros after training: the mask held

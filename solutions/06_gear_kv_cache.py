@@ -69,7 +69,8 @@ import matplotlib.pyplot as plt
 import torch
 
 import compresslab as cl
-from compresslab import kvcache as kv
+from compresslab import kvcache  # the compressed cache inside transformers: make_cache, kv_perplexity, ...
+from compresslab import kvcompress as kv  # the maths: memory, KIVI quantization, outliers, low rank, GEAR
 
 env = cl.setup(quick=QUICK, seed=SEED, lab="06")  # prints the device, mode and this lab's runtime
 print(env)
@@ -248,7 +249,7 @@ def layout_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int,
 layout_errors = cl.checks.check_layout_errors(layout_errors)
 
 # %% [markdown]
-# Your function on the real cache: `kv.layer_qkv` returns a layer's real queries (after RoPE, as attention sees
+# Your function on the real cache: `kvcache.layer_qkv` returns a layer's real queries (after RoPE, as attention sees
 # them), keys and values for this passage — one forward pass per layer, so quick mode looks at five layers and full
 # mode at all of them. 2-bit, groups of 64, as KIVI-2:
 
@@ -256,7 +257,7 @@ layout_errors = cl.checks.check_layout_errors(layout_errors)
 LAYERS = sorted({0, layers // 4, LAYER, 3 * layers // 4, layers - 1}) if env.quick else list(range(layers))
 table_2bit = {}
 for layer in LAYERS:
-    q_l, k_l, v_l = (x.cpu() for x in kv.layer_qkv(model, ids[:, :T64], layer))  # (1, heads or kv_heads, T64, d)
+    q_l, k_l, v_l = (x.cpu() for x in kvcache.layer_qkv(model, ids[:, :T64], layer))  # (1, heads or kv_heads, T64, d)
     table_2bit[layer] = torch.as_tensor(layout_errors(q_l, k_l, v_l, 2, 64), dtype=torch.float32)  # (2, 2)
 print(f"{T64} tokens, 2-bit  keys: error of the scores      values: error of the output")
 print(f"{'layer':>5s}        per channel  per token       per channel  per token")
@@ -458,28 +459,29 @@ for name, kw in variants.items():
 # %% [markdown] tags=["slide"]
 # ## 6 · A compressed cache inside transformers
 #
-# `kv.make_cache(model, kv.KVConfig(...))` builds a `transformers.cache_utils.Cache` whose layers (`CompressedLayer`)
-# keep the newest tokens in an fp16 buffer (`residual_length` = 64) and compress them as one block when it fills —
-# rank 4 for the prefill block, rank 2 for each later block, as GEAR does. It is passed to `generate` like any cache:
+# `kvcache.make_cache(model, kv.KVConfig(...))` builds a `transformers.cache_utils.Cache` whose layers
+# (`CompressedLayer`) keep the newest tokens in an fp16 buffer (`residual_length` = 64) and compress them as one block
+# when it fills — rank 4 for the prefill block, rank 2 for each later block, as GEAR does. It is passed to `generate`
+# like any cache:
 
 # %%
 prompt = "The history of the Roman Empire is long. " * 12 + "In summary, the Roman Empire"
 for config in (None, kv.KVConfig("kivi", bits=2), kv.KVConfig("gear", bits=2)):
-    text = kv.generate_with(model, tok, prompt, config, max_new_tokens=24)
-    print(f"{kv.cache_label(config):24s} {text!r}")
+    text = kvcache.generate_with(model, tok, prompt, config, max_new_tokens=24)
+    print(f"{kvcache.cache_label(config):24s} {text!r}")
 
 # %% [markdown] tags=["slide"]
 # ## 7 · The comparison: perplexity through the cache, probe accuracy, bytes
 #
-# Perplexity must *exercise* the cache: `kv.kv_perplexity` prefills `PREFIX` tokens, then feeds the next `SCORED`
+# Perplexity must *exercise* the cache: `kvcache.kv_perplexity` prefills `PREFIX` tokens, then feeds the next `SCORED`
 # tokens `CHUNK` at a time against the cache (teacher forcing), so every scored token attends to compressed keys and
-# values. The arithmetic probe runs 6-shot prompts through `generate` with the same cache. A cache compresses only
-# whole 64-token blocks, so a 136–141-token prompt would leave its last 8–13 tokens — the question — in the fp16 buffer
-# and the probe would never read a compressed question. `align=64` keeps the last 128 tokens of each prompt (cutting
-# into the first worked example, the same prompts for every cache): the whole prompt, question included, is
-# compressed at prefill, and only the generated answer sits in the buffer. Prompts of one length are batched together
-# (never padded: pad tokens would enter the quantization groups). Bytes are measured: the sum of every tensor the
-# cache holds at the end.
+# values. The arithmetic probe runs 6-shot prompts through `generate` with the same cache. A cache compresses only whole
+# 64-token blocks, so a 136–141-token prompt would leave its last 8–13 tokens — the question — in the fp16 buffer and
+# the probe would never read a compressed question. `align=64` keeps the last 128 tokens of each prompt (cutting into
+# the first worked example, the same prompts for every cache): the whole prompt, question included, is compressed at
+# prefill, and only the generated answer sits in the buffer. Prompts of one length are batched together (never padded:
+# pad tokens would enter the quantization groups). Bytes are measured: the sum of every tensor the cache holds at the
+# end.
 
 # %%
 CONFIGS = {
@@ -498,9 +500,9 @@ PROBE_N = 8 if env.quick else sz.probe_n
 results = {}
 for name, config in CONFIGS.items():
     t0 = time.perf_counter()
-    r = kv.kv_perplexity(model, tok, config, n_windows=N_WINDOWS, prefix=PREFIX, scored=SCORED, chunk=CHUNK)
+    r = kvcache.kv_perplexity(model, tok, config, n_windows=N_WINDOWS, prefix=PREFIX, scored=SCORED, chunk=CHUNK)
     r["probe_acc"] = cl.evaluation.arithmetic_probe(model, tok, PROBE_N, shots=6, seed=SEED, align=64, progress=False,
-                                              cache_factory=lambda c=config: kv.new_cache(model, c))
+                                                    cache_factory=lambda c=config: kvcache.new_cache(model, c))
     r["seconds"] = time.perf_counter() - t0
     results[name] = r
     print(f"{name:44s} ppl {r['ppl']:8.3f}  probe {cl.evaluation.accuracy_with_interval(r['probe_acc'], PROBE_N)}  "
@@ -527,7 +529,7 @@ table[["method", "ppl", "ppl_increase", "probe_acc", "kv_ratio", "kv_mb"]]
 if sz.gsm8k_n and env.device == "cuda":
     for name in ("fp16 cache", "KIVI 2-bit", "GEAR 2-bit"):
         acc = cl.evaluation.gsm8k_accuracy(model, tok, sz.gsm8k_n, batch_size=8,
-                                     cache_factory=lambda c=CONFIGS[name]: kv.new_cache(model, c))
+                                           cache_factory=lambda c=CONFIGS[name]: kvcache.new_cache(model, c))
         print(f"{name:12s} GSM8K {acc:.1%} ({sz.gsm8k_n} problems)")
 else:
     print("GSM8K through the cache runs on a GPU in full mode (skipped here)")

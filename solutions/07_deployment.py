@@ -86,7 +86,7 @@ PPL_TOKENS = PPL_TOKENS or (64 if env.quick else 256)
 model, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)
 cfg = model.config
 linear_params, other_params = deploy.linear_and_other_params(model)
-kv_per_token = cl.kvcache.kv_bytes_per_token(cfg)  # fp16 cache
+kv_per_token = cl.kvcompress.kv_bytes_per_token(cfg)  # fp16 cache
 print(f"{MODEL}: {linear_params / 1e6:.1f} M parameters in decoder Linears, {other_params / 1e6:.1f} M elsewhere "
       f"(embeddings, tied LM head, norms); KV cache {kv_per_token / 1024:.1f} KiB per token in fp16")
 
@@ -105,7 +105,7 @@ with torch.no_grad():
     out = model(ids[:, :255], use_cache=True)
     # a step extends the cache it is given: each timed call gets a fresh copy, made outside the timed region
     t_step = cl.evaluation.median_seconds(lambda cache: model(ids[:, 255:], past_key_values=cache), repeats=5,
-                                    setup=lambda: copy.deepcopy(out.past_key_values))
+                                          setup=lambda: copy.deepcopy(out.past_key_values))
 print(f"prefill of 256 tokens: {t_prefill * 1e3:.0f} ms = {t_prefill / 256 * 1e3:.2f} ms per token")
 print(f"one decode step:       {t_step * 1e3:.0f} ms per token — {t_step / (t_prefill / 256):.0f}x more per token, "
       "for the same weights")
@@ -551,7 +551,7 @@ if SERVE:
 
 # %% [markdown]
 # How many tokens does that paged cache hold? Each token stores, in every layer, a key and a value vector per KV
-# head at 2 bytes (bf16): lab 06's formula, `cl.kvcache.kv_bytes_per_token(cfg)` = 23 040 bytes for this model.
+# head at 2 bytes (bf16): lab 06's formula, `cl.kvcompress.kv_bytes_per_token(cfg)` = 23 040 bytes for this model.
 # vLLM allocates whole blocks of `block_size` tokens from the space it is given (`VLLM_CPU_KVCACHE_SPACE`, here
 # 1 GiB), and a request of n tokens occupies ⌈n / block_size⌉ of them.
 #

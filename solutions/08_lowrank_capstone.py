@@ -89,7 +89,7 @@ import numpy as np
 import torch
 
 import compresslab as cl
-from compresslab import deploy, kvcache, lowrank, stack
+from compresslab import deploy, kvcache, kvcompress, lowrank, stack
 
 env = cl.setup(quick=QUICK, seed=SEED, lab="08")  # prints the device, mode and this lab's runtime
 print(env)
@@ -328,7 +328,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 import compresslab as cl
-from compresslab import deploy, kvcache, lowrank, stack
+from compresslab import deploy, kvcache, kvcompress, lowrank, stack
 
 env = cl.setup(quick=QUICK, seed=SEED, lab="08")  # section 0's seed, device and sizes
 sz = env.sizes
@@ -351,7 +351,7 @@ for bad in ([("gptq", 4), ("prune", "2:4")], [("gptq", 4), ("student", STUDENT_L
 # %%
 # The KV lab's verdict: on 64-wide heads 4-bit KIVI (or an FP8 cache) wins — 18.72 at 0.281x of fp16 in full mode,
 # against GEAR K4/V2's 19.31 at 0.330x; GEAR's low-rank and outlier parts pay off only at 2 bits.
-kivi4 = kvcache.KVConfig(method="kivi", bits=4)
+kivi4 = kvcompress.KVConfig(method="kivi", bits=4)
 RECIPES = {
     "dense": [],
     "GPTQ 4-bit": [("gptq", 4)],
@@ -377,10 +377,10 @@ for name, steps in RECIPES.items():
     factory = lambda m=m, c=built.kv: kvcache.make_cache(m, c)  # noqa: E731  (fp16 cache without a "kv" step)
     # align=64: the last 64k tokens of each 6-shot prompt, so the question itself is compressed (see lab 06 §7)
     acc, details = cl.evaluation.arithmetic_probe(m, tok, n=PROBE_N, shots=6, align=64, progress=False,
-                                            cache_factory=factory, return_details=True)
+                                                  cache_factory=factory, return_details=True)
     answers[name] = [d["correct"] for d in details]  # per question: section 8 compares models pairwise
     weight_b = built.weight_bytes()
-    kv_b = kvcache.kv_bytes_per_token(m.config) * CONTEXT * kv["ratio"]  # fp16 cache x the measured ratio
+    kv_b = kvcompress.kv_bytes_per_token(m.config) * CONTEXT * kv["ratio"]  # fp16 cache x the measured ratio
     timed = deploy.timed_generate(m, tok, prompt, new_tokens)
     bound = deploy.decode_bound(weight_b, kv_b / CONTEXT, CONTEXT, 1, GPU_BANDWIDTH_GBPS)
     rows.append(dict(method=name, weight_mb=weight_b / 1e6, kv_mb=kv_b / 1e6, ppl=kv["ppl"], probe_acc=acc,

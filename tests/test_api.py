@@ -63,7 +63,8 @@ def test_configs_are_frozen_and_keyword_only():
     (lambda: cl.RTNConfig(bits=1), "bits"),
     (lambda: cl.WandaConfig(), "exactly one of them"),
     (lambda: cl.WandaConfig(sparsity=0.5, pattern="2:4"), "exactly one of them"),
-    (lambda: cl.SparseGPTConfig(pattern="4:2"), "0 < n < m"),
+    (lambda: cl.SparseGPTConfig(pattern="4:2"), "0 < N < M"),
+    (lambda: cl.SparseGPTConfig(sparsity=0.5, bits=5), "bits must be None or one of"),
     (lambda: cl.MagnitudeConfig(pattern="2-4"), "must look like '2:4'"),
     (lambda: cl.MagnitudeConfig(sparsity=1.0), "sparsity"),
 ])
@@ -162,8 +163,10 @@ def test_missing_calibration_and_unknown_configs_are_refused(tiny_llama):
 
 @pytest.mark.parametrize("config, method, kw", [
     (cl.api.MagnitudeConfig(sparsity=0.5), "magnitude", {"sparsity": 0.5}),
-    (cl.api.WandaConfig(pattern="2:4"), "wanda", {"n": 2, "m": 4}),
+    (cl.api.WandaConfig(pattern="2:4"), "wanda", {"pattern": "2:4"}),
     (cl.api.SparseGPTConfig(sparsity=0.5), "sparsegpt", {"sparsity": 0.5}),
+    (cl.api.SparseGPTConfig(pattern="2:4", bits=4, group_size=32), "sparsegpt",  # joint: 2:4 + 4-bit survivors
+     {"pattern": "2:4", "bits": 4, "group_size": 32}),
 ])
 def test_prune_entry_point_equals_prune_model(tiny_llama, calib, config, method, kw):
     model, _ = tiny_llama
@@ -171,3 +174,19 @@ def test_prune_entry_point_equals_prune_model(tiny_llama, calib, config, method,
     got = cl.prune(copy.deepcopy(model), config, calibration=calib, progress=False)
     for (n, a), (_, b) in zip(got.named_parameters(), ref.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_one_default_group_size_everywhere():
+    """Issue 28: the entry point's configs, lab 01's storage and the W4A16 kernel agree on 64 (576 = 9 x 64)."""
+    import inspect
+
+    from compresslab import quant
+    from compresslab.kernels import w4a16
+
+    assert quant.DEFAULT_GROUP_SIZE == 64
+    defaults = {"RTNConfig": cl.RTNConfig().group_size, "GPTQConfig": cl.GPTQConfig().group_size,
+                "SparseGPTConfig": cl.SparseGPTConfig(sparsity=0.5).group_size}
+    for fn in (quant.quantize_model, quant.fake_quantize_model, w4a16.rtn_gptq, w4a16.QuantLinear.from_linear,
+               w4a16.quantize_model):
+        defaults[fn.__qualname__] = inspect.signature(fn).parameters["group_size"].default
+    assert set(defaults.values()) == {quant.DEFAULT_GROUP_SIZE}, defaults

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from checker_testing import (CheckerSuite, assert_failed, summary_lines)
 
 from compresslab import checks
-from compresslab import kvcache as kv
+from compresslab import kvcompress as kv
+from compresslab import kvformat
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "solutions" / "06_gear_kv_cache.py"
@@ -34,8 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_thread", "fresh_status")
 # ----------------------------------------------------------------------------- the lab's solutions (copied)
 # Bodies copied from solutions/06_gear_kv_cache.py (### BEGIN / END SOLUTION);
 # test_good_copies_match_the_lab_solutions keeps them in sync. good_layout_errors uses kv.quantize_groups and
-# good_outlier_mask kv.outliers_per_side as the lab does (the lab imports compresslab.kvcache as kv, and so does this
-# file).
+# good_outlier_mask kv.outliers_per_side as the lab does (the lab imports compresslab.kvcompress as kv, and so does
+# this file).
 
 
 def good_quantize_keys_per_channel(k: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -935,13 +936,13 @@ def _sample_calls():
     best2 = (U[:, :2] * s[:2]) @ V[:, :2].T
     # 128 tokens x 64 channels, 4 bits, groups of 32, rank 2, 10 outliers with 1-byte indices
     nbytes = 128 * 64 * 4 // 8 + (128 * 64 // 32) * (2 + 2) + 10 * (2 + 1) + 2 * (128 * 2 + 64 * 2)
-    # exercise 2 on q (1, 4, 8, 4), k and v (1, 2, 8, 4), 2 bits, groups of 4: the table from kvcache.attention_error,
-    # an implementation of its own (the reference lives in kvformat)
+    # exercise 2 on q (1, 4, 8, 4), k and v (1, 2, 8, 4), 2 bits, groups of 4: the table from kvformat.attention_error,
+    # written apart from the checker's reference (kvformat.layout_attention_errors)
     qa = torch.randn(1, 4, 8, 4, generator=g)
     ka, va = torch.randn(1, 2, 8, 4, generator=g), torch.randn(1, 2, 8, 4, generator=g)
     per = {d: (lambda x, d=d: kv.quantize_groups(x, 2, 4, dim=d).dequantize()) for d in (-2, -1)}
-    table = torch.tensor([[kv.attention_error(qa, ka, va, per[d](ka), va)["scores"] for d in (-2, -1)],
-                          [kv.attention_error(qa, ka, va, ka, per[d](va))["output"] for d in (-2, -1)]])
+    table = torch.tensor([[kvformat.attention_error(qa, ka, va, per[d](ka), va)["scores"] for d in (-2, -1)],
+                          [kvformat.attention_error(qa, ka, va, ka, per[d](va))["output"] for d in (-2, -1)]])
     return {
         checks.check_quantize_keys: ((k, 2, 4), _fake_quantize_plain(k, 2, 4)),
         checks.check_layout_errors: ((qa, ka, va, 2, 4), table),
@@ -1050,17 +1051,15 @@ def _layout_tables(fn):
     return [torch.as_tensor(fn(*case.args), dtype=torch.float64) for case in checks._layout_cases()]
 
 
-def test_the_layout_reference_agrees_with_kvcache_attention_error():
-    """kvformat.layout_attention_errors (the checker's reference) and kvcache.attention_error (the lab's measurement of
+def test_the_layout_reference_agrees_with_attention_error():
+    """kvformat.layout_attention_errors (the checker's reference) and kvformat.attention_error (the lab's measurement of
     section 2 before this exercise, written separately) give the same table on every case."""
-    from compresslab import kvformat
-
     for case in checks._layout_cases():
         q, k, v, bits, group_size = case.args
         per = {d: kv.quantize_groups(k, bits, group_size, d).dequantize() for d in (-2, -1)}
         per_v = {d: kv.quantize_groups(v, bits, group_size, d).dequantize() for d in (-2, -1)}
-        table = torch.tensor([[kv.attention_error(q, k, v, per[d], v)["scores"] for d in (-2, -1)],
-                              [kv.attention_error(q, k, v, k, per_v[d])["output"] for d in (-2, -1)]])
+        table = torch.tensor([[kvformat.attention_error(q, k, v, per[d], v)["scores"] for d in (-2, -1)],
+                              [kvformat.attention_error(q, k, v, k, per_v[d])["output"] for d in (-2, -1)]])
         torch.testing.assert_close(kvformat.layout_attention_errors(q, k, v, bits, group_size), table)
 
 

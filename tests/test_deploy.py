@@ -47,6 +47,17 @@ def test_linear_and_other_params_of_the_real_model(smollm):
     assert linear + other == sum(p.numel() for p in model.parameters())  # tied head counted once
 
 
+def test_a_quantized_model_counts_the_linears_it_stores(tiny_llama):
+    """After cl.quantize the Linears hold codes in buffers (no weight parameter); they still count as Linear
+    parameters, so results.describe gives a GPTQ row the bytes of its deployed format (lab 02's rows)."""
+    import copy
+
+    model, _ = tiny_llama
+    q = cl.quantize(copy.deepcopy(model), cl.RTNConfig(bits=4, group_size=32))
+    assert deploy.linear_and_other_params(q) == deploy.linear_and_other_params(model)
+    assert cl.results.describe(q, 4, 32) == cl.results.describe(model, 4, 32)
+
+
 def test_token_clock_skips_the_prompt_and_stamps_each_token(smollm):
     model, tok = smollm
     t = deploy.timed_generate(model, tok, "One, two, three,", new_tokens=5)
@@ -160,7 +171,7 @@ def test_median_seconds_times_only_the_step_not_its_setup():
 
     calls = []
     t = cl.evaluation.median_seconds(lambda x: calls.append(x), repeats=5, warmup=1,
-                               setup=lambda: time.sleep(0.05) or len(calls))
+                                     setup=lambda: time.sleep(0.05) or len(calls))
     assert t < 0.01 and calls == [0, 1, 2, 3, 4, 5]  # 6 calls (1 warm-up), each handed its own setup result
     assert cl.evaluation.median_seconds(lambda: time.sleep(0.02), repeats=3, warmup=0) >= 0.02
 

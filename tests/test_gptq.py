@@ -512,7 +512,7 @@ def exported(tiny_llama, calib, tmp_path_factory):
     for bits in (4, 8, 2):
         qmodel, report = gptq.quantize_model(model, calib, bits=bits, group_size=16, progress=False)
         path = checkpoint.save_gptq(qmodel, report, tmp_path_factory.mktemp(f"gptq{bits}") / "ck", bits=bits,
-                                    group_size=16, sym=False, desc_act=True, tokenizer=tok)
+                                    group_size=16, sym=False, act_order=True, tokenizer=tok)
         out[bits] = qmodel, report, path
     return out
 
@@ -606,8 +606,16 @@ def test_v1_zero_point_at_the_top_of_the_range_wraps_to_zero():
 def test_save_gptq_rejects_3_bits(exported, tmp_path):
     qmodel, report, _ = exported[4]
     with pytest.raises(ValueError, match="bits=4"):
-        checkpoint.save_gptq(qmodel, report, tmp_path / "ck3", bits=3, group_size=16, sym=False, desc_act=True)
+        checkpoint.save_gptq(qmodel, report, tmp_path / "ck3", bits=3, group_size=16, sym=False, act_order=True)
     assert not (tmp_path / "ck3").exists() and not (tmp_path / "ck3.tmp").exists()
+
+
+def test_save_gptq_refuses_act_order_false_beside_an_act_order_g_idx(exported, tmp_path):
+    """desc_act: false in the config beside a permuted g_idx would be a checkpoint that contradicts itself."""
+    qmodel, report, _ = exported[4]
+    with pytest.raises(ValueError, match="pass act_order=True"):
+        checkpoint.save_gptq(qmodel, report, tmp_path / "ck", bits=4, group_size=16, sym=False, act_order=False)
+    assert not (tmp_path / "ck").exists()
 
 
 def test_load_gptq_rejects_a_non_gptq_checkpoint(exported, tmp_path):
@@ -628,7 +636,7 @@ def test_save_gptq_overwrites_an_existing_export(exported, tmp_path):
     target = tmp_path / "ck"
     target.mkdir()
     (target / "stale.bin").write_text("old")
-    checkpoint.save_gptq(qmodel, report, target, bits=4, group_size=16, sym=False, desc_act=True)
+    checkpoint.save_gptq(qmodel, report, target, bits=4, group_size=16, sym=False, act_order=True)
     assert not (target / "stale.bin").exists() and (target / "model.safetensors").exists()
     assert not (target / "tokenizer_config.json").exists()  # no tokenizer given
 

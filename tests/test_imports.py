@@ -16,8 +16,8 @@ LAYERS = {
     0: "paths runtime packing kvformat data",
     1: "quant models checkpoint evaluation layerwise",
     2: "formats gptq smoothquant widgets deploy serve nvmodelopt kernels kernels.w4a16 kernels.kv_quant",
-    3: "pruning awq actquant kvcache results",
-    4: "distill lowrank expected",
+    3: "pruning awq actquant kvcompress results",
+    4: "distill lowrank expected kvcache",
     5: "api scale_tuning stack kernels.bench",
     6: "checks checks.lab01 checks.lab02 checks.lab03 checks.lab04 checks.lab05 checks.lab06 checks.lab07 checks.lab08",
 }
@@ -70,9 +70,10 @@ def _cycles(graph) -> list[list[str]]:
 
 def test_the_walker_sees_real_edges():
     graph = import_graph()
-    assert "compresslab.kvformat" in graph["compresslab.kvcache"]
+    assert "compresslab.kvformat" in graph["compresslab.kvcompress"]
+    assert "compresslab.kvcompress" in graph["compresslab.kvcache"]
     assert "compresslab.kvformat" in graph["compresslab.kernels.kv_quant"]
-    assert "compresslab.kernels.kv_quant" in graph["compresslab.kvcache"]  # a lazy, function-level import
+    assert "compresslab.kernels.kv_quant" in graph["compresslab.kvcompress"]  # a lazy, function-level import
 
 
 def test_no_import_cycles():
@@ -105,6 +106,16 @@ def test_import_compresslab_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "['compresslab', 'compresslab.models', 'compresslab.paths', 'compresslab.runtime'] False False"
     assert out[1] == "True"
+
+
+def test_the_kv_compression_maths_needs_no_transformers():
+    """kvcompress is plain torch (the maths of lab 06, KVConfig included): importing it and compressing a block loads
+    neither transformers nor triton; the transformers Cache around it is kvcache's."""
+    code = ("import sys, torch; from compresslab import kvcompress as kv; "
+            "blk = kv.KVConfig('gear', backend='torch').compress(torch.randn(1, 2, 64, 64), 'key', first=True); "
+            "print(blk.reconstruct().shape == (1, 2, 64, 64), 'transformers' in sys.modules, 'triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[0] == "True False False"
 
 
 def test_a_cycle_is_found():

@@ -1,4 +1,4 @@
-"""The fused KIVI kernels (compresslab.kernels.kv_quant) against their PyTorch reference, kvcache.quantize_groups.
+"""The fused KIVI kernels (compresslab.kernels.kv_quant) against their PyTorch reference, kvcompress.quantize_groups.
 
 quantize_kv must give the same QuantizedGroups bit for bit (packed codes, fp16 scales and minima) for keys (grouped
 along tokens, per channel) and values (grouped along channels, per token), for every bit width, group size and input
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from compresslab import kernels
-from compresslab import kvcache as K
+from compresslab import kvcache, kvformat
+from compresslab import kvcompress as kv
 from compresslab.kernels import dequantize_kv, kv_quant, quantize_kv
 from layer_testing import gen
 
@@ -33,7 +34,7 @@ def states(b=2, h=3, t=64, d=64, seed=0, dtype=torch.float32):
     return x.to(dtype)
 
 
-def assert_same_groups(q: K.QuantizedGroups, r: K.QuantizedGroups):
+def assert_same_groups(q: kvformat.QuantizedGroups, r: kvformat.QuantizedGroups):
     assert q.codes.dtype == r.codes.dtype == torch.uint8
     assert q.scale.dtype == r.scale.dtype == q.minimum.dtype == r.minimum.dtype == torch.float16
     assert q.codes.shape == r.codes.shape and q.scale.shape == r.scale.shape
@@ -43,7 +44,7 @@ def assert_same_groups(q: K.QuantizedGroups, r: K.QuantizedGroups):
     assert torch.equal(q.codes, r.codes), f"{(q.codes != r.codes).sum().item()} packed bytes differ"
 
 
-def torch_copy(q: K.QuantizedGroups) -> K.QuantizedGroups:
+def torch_copy(q: kvformat.QuantizedGroups) -> kvformat.QuantizedGroups:
     return dataclasses.replace(q, backend="torch")
 
 
@@ -58,10 +59,11 @@ def test_quantize_kv_is_bit_exact_with_the_reference(kind, bits, group, dtype):
     t = 128 if (kind, bits, group) == ("key", 2, 64) else 64  # one case with two key groups of 64 tokens
     x = states(t=t, seed=bits + group, dtype=dtype)
     q = quantize_kv(x, kind, bits, group)
-    assert isinstance(q, K.QuantizedGroups) and q.backend == "torch"  # the plain dataclass; quantize_groups marks it
+    # the plain dataclass: kvcompress.quantize_groups marks the kernel's output "triton"
+    assert isinstance(q, kvformat.QuantizedGroups) and q.backend == "torch"
     assert q.codes.shape == ((2, 3, 64, t // group, group * bits // 8) if kind == "key"
                              else (2, 3, t, 64 // group, group * bits // 8))
-    assert_same_groups(q, K.quantize_groups(x, bits, group, DIM[kind]))
+    assert_same_groups(q, kv.quantize_groups(x, bits, group, DIM[kind]))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -69,13 +71,13 @@ def test_values_with_rows_not_a_multiple_of_the_block(bits):
     """Values: rows are tokens, 40 of them = one full block of 32 rows and a masked one of 8."""
     x = states(t=40, seed=bits)
     assert x.shape[-2] % kv_quant.BLOCK_R
-    assert_same_groups(quantize_kv(x, "value", bits, 32), K.quantize_groups(x, bits, 32, -1))
+    assert_same_groups(quantize_kv(x, "value", bits, 32), kv.quantize_groups(x, bits, 32, -1))
 
 
 def test_keys_with_fewer_channels_than_the_block():
     """Keys: rows are channels; head_dim 16 < BLOCK_R = 32 leaves half the row block masked."""
     x = states(b=1, h=2, t=64, d=16, seed=3)
-    assert_same_groups(quantize_kv(x, "key", 2, 32), K.quantize_groups(x, 2, 32, -2))
+    assert_same_groups(quantize_kv(x, "key", 2, 32), kv.quantize_groups(x, 2, 32, -2))
 
 
 @pytest.mark.parametrize("kind", ["key", "value"])
@@ -89,11 +91,11 @@ def test_non_contiguous_inputs_give_the_same_result(kind):
     window = x[:, :, 32:96]  # a slice along tokens: a storage offset and the parent's strides
     assert not window.is_contiguous() and window.storage_offset() > 0
     assert_same_groups(quantize_kv(window, kind, 4, 32), quantize_kv(window.contiguous(), kind, 4, 32))
-    assert_same_groups(quantize_kv(window, kind, 4, 32), K.quantize_groups(window, 4, 32, DIM[kind]))
+    assert_same_groups(quantize_kv(window, kind, 4, 32), kv.quantize_groups(window, 4, 32, DIM[kind]))
 
     wide = states(b=1, h=2, t=64, d=128, seed=6)
     strided = wide[..., ::2]  # head_dim with stride 2: values' grouped axis, keys' row axis
-    assert_same_groups(quantize_kv(strided, kind, 2, 32), K.quantize_groups(strided.contiguous(), 2, 32, DIM[kind]))
+    assert_same_groups(quantize_kv(strided, kind, 2, 32), kv.quantize_groups(strided.contiguous(), 2, 32, DIM[kind]))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -111,7 +113,7 @@ def test_ties_round_half_to_even_like_torch_round(kind, bits):
     if kind == "key":
         x = x.transpose(-1, -2).contiguous()  # (1, 1, 32 tokens, 8 channels): each channel's tokens are the group
     q = quantize_kv(x, kind, bits, group)
-    r = K.quantize_groups(x, bits, group, DIM[kind])
+    r = kv.quantize_groups(x, bits, group, DIM[kind])
     assert torch.all(q.scale == 1.0) and torch.all(q.minimum == 0.0)
     assert_same_groups(q, r)
     expected = torch.tensor([round(v) for v in x.flatten().tolist()]).reshape(x.shape).float()  # Python: banker's
@@ -153,9 +155,9 @@ def test_dequantize_kv_equals_the_pytorch_path_in_fp16(kind):
 
 def test_quantizedgroups_with_the_triton_backend_dequantizes_with_the_kernel(monkeypatch):
     x = states(t=64, seed=2)
-    q = K.quantize_groups(x, 2, 32, -1, backend="triton")
+    q = kv.quantize_groups(x, 2, 32, -1, backend="triton")
     assert q.backend == "triton"
-    assert_same_groups(q, K.quantize_groups(x, 2, 32, -1))
+    assert_same_groups(q, kv.quantize_groups(x, 2, 32, -1))
     calls = []
     real = kv_quant.dequantize_kv
     monkeypatch.setattr(kv_quant, "dequantize_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -172,8 +174,8 @@ def test_gear_compress_triton_backend_reconstructs_like_torch(kind, method):
     x = states(b=1, h=2, t=64, d=64, seed=31)
     args = dict(bits=2, group_size=32, rank=0, outlier_ratio=0.0) if method == "kivi" else \
         dict(bits=2, group_size=32, rank=4, outlier_ratio=0.02)
-    a = K.gear_compress(x, kind, backend="triton", **args)
-    b = K.gear_compress(x, kind, backend="torch", **args)
+    a = kv.gear_compress(x, kind, backend="triton", **args)
+    b = kv.gear_compress(x, kind, backend="torch", **args)
     assert a.D.backend == "triton" and b.D.backend == "torch"
     assert_same_groups(a.D, b.D)
     assert torch.equal(a.reconstruct(), b.reconstruct())
@@ -185,11 +187,11 @@ def test_gear_compress_triton_backend_reconstructs_like_torch(kind, method):
 
 def test_kvconfig_auto_backend_is_torch_for_cpu_states(monkeypatch):
     seen = []
-    real = K.gear_compress
-    monkeypatch.setattr(K, "gear_compress", lambda *a, **k: seen.append(k["backend"]) or real(*a, **k))
+    real = kv.gear_compress
+    monkeypatch.setattr(kv, "gear_compress", lambda *a, **k: seen.append(k["backend"]) or real(*a, **k))
     x = states(b=1, h=1, t=64, d=64)
-    K.KVConfig("kivi", group_size=32).compress(x, "key", True)
-    K.KVConfig("kivi", group_size=32, backend="triton").compress(x, "key", True)
+    kv.KVConfig("kivi", group_size=32).compress(x, "key", True)
+    kv.KVConfig("kivi", group_size=32, backend="triton").compress(x, "key", True)
     assert seen == ["torch", "triton"]
 
 
@@ -210,7 +212,7 @@ def run_cache(model, backend, dtype):
     """Prefill 45 tokens (one block of 32 compressed, 13 buffered), then 3 single-token steps; the third fills the
     16-token buffer, so a second (decode) block is compressed. -> (logits of every step, the cache)."""
     ids = torch.randint(0, 128, (2, 48), generator=gen(7))
-    cache = K.make_cache(model, K.KVConfig("kivi", bits=2, group_size=16, residual_length=16, backend=backend))
+    cache = kvcache.make_cache(model, kv.KVConfig("kivi", bits=2, group_size=16, residual_length=16, backend=backend))
     logits = [model(ids[:, :45], past_key_values=cache, use_cache=True).logits]
     for s in range(45, 48):
         logits.append(model(ids[:, s : s + 1], past_key_values=cache, use_cache=True).logits)
@@ -237,15 +239,15 @@ def test_compressed_cache_with_triton_matches_torch(dtype):
     for layer_t, layer_p in zip(ct.layers, cp.layers):
         for bt, bp in zip(layer_t.key_blocks + layer_t.value_blocks, layer_p.key_blocks + layer_p.value_blocks):
             assert_same_groups(bt.D, bp.D)
-    assert K.cache_nbytes(ct) == K.cache_nbytes(cp)
+    assert kvcache.cache_nbytes(ct) == kvcache.cache_nbytes(cp)
 
 
 def test_kv_perplexity_through_the_triton_cache_equals_torch(smollm):
     """The real SmolLM2-135M (30 layers, 3 KV heads, head_dim 64), one window, KIVI 2-bit, g64, residual 64."""
     model, tok = smollm
     args = dict(n_windows=1, prefix=64, scored=16, progress=False)
-    rt = K.kv_perplexity(model, tok, K.KVConfig("kivi", bits=2, backend="triton"), **args)
-    rp = K.kv_perplexity(model, tok, K.KVConfig("kivi", bits=2, backend="torch"), **args)
+    rt = kvcache.kv_perplexity(model, tok, kv.KVConfig("kivi", bits=2, backend="triton"), **args)
+    rp = kvcache.kv_perplexity(model, tok, kv.KVConfig("kivi", bits=2, backend="torch"), **args)
     assert rt["ppl"] == rp["ppl"] and rt["parts"] == rp["parts"] and rt["kv_bytes"] == rp["kv_bytes"]
     assert 1 < rt["ppl"] < 1000 and rt["parts"]["codes"] == 30 * 2 * 3 * 64 * 64 * 2 // 8
 
@@ -258,13 +260,13 @@ def _x(*shape, dtype=torch.float32):
 
 
 BAD = [
-    (lambda: K.KVConfig("kivi", backend="cuda"), ValueError,
+    (lambda: kv.KVConfig("kivi", backend="cuda"), ValueError,
      r"backend must be 'auto', 'torch' or 'triton', got 'cuda'"),
-    (lambda: K.quantize_groups(_x(1, 1, 32, 32), 2, 32, -1, backend="cuda"), ValueError,
+    (lambda: kv.quantize_groups(_x(1, 1, 32, 32), 2, 32, -1, backend="cuda"), ValueError,
      r"backend must be 'torch' or 'triton', got 'cuda'"),
-    (lambda: K.quantize_groups(_x(2, 32, 32), 2, 32, -1, backend="triton"), ValueError,
+    (lambda: kv.quantize_groups(_x(2, 32, 32), 2, 32, -1, backend="triton"), ValueError,
      r"the Triton KV kernel quantizes \(batch, heads, tokens, head_dim\) states"),
-    (lambda: K.quantize_groups(_x(1, 32, 32, 32), 2, 32, 1, backend="triton"), ValueError,
+    (lambda: kv.quantize_groups(_x(1, 32, 32, 32), 2, 32, 1, backend="triton"), ValueError,
      r"along tokens \(dim=-2, keys\) or channels"),
     (lambda: quantize_kv(_x(1, 1, 32, 32), "key", 3, 32), ValueError,
      r"KV-cache bits must be one of \(2, 4, 8\).*got 3"),
@@ -285,9 +287,10 @@ BAD = [
     (lambda: quantize_kv(_x(1, 1, 32, 32), "keys", 2, 32), ValueError, r"kind must be 'key'.*or 'value'"),
     (lambda: dequantize_kv(quantize_kv(_x(1, 1, 32, 32), "key", 2, 32), torch.bfloat16), TypeError,
      r"interpreter \(CPU\) has no bfloat16"),
-    (lambda: dequantize_kv(K.quantize_groups(_x(1, 32, 2, 32), 2, 32, 1)), ValueError,
+    (lambda: dequantize_kv(kv.quantize_groups(_x(1, 32, 2, 32), 2, 32, 1)), ValueError,
      r"dequantize_kv takes keys or values"),
-    (lambda: dequantize_kv(K.quantize_groups(_x(32, 32), 2, 32, 1)), ValueError, r"dequantize_kv takes keys or values"),
+    (lambda: dequantize_kv(kv.quantize_groups(_x(32, 32), 2, 32, 1)), ValueError,
+     r"dequantize_kv takes keys or values"),
 ]
 
 
@@ -331,5 +334,5 @@ def test_compiled_kernels_are_bit_exact_on_a_gpu(kind, dtype):
     for bits in (2, 4, 8):
         for group in (32, 64, 128):
             q = quantize_kv(x, kind, bits, group)
-            assert_same_groups(q, K.quantize_groups(x, bits, group, DIM[kind]))
+            assert_same_groups(q, kv.quantize_groups(x, bits, group, DIM[kind]))
             assert torch.equal(dequantize_kv(q), torch_copy(q).dequantize(torch.float32))

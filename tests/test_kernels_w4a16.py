@@ -306,7 +306,7 @@ def gptq_export(tmp_path_factory):
     calib = torch.randint(0, 128, (8, 32), generator=gen(0))  # 256 tokens >= hidden_size
     qmodel, report = gptq.quantize_model(model, calib, bits=4, group_size=32, progress=False)
     path = checkpoint.save_gptq(qmodel, report, tmp_path_factory.mktemp("w4a16") / "ckpt", bits=4, group_size=32,
-                                sym=False, desc_act=True)
+                                sym=False, act_order=True)
     return model, report, path
 
 

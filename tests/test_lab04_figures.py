@@ -10,7 +10,7 @@ import pytest
 from compresslab import evaluation
 from compresslab import pruning
 
-REFERENCE = {"50%": (dict(sparsity=0.5), 487.6), "2:4": (dict(n=2, m=4), 1828.0)}
+REFERENCE = {"50%": (dict(sparsity=0.5), 487.6), "2:4": (dict(pattern="2:4"), 1828.0)}
 
 
 @pytest.mark.parametrize("pattern", list(REFERENCE))

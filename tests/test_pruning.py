@@ -394,7 +394,7 @@ CASES = [(method, pattern) for method in pruning.METHODS for pattern in ("50%", 
 
 
 def _prune(model, calib, method, pattern, **kw):
-    nm = dict(n=2, m=4) if pattern == "2:4" else dict(sparsity=0.5)
+    nm = dict(pattern="2:4") if pattern == "2:4" else dict(sparsity=0.5)
     return pruning.prune_model(model, None if method == "magnitude" else calib, method, progress=False, **nm, **kw)
 
 
@@ -549,7 +549,7 @@ def test_prune_model_other_sparsities(tiny_llama, calib):
     model, _ = tiny_llama
     _, rep = pruning.prune_model(model, None, "magnitude", 0.3, progress=False)
     assert all(abs(v - 0.3) < 1e-3 for v in rep.values()), rep
-    _, rep = pruning.prune_model(model, calib, "wanda", n=1, m=4, progress=False)
+    _, rep = pruning.prune_model(model, calib, "wanda", pattern="1:4", progress=False)
     assert all(v == 0.75 for v in rep.values()), rep
     _, rep = pruning.prune_model(model, None, "magnitude", 0.0, progress=False)
     assert all(v == 0.0 for v in rep.values()), rep
@@ -557,7 +557,7 @@ def test_prune_model_other_sparsities(tiny_llama, calib):
 
 def test_finetune_masked_keeps_the_mask_and_trains_the_survivors(tiny_llama, calib):
     model = copy.deepcopy(tiny_llama[0])
-    pruning.prune_model(model, None, "magnitude", n=2, m=4, inplace=True, progress=False)
+    pruning.prune_model(model, None, "magnitude", pattern="2:4", inplace=True, progress=False)
     masks = pruning.mask_of(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -850,17 +850,19 @@ def test_prune_model_bad_inputs(tiny_llama, calib):
     with pytest.raises(TypeError, match="decoder-only"):
         pruning.prune_mlp_neurons(nn.Linear(64, 64), calib, 0.5, progress=False)
     with pytest.raises(ValueError, match="0 < N < M"):
-        pruning.prune_model(model, None, "magnitude", n=4, m=4, progress=False)
-    with pytest.raises(ValueError, match="pass both n and m"):
-        pruning.prune_model(model, None, "magnitude", n=2, progress=False)
+        pruning.prune_model(model, None, "magnitude", pattern="4:4", progress=False)
+    with pytest.raises(ValueError, match="must look like '2:4'"):
+        pruning.prune_model(model, None, "magnitude", pattern="2", progress=False)
+    with pytest.raises(TypeError, match="pattern='2:4', not n=, m="):  # the per-matrix spelling is not the model's
+        pruning.prune_model(model, None, "magnitude", n=2, m=4, progress=False)
     with pytest.raises(ValueError, match="block_size=6 must be a multiple of M=4"):
-        pruning.prune_model(model, calib[:2], "sparsegpt", n=2, m=4, block_size=6, progress=False)
+        pruning.prune_model(model, calib[:2], "sparsegpt", pattern="2:4", block_size=6, progress=False)
 
 
-@pytest.mark.parametrize("nm,match", [(dict(n=0, m=4), "0 < N < M"), (dict(m=4), "pass both n and m")])
-def test_prune_model_bad_nm_without_sparsity_raises_a_clear_error(tiny_llama, nm, match):
+@pytest.mark.parametrize("pattern,match", [("0:4", "0 < N < M"), (":4", "must look like '2:4'"), (None, "pass a sparsity")])
+def test_prune_model_bad_pattern_without_sparsity_raises_a_clear_error(tiny_llama, pattern, match):
     with pytest.raises(ValueError, match=match):
-        pruning.prune_model(tiny_llama[0], None, "magnitude", sparsity=None, progress=False, **nm)
+        pruning.prune_model(tiny_llama[0], None, "magnitude", sparsity=None, pattern=pattern, progress=False)
 
 
 def test_sparsegpt_bad_hessian_and_block_size(layer):
@@ -909,4 +911,10 @@ def test_prune_model_refuses_sparsegpt_options_for_other_methods(tiny_llama):
     with pytest.raises(TypeError, match="SparseGPT options"):
         pruning.prune_model(model, None, "magnitude", 0.5, bits=4, progress=False)
     with pytest.raises(ValueError, match="contradicts"):
-        pruning.prune_model(model, None, "magnitude", 1.5, n=2, m=4, progress=False)
+        pruning.prune_model(model, None, "magnitude", 1.5, pattern="2:4", progress=False)
+
+
+def test_decoder_sparsity_reads_what_the_report_says(tiny_llama, calib):
+    model, report = pruning.prune_model(tiny_llama[0], calib, "wanda", pattern="2:4", progress=False)
+    assert pruning.decoder_sparsity(model) == report
+    assert set(pruning.decoder_sparsity(tiny_llama[0]).values()) == {0.0}  # the dense model: no zeros

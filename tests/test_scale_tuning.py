@@ -125,7 +125,7 @@ def test_two_runs_with_the_same_seed_give_the_same_scales(teacher):
 def test_the_tuned_checkpoint_reloads_to_the_tuned_model(teacher, tmp_path):
     qm, report = quantized(teacher, bits=4)
     tune_scales(qm, report, teacher, ids(16, 1), steps=3, lr=5e-3, progress=False)
-    path = checkpoint.save_gptq(qm, report, tmp_path / "ckpt", bits=4, group_size=16, sym=False, desc_act=True)
+    path = checkpoint.save_gptq(qm, report, tmp_path / "ckpt", bits=4, group_size=16, sym=False, act_order=True)
     reloaded, _ = checkpoint.load_gptq(path)
     for n, p in qm.state_dict().items():
         assert torch.equal(reloaded.state_dict()[n], p), n  # tuned scales and norms, as the model runs them

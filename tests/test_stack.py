@@ -15,7 +15,7 @@ from layer_testing import gen
 
 from compresslab import deploy, pruning, stack
 from compresslab import lowrank as lr
-from compresslab.kvcache import KVConfig
+from compresslab.kvcompress import KVConfig
 
 PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
         "mlp.up_proj", "mlp.down_proj"]
@@ -74,7 +74,7 @@ def test_plan_normalises_lists_to_tuples():
      r"'lowrank' compensation would fill the N:M zeros with dense corrections: use one or the other"),
     ([("prune", "50%")], ValueError, r"\('prune', '50%'\): use '2:4' or '4:8'"),
     ([("prune", None)], ValueError, r"use '2:4' or '4:8'"),
-    ([("kv", "gear")], TypeError, r"\('kv', \.\.\.\) takes a compresslab.kvcache.KVConfig, got str"),
+    ([("kv", "gear")], TypeError, r"\('kv', \.\.\.\) takes a compresslab.kvcompress.KVConfig, got str"),
 ])
 def test_plan_rejects_with_the_fix(steps, err, match):
     with pytest.raises(err, match=match):
@@ -398,7 +398,7 @@ def lab02_dir(teacher, tiny_llama, tmp_path_factory):
     other = torch.randint(0, len(tiny_llama[1]), (4, 64), generator=gen(9))
     q, report = gptq.quantize_model(teacher, other, bits=4, group_size=64, act_order=True, progress=False)
     return checkpoint.save_gptq(q, report, tmp_path_factory.mktemp("lab02") / "gptq4", bits=4, group_size=64,
-                                sym=False, desc_act=True)
+                                sym=False, act_order=True)
 
 
 def test_build_loads_lab02s_checkpoint(teacher, calib, built, lab02_dir, tmp_path):

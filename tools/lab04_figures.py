@@ -18,20 +18,20 @@ SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 # name -> (method, options for pruning.prune_model / prune_mlp_neurons)
 VARIANTS = {"dense": ("dense", {})}
 VARIANTS |= {f"{meth}-{int(s * 100)}": (meth, {"sparsity": s}) for meth in ("magnitude", "wanda") for s in SPARSITIES}
-VARIANTS |= {f"{meth}-{n}:{m}": (meth, {"n": n, "m": m}) for meth in ("magnitude", "wanda") for n, m in ((2, 4), (4, 8))}
+VARIANTS |= {f"{meth}-{n}:{m}": (meth, {"pattern": f"{n}:{m}"}) for meth in ("magnitude", "wanda") for n, m in ((2, 4), (4, 8))}
 VARIANTS |= {
     "wanda-50-onepass": ("wanda", {"sparsity": 0.5, "sequential": False}),
-    "sparsegpt-50": ("sparsegpt", {"sparsity": 0.5}), "sparsegpt-2:4": ("sparsegpt", {"n": 2, "m": 4}),
-    "sparsegpt-2:4-4bit": ("sparsegpt", {"n": 2, "m": 4, "bits": 4, "group_size": 64}),
+    "sparsegpt-50": ("sparsegpt", {"sparsity": 0.5}), "sparsegpt-2:4": ("sparsegpt", {"pattern": "2:4"}),
+    "sparsegpt-2:4-4bit": ("sparsegpt", {"pattern": "2:4", "bits": 4, "group_size": 64}),
     "wanda-50-128w": ("wanda", {"sparsity": 0.5, "windows": 128}),
     "sparsegpt-50-128w": ("sparsegpt", {"sparsity": 0.5, "windows": 128}),
-    "sparsegpt-2:4-128w": ("sparsegpt", {"n": 2, "m": 4, "windows": 128}),
+    "sparsegpt-2:4-128w": ("sparsegpt", {"pattern": "2:4", "windows": 128}),
 }
 VARIANTS |= {  # prune, then recover: masked fine-tune on WikiText-2 valid (256-token windows, seed 1), mask fixed
     "wanda-50-recover": ("wanda", {"sparsity": 0.5, "recover": 100}),
-    "wanda-2:4-recover": ("wanda", {"n": 2, "m": 4, "recover": 100}),
+    "wanda-2:4-recover": ("wanda", {"pattern": "2:4", "recover": 100}),
     "sparsegpt-50-recover": ("sparsegpt", {"sparsity": 0.5, "recover": 100}),
-    "sparsegpt-2:4-recover": ("sparsegpt", {"n": 2, "m": 4, "recover": 100}),
+    "sparsegpt-2:4-recover": ("sparsegpt", {"pattern": "2:4", "recover": 100}),
 }
 VARIANTS |= {f"structured-{int(r * 100)}": ("structured", {"ratio": r}) for r in (0.1, 0.25, 0.4, 0.5)}
 

@@ -5,8 +5,8 @@ holds this table and fails on an upward or sideways import, or a cycle):
     0 bottom   paths  runtime (setup, device, the Triton switch)  packing  kvformat  data
     1 storage  quant  models  checkpoint  evaluation  layerwise (the layer-by-layer calibration harness)
     2 methods  formats  gptq  smoothquant  widgets  deploy  serve  nvmodelopt  kernels (Triton W4A16, KV cache)
-    3          pruning  awq  actquant  kvcache  results
-    4          distill  lowrank  expected
+    3          pruning  awq  actquant  kvcompress (the KV maths, KIVI and GEAR)  results
+    4          distill  lowrank  expected  kvcache (kvcompress inside a transformers Cache)
     5 recipes  api (cl.quantize / cl.prune)  scale_tuning  stack  kernels.bench
     6 labs     checks (the harness, and one module of checkers per lab)
 Notebooks call these; they never paste them.
@@ -40,5 +40,5 @@ def __getattr__(name: str):
 
 __version__ = "0.1.0"
 __all__ = ["Env", "setup", "require_cuda", "load_model",
-           "checkpoint", "checks", "data", "evaluation", "formats", "gptq", "kvcache", "quant", "results",
-           "widgets", *_API]
+           "checkpoint", "checks", "data", "evaluation", "formats", "gptq", "kvcache", "kvcompress", "quant",
+           "results", "widgets", *_API]

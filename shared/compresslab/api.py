@@ -23,8 +23,7 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from . import checkpoint, gptq, pruning, quant
-
-DEFAULT_GROUP_SIZE = 64  # one default everywhere: SmolLM2-135M's hidden size 576 is not divisible by 128
+from .quant import DEFAULT_GROUP_SIZE  # 64: one default everywhere (the kernels' too)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,16 +77,8 @@ class _PruneConfig:
         else:
             self.nm()
 
-    def nm(self) -> tuple[int, int] | tuple[None, None]:
-        if self.pattern is None:
-            return None, None
-        try:
-            n, m = (int(v) for v in self.pattern.split(":"))
-        except (ValueError, AttributeError):
-            raise ValueError(f"pattern must look like '2:4' (keep n of every m), got {self.pattern!r}") from None
-        if not 0 < n < m:
-            raise ValueError(f"pattern {self.pattern!r}: need 0 < n < m")
-        return n, m
+    def nm(self) -> tuple[int, int] | None:
+        return None if self.pattern is None else pruning.parse_pattern(self.pattern)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,7 +93,18 @@ class WandaConfig(_PruneConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class SparseGPTConfig(_PruneConfig):
-    """OBS pruning with the inverse Hessian, mask chosen per block (lab 04)."""
+    """OBS pruning with the inverse Hessian, mask chosen per block (lab 04). bits: also quantize the surviving
+    weights to this many bits in the same pass (SparseGPT's joint mode: 2:4 + 4-bit is Sparse-Marlin's format),
+    with GPTQ's grid in groups of group_size; None keeps them in full precision."""
+
+    bits: int | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bits is not None and self.bits not in gptq.GPTQ_BITS:
+            raise ValueError(f"SparseGPTConfig: bits must be None or one of {gptq.GPTQ_BITS}, got {self.bits!r}")
+        _check_group_size(self.group_size)
 
 
 def _check_group_size(group_size) -> None:
@@ -174,7 +176,7 @@ def prune(model, config, calibration=None, *, batch_size: int = 8, progress: boo
     method = methods[type(config)]
     if method != "magnitude":
         _needs(calibration, method)
-    n, m = config.nm()
-    pruning.prune_model(model, calibration, method, config.sparsity, n, m, batch_size=batch_size, inplace=True,
-                        progress=progress)
+    joint = {"bits": config.bits, "group_size": config.group_size} if method == "sparsegpt" and config.bits else {}
+    pruning.prune_model(model, calibration, method, config.sparsity, pattern=config.pattern, batch_size=batch_size,
+                        inplace=True, progress=progress, **joint)
     return model

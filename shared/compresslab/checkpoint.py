@@ -1,6 +1,6 @@
 """GPTQ checkpoints on disk: the GPTQ "v1"/"v2" layouts (quant_method: gptq) and compressed-tensors (lab 02).
 
-    save_gptq(qmodel, report, "out/smollm2-gptq-4bit", bits=4, group_size=64, sym=False, desc_act=True)
+    save_gptq(qmodel, report, "out/smollm2-gptq-4bit", bits=4, group_size=64, sym=False, act_order=True)
     model, tok = load_gptq("out/smollm2-gptq-4bit")        # an independent reader: dequantizes to float
     save_gptq(..., checkpoint_format="gptq_v2")            # zero points without the v1 offset (GPTQModel's own)
     save_compressed_tensors(qmodel, report, "out/smollm2-w4a16", bits=4, group_size=64, sym=False,
@@ -155,9 +155,10 @@ def save_quantized(model, path, *, format: str = "auto", tokenizer=None) -> Path
                                    static_groups=not dynamic, tokenizer=tokenizer)
 
 
-def save_gptq(model, report: dict, path, bits: int, group_size: int, sym: bool, desc_act: bool,
+def save_gptq(model, report: dict, path, bits: int, group_size: int, sym: bool, act_order: bool,
               static_groups: bool = False, tokenizer=None, checkpoint_format: str = "gptq") -> Path:
-    """Write `model` (already GPTQ-quantized; `report` from gptq.quantize_model) as a GPTQ checkpoint.
+    """Write `model` (already GPTQ-quantized; `report` from gptq.quantize_model) as a GPTQ checkpoint. act_order is
+    written as the format's `desc_act` (GPTQModel's name for it); it must agree with the report's g_idx.
 
     checkpoint_format: "gptq" (v1: zero points stored minus one, what AutoGPTQ wrote and most engines read) or
     "gptq_v2" (zero points as they are: GPTQModel loads an asymmetric v2 file, it refuses an asymmetric v1 file that
@@ -169,6 +170,11 @@ def save_gptq(model, report: dict, path, bits: int, group_size: int, sym: bool, 
     if bits not in PACKABLE_BITS:
         raise ValueError(f"export packs {PACKABLE_BITS}-bit codes into int32 words; {bits}-bit needs the "
                          "straddling 3-bit layout, which this exporter does not write. Quantize with bits=4.")
+    permuted = [n for n, r in report.items()
+                if not torch.equal(r.g_idx.cpu().long(), torch.arange(r.g_idx.numel()) // group_size)]
+    if permuted and not act_order:  # the config's desc_act would contradict the g_idx written beside it
+        raise ValueError(f"{permuted[0]}'s g_idx is in act-order (dynamic groups): pass act_order=True, or better "
+                         "model.save_pretrained(path, format='gptq') after cl.quantize, which knows it")
     with staged(path) as tmp:
         tensors = {}
         for name, p in _dense_state(model).items():
@@ -191,7 +197,7 @@ def save_gptq(model, report: dict, path, bits: int, group_size: int, sym: bool, 
         config["architectures"] = _architectures(model)
         damp = min(r.damp_used for r in report.values())
         config["quantization_config"] = {
-            "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
+            "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym,
             "static_groups": static_groups, "true_sequential": True, "checkpoint_format": checkpoint_format,
             "damp_percent": damp,
             "modules_in_block_to_quantize": None,

@@ -57,10 +57,14 @@ def validate_weight_bits(bits) -> int:
 def linear_and_other_params(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> tuple[int, int]:
     """(parameters in the decoder's Linear layers, all other parameters) — tied tensors counted once.
 
-    The Linears are what weight-only quantization shrinks; embeddings, the LM head and norms usually stay 16-bit."""
+    The Linears are what weight-only quantization shrinks; embeddings, the LM head and norms usually stay 16-bit. A
+    Linear that cl.quantize already swapped for its storage (quant.QuantLinear: codes in buffers, no weight
+    parameter) counts as the in x out parameters it stands for."""
     seen, linear, other = set(), 0, 0
     linear_weights = {id(m.weight) for n, m in model.named_modules()
                       if isinstance(m, nn.Linear) and not any(s in n for s in skip)}
+    linear += sum(m.in_features * m.out_features for n, m in model.named_modules()
+                  if hasattr(m, "dequantized_weight") and not any(s in n for s in skip))
     for p in model.parameters():
         if p.data_ptr() in seen:
             continue

@@ -1,5 +1,5 @@
-"""The KV cache's storage format, the bottom layer that the cache (kvcache), its Triton kernels (kernels.kv_quant)
-and the checkers share: KIVI group quantization, packed codes, the checks of its arguments, and what each grouping
+"""The KV cache's storage format, the bottom layer that the compression (kvcompress), its Triton kernels
+(kernels.kv_quant) and the checkers share: KIVI group quantization, packed codes, the checks of its arguments, and what each grouping
 layout costs one layer's attention. Imports nothing of compresslab's. (lab 06)
 
     q = quantize_groups_torch(k, bits=2, group_size=64, dim=-2)    # keys per channel: groups of 64 tokens
@@ -97,7 +97,7 @@ def tensor_nbytes(t: torch.Tensor) -> int:
 
 def quantize_groups_torch(x: torch.Tensor, bits: int, group_size: int, dim: int) -> QuantizedGroups:
     """Asymmetric b-bit quantization of x in groups of `group_size` consecutive elements along `dim`, in PyTorch:
-    the reference of the fused kernel (compresslab.kernels.kv_quant). kvcache.quantize_groups picks the backend."""
+    the reference of the fused kernel (compresslab.kernels.kv_quant). kvcompress.quantize_groups picks the backend."""
     validate_kv_bits(bits)
     if not x.is_floating_point():
         raise TypeError(f"the KV states must be floating point, got {x.dtype}")

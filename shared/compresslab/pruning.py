@@ -6,6 +6,7 @@
     W_sparse = sparsegpt_prune(W, H, 0.5)               # mask + OBS error feedback, lab 02's Hessian machinery
     W_sparse = sparsegpt_blocks(W, U, 0.5)              # the same, given U: the Cholesky factor of H^-1
     pruned, report = prune_model(model, calib, "wanda", 0.5)          # layer by layer; report = sparsity reached
+    pruned, report = prune_model(model, calib, "sparsegpt", pattern="2:4")   # N:M as engines name it (cl.prune's)
     smaller, report = prune_mlp_neurons(model, calib, ratio=0.25)     # a genuinely smaller dense model
 
 Masks are boolean and True where the weight survives, so pruning is W * keep. Every method prunes the Linears inside
@@ -36,7 +37,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 def validate_sparsity(sparsity: float) -> float:
     if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
         raise ValueError(f"sparsity is the fraction of weights removed and must be in [0, 1), got {sparsity!r} "
-                         "(0.5 = half the weights; for 2:4 pass n=2, m=4 instead)")
+                         "(0.5 = half the weights; for 2:4 sparsity pass pattern='2:4' instead)")
     return float(sparsity)
 
 
@@ -46,6 +47,18 @@ def validate_nm(n: int, m: int, in_features: int) -> None:
                          "(the GPU format is 2:4)")
     if in_features % m:
         raise ValueError(f"M={m} must divide in_features={in_features}: N:M groups run along the input columns")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4): the model-level N:M pattern (prune_model, cl.prune's configs, lab 08's recipes), written as
+    engines and papers name it; the per-matrix functions below take the two integers n, m."""
+    try:
+        n, m = (int(v) for v in pattern.split(":"))
+    except (ValueError, AttributeError):
+        raise ValueError(f"pattern must look like '2:4' (keep n of every m), got {pattern!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"pattern {pattern!r}: N:M sparsity keeps N of every M weights and needs 0 < N < M")
+    return n, m
 
 
 def _check_score(W: torch.Tensor) -> None:
@@ -256,10 +269,12 @@ def sparsegpt_blocks(W: torch.Tensor, Hinv: torch.Tensor, sparsity: float | None
 
 
 @torch.no_grad()
-def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsity: float | None = None,
-                n: int | None = None, m: int | None = None, batch_size: int = 8, sequential: bool = True,
-                inplace: bool = False, progress: bool = True, **sparsegpt_options):
+def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsity: float | None = None, *,
+                pattern: str | None = None, batch_size: int = 8, sequential: bool = True, inplace: bool = False,
+                progress: bool = True, **sparsegpt_options):
     """Prune every Linear of every decoder layer. Returns (model, report {linear name: sparsity reached}).
+    sparsity=0.5 (unstructured) or pattern="2:4" (keep 2 of every 4 consecutive weights of a row); cl.prune is the
+    entry point that calls this.
 
     magnitude needs no calibration (calib may be None). wanda and sparsegpt run layer by layer: each layer sees the
     outputs of the already-pruned layers before it, and with sequential=True (the default) the SEQUENTIAL groups
@@ -269,12 +284,16 @@ def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsi
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     validate_decoder(model, "prune_model")
+    if {"n", "m"} & set(sparsegpt_options):
+        raise TypeError("prune_model takes the model-level pattern='2:4', not n=, m= (the per-matrix functions' "
+                        "arguments)")
+    n, m = parse_pattern(pattern) if pattern is not None else (None, None)
     sparsity, nm = _nm_or_sparsity(sparsity, n, m, model.config.hidden_size)  # per-Linear checks follow
     if sparsegpt_options and method != "sparsegpt":
         raise TypeError(f"{sorted(sparsegpt_options)} are SparseGPT options; method={method!r} takes none")
     model = model if inplace else copy.deepcopy(model)
     report = {}
-    desc = f"{method} " + (f"{n}:{m}" if nm else f"{sparsity:.0%}")
+    desc = f"{method} " + (pattern if nm else f"{sparsity:.0%}")
     if method == "magnitude":
         for li, layer in enumerate(tqdm(model.model.layers, desc=desc, disable=not progress)):
             for name, lin in decoder_linears(layer, sum(SEQUENTIAL, []), li, "pruning").items():
@@ -300,6 +319,12 @@ def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsi
                 report[f"model.layers.{li}.{name}"] = sparsity_of(W)
         inputs = run_layer(layer, inputs)  # the pruned layer's outputs feed the next layer
     return model, report
+
+
+def decoder_sparsity(model) -> dict[str, float]:
+    """{decoder Linear name: share of zero weights}: what prune_model's report says, read from the model itself."""
+    return {name: sparsity_of(m.weight.data) for name, m in model.named_modules()
+            if name.startswith("model.layers.") and isinstance(m, nn.Linear)}
 
 
 def mask_of(model) -> dict[str, torch.Tensor]:

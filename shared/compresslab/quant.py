@@ -22,6 +22,10 @@ import torch.nn.functional as F
 
 from . import packing
 
+# one default group size everywhere (cl.quantize's configs, the W4A16 kernel): SmolLM2-135M's hidden size 576 is not
+# divisible by 128, the group most 7B checkpoints use
+DEFAULT_GROUP_SIZE = 64
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 EPS = 1e-8  # smallest scale: an all-zero group must not divide by zero
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import deploy, distill, gptq, kvcache, lowrank, pruning
+from . import deploy, distill, gptq, kvcompress, lowrank, pruning
 
 KINDS = ("student", "distill", "prune", "gptq", "lowrank", "kv")
 RANK = {k: i for i, k in enumerate(KINDS)}  # the only order in which the steps compose
@@ -42,7 +42,7 @@ class Built:
     bits: int = 16
     nm: tuple[int, int] | None = None
     extra_params: int = 0  # fp16 low-rank factors
-    kv: kvcache.KVConfig = field(default_factory=lambda: kvcache.KVConfig("fp16"))  # what the cache stores
+    kv: kvcompress.KVConfig = field(default_factory=lambda: kvcompress.KVConfig("fp16"))  # what the cache stores
     info: dict = field(default_factory=dict)
 
     def weight_bytes(self) -> float:
@@ -90,8 +90,8 @@ def plan(steps) -> list[tuple[str, object]]:
             raise ValueError(f"({k!r}, {arg!r}): the argument is {what}, an integer >= 1")
         if k == "gptq" and arg not in gptq.GPTQ_BITS:
             raise ValueError(f"('gptq', {arg!r}): bits must be one of {gptq.GPTQ_BITS}")
-        if k == "kv" and not isinstance(arg, kvcache.KVConfig):
-            raise TypeError(f"('kv', ...) takes a compresslab.kvcache.KVConfig, got {type(arg).__name__}")
+        if k == "kv" and not isinstance(arg, kvcompress.KVConfig):
+            raise TypeError(f"('kv', ...) takes a compresslab.kvcompress.KVConfig, got {type(arg).__name__}")
     return steps
 
 
@@ -132,11 +132,10 @@ def build(name: str, steps, teacher, calib: torch.Tensor, train_ids: torch.Tenso
             model.eval()
             out.info["distill_loss"] = hist["loss"][-1]
         elif kind == "prune":
-            n, m = (int(v) for v in arg.split(":"))
             joint = i + 1 < len(steps) and steps[i + 1][0] == "gptq"
             extra = {"bits": steps[i + 1][1], "group_size": GROUP_SIZE} if joint else {}
-            pruning.prune_model(model, calib, "sparsegpt", n=n, m=m, inplace=True, progress=progress, **extra)
-            out.nm = (n, m)
+            pruning.prune_model(model, calib, "sparsegpt", pattern=arg, inplace=True, progress=progress, **extra)
+            out.nm = pruning.parse_pattern(arg)
         elif kind == "gptq":
             if i == 0:
                 memo[()] = Built("teacher", teacher, [])  # the reference a later ("lowrank", r) compensates against

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .. import kvcache, kvformat
+from .. import kvcompress, kvformat
 from . import Case, run_adapted, run_check
 
 
@@ -123,14 +123,14 @@ def _outlier_cases() -> list[Case]:
                  (skewed, 0.10, -1)),
             Case("(2, 1, 128, 16), 5 % along tokens, with an outlier channel", (_keys((2, 1, 128, 16), 88, 5), 0.05, -2)),
             Case("ratio 0: no outliers", (_keys((1, 1, 32, 8), 89), 0.0, -1)),
-            Case("(1, 1, 192, 8), 2 % along tokens: 1.92 per side rounds to 2 (use kvcache.outliers_per_side)",
+            Case("(1, 1, 192, 8), 2 % along tokens: 1.92 per side rounds to 2 (use kv.outliers_per_side)",
                  (_keys((1, 1, 192, 8), 78), 0.02, -2))]
 
 
 def check_outlier_mask(fn: Callable) -> Callable:
     """Exercise: fn(x, ratio, dim) -> bool mask of the k largest and k smallest entries of every vector along dim."""
-    return run_check("Exercise 3 · outlier_mask", fn, kvcache.outlier_mask, _outlier_cases(),
-                     hint="k = kvcache.outliers_per_side(x.shape[dim], ratio); mask = zeros_like(x, dtype=bool); "
+    return run_check("Exercise 3 · outlier_mask", fn, kvcompress.outlier_mask, _outlier_cases(),
+                     hint="k = kv.outliers_per_side(x.shape[dim], ratio); mask = zeros_like(x, dtype=bool); "
                           "scatter True at x.topk(k, dim).indices AND at x.topk(k, dim, largest=False).indices. "
                           "Signed largest and smallest, not the largest |x|; ratio is the total (half per side).",
                      more="k = kv.outliers_per_side(x.shape[dim], ratio); mask = torch.zeros_like(x, "
@@ -141,7 +141,7 @@ def check_outlier_mask(fn: Callable) -> Callable:
 
 
 def _lowrank_reference(R: torch.Tensor, Q0: torch.Tensor, iters: int) -> torch.Tensor:
-    P, Q = kvcache.power_iteration(R, Q0, iters)
+    P, Q = kvcompress.power_iteration(R, Q0, iters)
     return P @ Q.mT
 
 
@@ -178,7 +178,7 @@ def check_gear_nbytes(fn: Callable) -> Callable:
              Case("64 x 64, 4 bits, g32, rank 2, 128 outliers with 1-byte indices", (64, 64, 4, 32, 2, 128, 1)),
              Case("no low rank, no outliers (KIVI): codes and scales only", (256, 128, 2, 64, 0, 0, 2)),
              Case("1024 x 128, 8 bits, g128, rank 8, 2560 outliers, 4-byte indices", (1024, 128, 8, 128, 8, 2560, 4))]
-    return run_check("Exercise 5 · gear_nbytes", fn, kvcache.gear_nbytes, cases, atol=0,
+    return run_check("Exercise 5 · gear_nbytes", fn, kvcompress.gear_nbytes, cases, atol=0,
                      hint="codes: tokens * head_dim * bits / 8 bytes; per group an fp16 scale AND an fp16 minimum "
                           "(4 bytes x tokens * head_dim / group_size); each outlier: a 2-byte value plus index_bytes; "
                           "low rank: BOTH fp16 factors, P (tokens x rank) and Q (head_dim x rank).",

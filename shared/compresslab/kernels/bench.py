@@ -144,7 +144,7 @@ def bench_w4a16(shapes, batches, group_size: int, device, smoke: bool, reps: int
 
 
 def bench_kv(device, smoke: bool, reps: int) -> list[dict]:
-    from .. import kvcache
+    from .. import kvcompress
 
     shape = (1, 2, 64, 64) if smoke else (8, 8, 4096, 128)
     rows = []
@@ -152,7 +152,7 @@ def bench_kv(device, smoke: bool, reps: int) -> list[dict]:
         for bits in (2, 4):
             x = torch.randn(*shape, device=device, dtype=torch.float16)
             dim = -2 if kind == "key" else -1
-            t_ref = _timer(lambda: kvcache.quantize_groups(x, bits, 64, dim), reps, 1 if smoke else 5)
+            t_ref = _timer(lambda: kvcompress.quantize_groups(x, bits, 64, dim), reps, 1 if smoke else 5)
             t_ker = _timer(lambda: kv_quant.quantize_kv(x, kind, bits, 64), reps, 1 if smoke else 5)
             q = kv_quant.quantize_kv(x, kind, bits, 64)
             t_deq = _timer(lambda: kv_quant.dequantize_kv(q, torch.float16), reps, 1 if smoke else 5)

@@ -2,7 +2,7 @@
 codes + fp16 scale and minimum; one kernel reads them back. The reference is lab 06's kvformat.quantize_groups_torch, and
 the output is the same QuantizedGroups object, bit for bit (codes, scales and minima).
 
-Layout (kvcache's): x (batch, kv_heads, tokens, head_dim). Keys are grouped along tokens per channel, values along
+Layout (kvcompress's): x (batch, kv_heads, tokens, head_dim). Keys are grouped along tokens per channel, values along
 channels per token. Both are "groups of `group_size` consecutive elements along axis n of rows r":
     keys:   r = channel (stride 1),   n = token (stride head_dim)
     values: r = token (stride head_dim), n = channel (stride 1)
@@ -96,7 +96,7 @@ def _rows_and_strides(shape_or_tensor, dim: int, strides):
 
 
 def quantize_kv(x: torch.Tensor, kind: str, bits: int = 2, group_size: int = 64) -> QuantizedGroups:
-    """Keys ("key", per channel) or values ("value", per token) (b, h, t, d) -> kvcache.QuantizedGroups."""
+    """Keys ("key", per channel) or values ("value", per token) (b, h, t, d) -> kvformat.QuantizedGroups."""
     dim = kind_dim(kind) % 4
     validate_kv_bits(bits)
     if x.dim() != 4:
@@ -109,7 +109,7 @@ def quantize_kv(x: torch.Tensor, kind: str, bits: int = 2, group_size: int = 64)
                  else "head_dim (values are grouped along channels)")
     if group_size & (group_size - 1):
         raise ValueError(f"the Triton kernel needs a power-of-two group_size (tiles are powers of two), got "
-                         f"{group_size}; use 32 or 64, or the PyTorch path (kvcache.quantize_groups)")
+                         f"{group_size}; use 32 or 64, or the PyTorch path (kvcompress.quantize_groups)")
     validate_device(x, who="quantize_kv")
     b, h = x.shape[:2]
     rows, n, s_r, s_n = _rows_and_strides(x.shape, dim, x.stride())

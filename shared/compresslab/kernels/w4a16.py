@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import packing
+from ..quant import DEFAULT_GROUP_SIZE
 from . import validate_device, interpreting
 
 PACK = 8  # 4-bit codes per int32 word
@@ -72,7 +73,7 @@ def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_
     return qweight, qzeros, scales.t().contiguous().half(), g_idx.to(torch.int32).contiguous()
 
 
-def rtn_gptq(weight: torch.Tensor, group_size: int = 128):
+def rtn_gptq(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE):
     """Round-to-nearest 4-bit in GPTQ's quantizer (asymmetric, range through 0) -> the packed v1 layout."""
     from ..quant import gptq_qparams, quantize
 
@@ -342,7 +343,7 @@ class QuantLinear(nn.Module):
 
     (lab 01's compresslab.quant.QuantLinear stores its own layout and dequantizes in PyTorch; this one reads lab 02's
     checkpoints and never materialises the float weight.)
-        QuantLinear.from_linear(linear, group_size=128)           # round-to-nearest, in memory
+        QuantLinear.from_linear(linear, group_size=64)            # round-to-nearest, in memory
         QuantLinear.from_gptq(linear, gptq_result)                # lab 02's GPTQ result (act-order g_idx kept)
         QuantLinear.from_packed(qweight, qzeros, scales, g_idx, bias)  # from a checkpoint's tensors
     """
@@ -370,7 +371,7 @@ class QuantLinear(nn.Module):
         return cls(qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx, bias, zero_offset)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, group_size: int = DEFAULT_GROUP_SIZE) -> "QuantLinear":
         qweight, qzeros, scales, g_idx = rtn_gptq(linear.weight.detach(), group_size)
         return cls(qweight, qzeros, scales.to(linear.weight.device), g_idx, linear.bias)
 
@@ -419,7 +420,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_model(model: nn.Module, group_size: int = 128, report: dict | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, report: dict | None = None) -> nn.Module:
     """Swap every decoder Linear for a QuantLinear, in place. A model that cl.quantize already quantized at 4 bits
     (its decoder Linears are quant.QuantLinear) keeps its codes and scales, packed for the kernel; a float model is
     rounded to nearest at group_size, or takes lab 02's GPTQ `report` ({module name: GPTQResult}, from
