@@ -514,11 +514,10 @@ if SERVE:
         w4_source = f"lab 02's GPTQ export ({ct_dir})"
     else:
         ct_dir = ct_dir.with_name(ct_dir.name + "-rtn")
-        q_rtn, rtn_report = cl.gptq.rtn_quantize_model(model, bits=4, group_size=64)
-        cl.checkpoint.save_compressed_tensors(q_rtn, rtn_report, ct_dir, bits=4, group_size=64, sym=False,
-                                              act_order=False, static_groups=False, tokenizer=tok)
+        q_rtn = cl.quantize(copy.deepcopy(model), cl.RTNConfig(bits=4, group_size=64))  # codes in the model
+        q_rtn.save_pretrained(ct_dir, format="compressed-tensors", tokenizer=tok)  # pack-quantized, as vLLM reads
         w4_source = f"RTN W4A16 g64 written here ({ct_dir}; run lab 02 in full mode for its GPTQ export)"
-        del q_rtn, rtn_report
+        del q_rtn
     served_weights["W4A16"] = cl.results.describe(model, 4, 64)
     with serve.server(ct_dir, dtype="bfloat16", max_model_len=512, kv_cache_gib=1) as srv:
         kernel = next((ln.split("Using ")[-1] for ln in srv.log().splitlines() if "LinearKernel" in ln), "?")

@@ -141,7 +141,7 @@ def check_llmc_python(path: str | None) -> str:
         sys.exit(f"--llmc-python is missing: the python of a venv with llm-compressor.\n{SETUP}")
     if not (Path(path).is_file() and os.access(path, os.X_OK)):
         sys.exit(f"--llmc-python {path}: no such executable.\n{SETUP}")
-    return path
+    return os.path.abspath(path)  # the jobs run in a temp dir; abspath keeps the venv's own symlinked python
 
 
 # ----------------------------------------------------------------------------- our side (in this process)

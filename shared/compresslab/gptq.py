@@ -144,6 +144,9 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
         perm, g_idx_dynamic = act_order_permutation(H, gs)
         W, H = W[:, perm], H[perm][:, perm]
 
+    if static_groups:  # the group of the column quantized at step col, looked up once (not one .item() per column)
+        static_group = ((perm if act_order else torch.arange(in_f, device=W.device)) // gs).tolist()
+
     Hinv, damp_used = inverse_cholesky(H, damp)  # (in, in) upper, float64
     Hinv = Hinv.float()
     Q = torch.zeros_like(W)  # dequantized, permuted order
@@ -161,8 +164,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_
         for i in range(i2 - i1):
             col = i1 + i
             if static_groups:
-                g = (perm[col].item() if act_order else col) // gs
-                scale, zero = static[g]
+                scale, zero = static[static_group[col]]
             elif col % gs == 0:  # dynamic groups: as the reference, from W (updated up to this block)
                 scale, zero = gptq_qparams(W[:, col : col + gs], bits, sym, clip)
                 scales[:, col // gs], zeros[:, col // gs] = scale[:, 0], zero[:, 0]
