@@ -114,9 +114,20 @@ def run_gptq(job: dict) -> dict:
             return {"unsupported": f"actorder='group' is not supported by this llm-compressor: {problem}"}
     calib = torch.load(job["calib"])  # (n, seq_len) int64: the lab's calibration_batches, the same ids
     windows = torch.load(job["windows"])
-    model, tok = load(job["model_dir"])
     n, seq_len = calib.shape
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+
+    def dataset(ids):
+        return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+
+    if job.get("warmup", 0):  # an untimed oneshot on the first windows, on a copy thrown away: as the parent warms ours
+        model, tok = load(job["model_dir"])
+        warm = calib[: job["warmup"]]
+        oneshot(model=model, tokenizer=tok, dataset=dataset(warm), recipe=make_modifier(job),
+                num_calibration_samples=warm.shape[0], max_seq_length=seq_len, shuffle_calibration_samples=False,
+                batch_size=job["batch_size"])
+        del model
+    model, tok = load(job["model_dir"])
+    ds = dataset(calib)
     modifier = make_modifier(job)
 
     t0 = time.perf_counter()  # only oneshot is timed: model load, dataset and perplexity are not

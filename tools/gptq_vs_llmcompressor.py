@@ -181,6 +181,8 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME", help="default: all")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (tensors, jobs, llm-compressor logs)")
+    p.add_argument("--warmup", type=int, default=8, help="windows of an untimed GPTQ run first, on each side (each "
+                   "llm-compressor job is a fresh process, so it warms up every time; 0: none)")
     args = p.parse_args()
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -240,6 +242,14 @@ def main():
                  "are not comparable. Check that both load the same model folder in float32 and that "
                  f"{DRIVER.name}'s perplexity() still matches compresslab's evaluation.perplexity.")
 
+    # ---- warm-up: a process's first GPTQ pays 7-15 s more (measured, 2026-12-06); untimed on both sides
+    if args.warmup:
+        model, _ = cl.load_model(dtype="float32", device="cpu")
+        cl.quantize(model, variants[0].ours(), calibration=calib[: args.warmup], progress=False)
+        del model
+        gc.collect()
+        print(f"warm-up: one untimed GPTQ on {args.warmup} windows on each side (llm-compressor: in every job)")
+
     # ---- the variants: ours, then llm-compressor's, one after the other
     rows, llmc_done = [], {}
     for v in variants:
@@ -253,7 +263,8 @@ def main():
             r = {**llmc_done[v.llmc_key()][0], "note": f"same llm-compressor run as '{llmc_done[v.llmc_key()][1]}'"}
         else:
             job = {"task": "gptq", **data, "bits": BITS, "group_size": GROUP_SIZE, "sym": v.sym,
-                   "actorder": v.llmc_actorder, "damp": DAMP, "block_size": BLOCK, "batch_size": args.llmc_batch_size}
+                   "actorder": v.llmc_actorder, "damp": DAMP, "block_size": BLOCK, "batch_size": args.llmc_batch_size,
+                   "warmup": args.warmup}
             r = llmc.run(job, f"GPTQ ({v.name})")
             r.pop("threads", None)
             llmc_done[v.llmc_key()] = (r, v.name)
@@ -282,7 +293,7 @@ def main():
 
     if args.out:
         settings = {k: getattr(args, k) for k in ("samples", "seq_len", "ppl_windows", "ppl_seq_len", "threads",
-                                                  "llmc_batch_size")}
+                                                  "llmc_batch_size", "warmup")}
         args.out.write_text(json.dumps({**info, "settings": {**settings, "bits": BITS, "group_size": GROUP_SIZE,
                                                              "damp": DAMP, "block_size": BLOCK},
                                         "results": rows}, indent=2) + "\n")
