@@ -107,3 +107,22 @@ def test_the_linears_of_one_sequential_step_read_one_tensor(layer_inputs):
             for h in hooks:
                 h.remove()
         assert all(seen[n] is seen[names[0]] for n in names), names
+
+
+def test_step_stats_shares_one_statistic_per_step_equal_to_each_linears_own(layer_inputs):
+    """GPTQ's Hessians and Wanda/SparseGPT's statistics: one object per SEQUENTIAL step (accumulated once), holding
+    exactly what collect_stats gives each Linear of the step; a whole layer at once (Wanda's one-pass mode) too."""
+    model, inputs = layer_inputs
+    layer = model.model.layers[4]
+    names = [n for step in layerwise.SEQUENTIAL for n in step]
+    linears = layerwise.decoder_linears(layer, names, 4, "test")
+    shared = layerwise.step_stats(layer, inputs, linears, lambda m: gptq.Hessian(m.in_features))
+    own = layerwise.collect_stats(layer, inputs, linears, lambda m: gptq.Hessian(m.in_features))
+    assert set(shared) == set(names)
+    assert len({id(s) for s in shared.values()}) == len(layerwise.SEQUENTIAL)
+    for n in names:
+        assert torch.equal(shared[n].H, own[n].H) and shared[n].n == own[n].n, n
+    part = layerwise.step_stats(layer, inputs, {n: linears[n] for n in ("self_attn.k_proj", "mlp.up_proj")},
+                                lambda m: gptq.Hessian(m.in_features))
+    assert torch.equal(part["mlp.up_proj"].H, own["mlp.up_proj"].H)
+    assert part["self_attn.k_proj"] is not part["mlp.up_proj"]

@@ -75,10 +75,7 @@ class _PruneConfig:
         if self.sparsity is not None:
             pruning.validate_sparsity(self.sparsity)
         else:
-            self.nm()
-
-    def nm(self) -> tuple[int, int] | None:
-        return None if self.pattern is None else pruning.parse_pattern(self.pattern)
+            pruning.parse_pattern(self.pattern)  # a clear error now, not at prune time
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .layerwise import SEQUENTIAL, collect_stats, decoder_linears, layer0_inputs, run_layer, validate_decoder
+from .layerwise import SEQUENTIAL, decoder_linears, layer0_inputs, run_layer, step_stats, validate_decoder
 from .quant import compute_qparams, gptq_qparams, group_view, search_clip_qparams  # noqa: F401 (gptq_qparams: cl.gptq's)
 
 GPTQ_BITS = (2, 3, 4, 8)
@@ -214,12 +214,10 @@ def quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size=64, sym
     for li, layer in enumerate(tqdm(model.model.layers, desc=f"GPTQ {bits}-bit", disable=not progress)):
         for names in SEQUENTIAL:
             linears = decoder_linears(layer, names, li, "GPTQ")
-            # the Linears of one SEQUENTIAL step read the same tensor (q/k/v: input_layernorm's output; gate/up:
-            # post_attention_layernorm's), so one Hessian serves them all (gptq_quantize_weight copies it)
-            first = {names[0]: linears[names[0]]}
-            H = collect_stats(layer, inputs, first, lambda m: Hessian(m.in_features, m.weight.device))[names[0]].H
+            # one Hessian per step, shared by its Linears (they read one tensor; gptq_quantize_weight copies it)
+            hessians = step_stats(layer, inputs, linears, lambda m: Hessian(m.in_features, m.weight.device))
             for n, m in linears.items():
-                res = gptq_quantize_weight(m.weight.data, H, bits, group_size, sym, act_order,
+                res = gptq_quantize_weight(m.weight.data, hessians[n].H, bits, group_size, sym, act_order,
                                            static_groups, damp, lazy_block, clip)
                 m.weight.data = res.dequantized.to(m.weight.dtype)
                 report[f"model.layers.{li}.{n}"] = res

@@ -98,6 +98,18 @@ def collect_stats(layer, inputs, linears: dict, make_stat) -> dict:
     return stats
 
 
+def step_stats(layer, inputs, linears: dict, make_stat) -> dict:
+    """collect_stats with one statistic per SEQUENTIAL step, shared by that step's Linears (they read one tensor):
+    q/k/v get the same object, so it is accumulated once, not three times. Returns {name: stat} for every Linear."""
+    firsts = {}  # the first watched Linear of each step: the one whose input is recorded
+    for names in SEQUENTIAL:
+        present = [n for n in names if n in linears]
+        if present:
+            firsts[present[0]] = present
+    stats = collect_stats(layer, inputs, {f: linears[f] for f in firsts}, make_stat)
+    return {n: stats[f] for f, present in firsts.items() for n in present}
+
+
 @torch.no_grad()
 def run_layer(layer, inputs):
     """The layer's outputs on every micro-batch, in the same [(hidden, kwargs)] form as its inputs."""

@@ -27,7 +27,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .gptq import Hessian, gptq_qparams, inverse_cholesky, propagate_error
-from .layerwise import SEQUENTIAL, collect_stats, decoder_linears, layer0_inputs, run_layer, validate_decoder
+from .layerwise import (SEQUENTIAL, collect_stats, decoder_linears, layer0_inputs, run_layer, step_stats,
+                        validate_decoder)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -308,7 +309,7 @@ def prune_model(model, calib: torch.Tensor | None, method: str = "wanda", sparsi
     for li, layer in enumerate(tqdm(model.model.layers, desc=desc, disable=not progress)):
         for names in steps:
             linears = decoder_linears(layer, names, li, "pruning")
-            stats = collect_stats(layer, inputs, linears, lambda lin: Stat(lin.in_features, lin.weight.device))
+            stats = step_stats(layer, inputs, linears, lambda lin: Stat(lin.in_features, lin.weight.device))
             for name, lin in linears.items():
                 W = lin.weight.data
                 if method == "wanda":
