@@ -29,6 +29,20 @@ def pytest_configure(config):
     os.environ["COMPRESSLAB_RESULTS"] = str(Path(tempfile.mkdtemp(prefix="compresslab-test-")) / "results.jsonl")
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Each notebook run's wall time (tests/test_notebooks.py; two at a time, one torch thread each): the quick-mode
+    runtimes the README and the closing notes quote come from here."""
+    import sys
+
+    wall = next((m.WALL for name, m in list(sys.modules.items())
+                 if name.rsplit(".", 1)[-1] == "test_notebooks" and getattr(m, "WALL", None)), None)
+    if not wall:
+        return
+    terminalreporter.section("notebook wall times (quick mode; two runs at a time, one torch thread each)")
+    for (stem, kind), seconds in sorted(wall.items()):
+        terminalreporter.write_line(f"{stem:32s} {kind:9s} {seconds / 60:5.1f} min")
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """The offline default model (float32, CPU) and its tokenizer, loaded once per session."""

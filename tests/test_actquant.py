@@ -306,7 +306,8 @@ def test_bits_per_config():
 @pytest.mark.parametrize("config", [aq.W8A8Config(fmt="fp8"), aq.W8A8Config(fmt="int8", activations="tensor"),
                                     aq.W8A8Config(fmt="int8", weights="tensor", activations="tensor",
                                                   smooth_alpha=0.5),
-                                    aq.MXConfig(fmt="mxfp8"), aq.MXConfig(fmt="nvfp4", activations=False)])
+                                    aq.MXConfig(fmt="mxfp8"), aq.MXConfig(fmt="nvfp4", activations=False),
+                                    aq.MXConfig(fmt="mxfp4", rotate=True)])
 def test_apply_swaps_the_decoder_linears_in_place(tiny, config):
     model, calib = tiny
     with torch.no_grad():
@@ -347,6 +348,71 @@ def test_apply_mx_refuses_features_off_the_block_before_swapping():
     assert isinstance(model[0], nn.Linear)
     aq.apply(model, aq.MXConfig(fmt="nvfp4", skip=("1",)))  # keep the odd one in full precision
     assert isinstance(model[0], aq.ActQuantLinear) and isinstance(model[1], nn.Linear)
+
+
+# ----------------------------------------------------------------------------- rotation (QuaRot's idea)
+
+
+def test_random_rotation_is_orthogonal_seeded_and_checked():
+    r = aq.random_rotation(48, seed=3)
+    assert r.shape == (48, 48) and r.dtype == torch.float32
+    assert torch.allclose(r.t() @ r, torch.eye(48), atol=1e-5)
+    assert torch.equal(r, aq.random_rotation(48, seed=3)) and not torch.equal(r, aq.random_rotation(48, seed=4))
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="positive int"):
+            aq.random_rotation(bad)
+
+
+def _outlier_inputs(tokens=256, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, n, generator=g)
+    x[:, 5] *= 40.0  # one loud channel, as at a real down_proj's input
+    return x
+
+
+def test_rotated_linear_is_exact_without_quantization_and_flattens_outliers():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    x = _outlier_inputs()
+    r = aq.random_rotation(64, seed=1)
+    plain = aq.ActQuantLinear.from_linear(lin, weight_fmt=None, act_fmt=None, rotation=r)
+    assert torch.allclose(plain(x), lin(x), atol=1e-4)  # (x R)(W R)^T = x W^T
+    kurt = lambda t: (((t - t.mean()) / t.std()) ** 4).mean().item()  # noqa: E731
+    assert kurt(x @ r) < kurt(x) / 5  # the loud channel spread over all of them
+    # with one int4-like scale per token, the rotation is what makes 4-bit inputs usable: MXFP4's block of 32
+    # holds the outlier with 31 quiet values; rotated, every block is Gaussian-like
+    as_is = aq.ActQuantLinear.from_linear(lin, weight_fmt="mxfp4", act_fmt="mxfp4", act_granularity="block")
+    rotated = aq.ActQuantLinear.from_linear(lin, weight_fmt="mxfp4", act_fmt="mxfp4", act_granularity="block",
+                                            rotation=r)
+    err = lambda m: ((m(x) - lin(x)).norm() / lin(x).norm()).item()  # noqa: E731
+    assert err(rotated) < err(as_is)
+    assert "rotation=True" in repr(rotated)
+    assert rotated.to(torch.bfloat16).rotation.dtype == torch.float32  # the buffer keeps its storage dtype
+
+
+def test_rotation_must_be_orthogonal_and_the_right_size():
+    lin = nn.Linear(64, 8)
+    for bad in (torch.eye(32), 2 * torch.eye(64), torch.ones(64, 64)):
+        with pytest.raises(ValueError, match="orthogonal"):
+            aq.ActQuantLinear.from_linear(lin, weight_fmt="nvfp4", act_fmt="nvfp4", act_granularity="block",
+                                          rotation=bad)
+    for kwargs, match in [({"rotate": 1}, "rotate must be True or False"), ({"seed": "0"}, "seed must be an int"),
+                          ({"seed": True}, "seed must be an int")]:
+        with pytest.raises(ValueError, match=match):
+            aq.MXConfig(**kwargs)
+
+
+def test_apply_rotates_every_linear_with_one_rotation_per_width(tiny):
+    model, calib = tiny
+    aq.apply(model, aq.MXConfig(fmt="nvfp4", rotate=True, seed=2), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, aq.ActQuantLinear)]
+    assert all(m.rotation is not None for m in layers)
+    by_width = {}
+    for m in layers:
+        by_width.setdefault(m.in_features, m.rotation)
+        assert m.rotation.data_ptr() == by_width[m.in_features].data_ptr()  # shared, not one copy per Linear
+    assert torch.equal(layers[0].rotation, aq.random_rotation(layers[0].in_features, 2))
+    assert model.config.quantization_config["rotate"] is True
 
 
 # ----------------------------------------------------------------------------- MXFP8 (formats)

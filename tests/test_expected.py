@@ -119,3 +119,42 @@ def test_committed_reference_files_are_well_formed(path):
     keys = [(r["method"], r["bits"], r["group_size"]) for r in doc["rows"]]
     assert len(set(keys)) == len(keys)
     assert expected.differences(doc["rows"], doc) == []
+
+
+def test_show_puts_this_run_beside_every_measured_mode(tmp_path, monkeypatch, capsys):
+    """The discussion cells name no figure of one mode: show() prints the rows they discuss for every mode."""
+    monkeypatch.setattr(expected, "FOLDER", tmp_path)
+    quick = [dict(r, model="m") for r in ROWS]
+    full = [dict(r, model="m", ppl=r["ppl"] * 0.9) for r in ROWS[:2]]
+    expected.write("02_gptq", "quick-cpu", quick, model="m", machine="box A", measured="d", command="c")
+    expected.write("02_gptq", "full-cpu", full, model="m", machine="box B", measured="d", command="c")
+    assert expected.modes("02") == ["full-cpu", "quick-cpu"]
+    mine = [dict(ROWS[1], ppl=51.0)]
+    df = expected.show("02", "m", CPU_QUICK, "RTN", rows=mine)
+    assert list(df.columns) == ["method", "bits", "group", "yours (quick-cpu)", "expected quick-cpu",
+                                "expected full-cpu"]
+    assert df["yours (quick-cpu)"].tolist()[0] == 51.0 and df["yours (quick-cpu)"].isna().tolist()[1]
+    assert df["expected quick-cpu"].tolist() == [50.9, 120.5]
+    assert df["expected full-cpu"].tolist()[0] == pytest.approx(50.9 * 0.9) and df["expected full-cpu"].isna()[1]
+    assert "box A" in capsys.readouterr().out
+    full_env = SimpleNamespace(quick=False, device="cpu", gpu_name=None)
+    assert list(expected.show("02", "m", full_env, "RTN", rows=[]).columns)[3:] == [
+        "yours (full-cpu)", "expected full-cpu", "expected quick-cpu"]  # the running mode's reference first
+    assert expected.show("02", "m", CPU_QUICK, "GPTQ", rows=[]) is None
+    assert "no reference row" in capsys.readouterr().out
+    assert expected.show("02", "m", CPU_QUICK, ("fp32", "RTN"), rows=[])["method"].tolist() == ["fp32", "RTN", "RTN"]
+    assert expected.show("02", "m", CPU_QUICK, ("fp32", "RTN"), rows=[], exclude=("RTN",))["method"].tolist() == ["fp32"]
+    with pytest.raises(ValueError, match="exclude must be a tuple"):
+        expected.show("02", "m", CPU_QUICK, "RTN", exclude="fp32")
+    assert expected.show("02", "other model", CPU_QUICK, "RTN", rows=[]) is None
+    for bad in ("", (), ("RTN", ""), ("RTN", 3)):
+        with pytest.raises(ValueError, match="part of a method name"):
+            expected.show("02", "m", CPU_QUICK, bad)
+    for bad in ("perplexity", (), ("ppl", "acc")):
+        with pytest.raises(ValueError, match="metric must be one of"):
+            expected.show("02", "m", CPU_QUICK, "RTN", metric=bad)
+    both = expected.show("02", "m", CPU_QUICK, "RTN", metric=("ppl", "probe_acc"), rows=mine)
+    assert list(both.columns)[3:6] == ["ppl yours (quick-cpu)", "ppl expected quick-cpu", "ppl expected full-cpu"]
+    assert both["probe_acc expected quick-cpu"].tolist() == [0.06, 0.0]
+    with pytest.raises(ValueError, match="two-digit"):
+        expected.modes("2")

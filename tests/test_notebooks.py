@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import papermill as pm
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+WALL: dict[tuple[str, str], float] = {}  # (stem, "lab" | "solution") -> seconds of that notebook run
 SOURCES = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.py"))
 # quick-mode minutes per run on a 2-core CPU (measured), to start the longest first; unknown notebooks go first
 MINUTES = {"01": 2.5, "02": 3.5, "03": 3.0, "04": 3.5, "05": 2.3, "06": 1.0, "07": 3.0, "08": 2.0}
@@ -57,7 +59,10 @@ def _execute(source: Path, kind: str, out_dir: Path, threads: int, reuse: dict |
     if after is not None:
         after.result()  # the run whose artifacts this one reuses (raises if it failed)
     run = _nbval if kind == "lab" else _papermill
-    return run(source, out_dir, threads, reuse)
+    start = time.perf_counter()
+    result = run(source, out_dir, threads, reuse)
+    WALL[(source.stem, kind)] = time.perf_counter() - start  # conftest prints these after the session
+    return result
 
 
 def _env(out_dir: Path, threads: int) -> dict:

@@ -8,6 +8,12 @@ Its numbers are not the labs' figures: they go to a throw-away results table.
 
     python tools/check_full_mode.py                 # every lab, one at a time (~1 h on a 2-core CPU)
     python tools/check_full_mode.py --labs 02 04    # some of them
+
+--measure runs full mode for real instead (full sizes, the notebooks' own loop lengths), keeps each lab's results
+table and prints its wall time: the input of the full-mode reference files,
+
+    python tools/check_full_mode.py --measure --labs 03 --keep /tmp/full
+    python tools/expected_figures.py full-cpu /tmp/full/03_*/results.jsonl --machine "..."
 """
 
 from __future__ import annotations
@@ -47,11 +53,12 @@ def outputs_text(nb) -> str:
                      for c in nb.cells for o in c.get("outputs", []))
 
 
-def run(lab: str, work: Path, dirs: dict[str, dict[str, str]], threads: int) -> tuple[float, str]:
+def run(lab: str, work: Path, dirs: dict[str, dict[str, str]], threads: int,
+        measure: bool = False) -> tuple[float, str]:
     path = next((ROOT / "solutions").glob(f"{lab}_*.ipynb"))
     out_dir = work / path.stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = {"QUICK": False} | SHORT[lab]
+    params = {"QUICK": False} | ({} if measure else SHORT[lab])
     params |= {p: str(out_dir / p.lower()) for p in pm.inspect_notebook(str(path)) if p.endswith("_DIR")}
     if lab in USES and USES[lab][0] in dirs:
         dep, names = USES[lab]
@@ -60,6 +67,8 @@ def run(lab: str, work: Path, dirs: dict[str, dict[str, str]], threads: int) -> 
     env = os.environ | {"COMPRESSLAB_SIZES": "quick", "COMPRESSLAB_QUICK": "0",
                         "COMPRESSLAB_RESULTS": str(out_dir / "results.jsonl"),
                         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if measure:
+        del env["COMPRESSLAB_SIZES"]
     executed = out_dir / "executed.ipynb"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "papermill", str(path), str(executed), "-y", json.dumps(params),
@@ -69,8 +78,9 @@ def run(lab: str, work: Path, dirs: dict[str, dict[str, str]], threads: int) -> 
     if proc.returncode != 0:
         return seconds, f"FAILED (executed copy: {executed})\n{proc.stderr[-3000:]}"
     text = outputs_text(nbformat.read(executed, as_version=4))
-    if "mode=FULL" not in text or "COMPRESSLAB_SIZES=quick" not in text:
-        return seconds, "FAILED: the notebook did not run full mode at quick sizes (see its setup cell)"
+    if "mode=FULL" not in text or ("COMPRESSLAB_SIZES=quick" in text) == measure:
+        sizes = "full" if measure else "quick"
+        return seconds, f"FAILED: the notebook did not run full mode at {sizes} sizes (see its setup cell)"
     if "FAILED" in text or "NOT DONE" in text:
         return seconds, "FAILED: a checker did not pass (solution notebook)"
     return seconds, "ok"
@@ -81,13 +91,17 @@ def main(argv=None) -> int:
     p.add_argument("--labs", nargs="+", default=sorted(SHORT), choices=sorted(SHORT))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--keep", help="folder for the executed notebooks (default: a temporary folder)")
+    p.add_argument("--measure", action="store_true",
+                   help="real full mode (full sizes and loops): its results tables are reference figures")
     args = p.parse_args(argv)
     work = Path(args.keep or tempfile.mkdtemp(prefix="compresslab-full-mode-"))
     dirs: dict[str, dict[str, str]] = {}
     failed = []
     for lab in sorted(args.labs):
-        seconds, verdict = run(lab, work, dirs, args.threads)
-        print(f"lab {lab}: full mode at quick sizes, {seconds:.0f} s: {verdict}", flush=True)
+        seconds, verdict = run(lab, work, dirs, args.threads, args.measure)
+        sizes = "full sizes" if args.measure else "quick sizes"
+        print(f"lab {lab}: full mode at {sizes}, {seconds:.0f} s ({seconds / 60:.1f} min, {args.threads} threads): "
+              f"{verdict}", flush=True)
         if verdict != "ok":
             failed.append(lab)
     print(f"executed notebooks: {work}")

@@ -7,6 +7,7 @@
     apply(model, W8A8Config(fmt="fp8"))                          # every decoder Linear -> ActQuantLinear, in place
     apply(model, W8A8Config(fmt="int8", activations="tensor", smooth_alpha=0.5), calib)   # SmoothQuant + static
     apply(model, MXConfig(fmt="nvfp4"))                          # W4A4: weights and inputs in NVFP4
+    apply(model, MXConfig(fmt="mxfp4", rotate=True))             # the same behind a random rotation (QuaRot's idea)
 
 A W8A8 Linear multiplies 8-bit inputs by 8-bit weights (FP8 on Hopper/Ada, INT8 everywhere) and rescales the
 accumulator by input scale x weight scale. Everything here is fake quantization (quantize then dequantize in the
@@ -22,6 +23,12 @@ Granularity of an activation x (..., in):
   "block"  the microscaling formats (nvfp4: 16 values per E4M3 scale, mxfp4/mxfp8: 32 per power-of-two scale),
            always dynamic, blocks along the last dim.
 Weights (out, in): "channel" (one scale per output row) or "tensor".
+
+Rotation (QuaRot / SpinQuant's idea, online form): for an orthogonal R (in, in), x W^T = (x R)(W R)^T exactly, and
+x R spreads each loud channel over all the others. A rotated Linear quantizes W R once and x R at run time. QuaRot
+folds most rotations into the neighbouring weights and norms and keeps a fast Hadamard transform online only where
+it cannot (before down_proj); here every Linear rotates online with a seeded random orthogonal matrix (one per
+input width): the same numbers as folding, a (tokens, in) x (in, in) product more per Linear.
 """
 
 from __future__ import annotations
@@ -184,18 +191,22 @@ class ActQuantLinear(nn.Module):
         self.register_buffer("weight_scale", None)
         self.register_buffer("input_amax", None)
         self.register_buffer("pre_quant_scale", None)
+        self.register_buffer("rotation", None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, *, weight_fmt: str | None = "fp8", weight_granularity: str = "channel",
                     act_fmt: str | None = "fp8", act_granularity: str = "token", input_amax=None,
-                    pre_quant_scale: torch.Tensor | None = None) -> "ActQuantLinear":
+                    pre_quant_scale: torch.Tensor | None = None,
+                    rotation: torch.Tensor | None = None) -> "ActQuantLinear":
         """Quantize linear's weight and wrap it. act_fmt=None keeps the inputs in float (weight-only).
 
         input_amax: calibrated max |x| for static "tensor" activations (of x * pre_quant_scale when that is set).
         pre_quant_scale p (in,): forward multiplies x by p, and the weight's columns are divided by p before
         quantizing, so the layer equals `linear` in full precision (AWQ / SmoothQuant where folding is impossible).
+        rotation R (in, in) orthogonal (random_rotation): forward quantizes x R (after pre_quant_scale) and the weight
+        is W R, quantized; equal to `linear` in full precision.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
@@ -220,6 +231,14 @@ class ActQuantLinear(nn.Module):
                                  f"{tuple(p.shape)}")
             m.pre_quant_scale = p
             w = (w.float() / p[None, :]).to(w.dtype)  # (out, in): the columns undo the input's multiplication
+        if rotation is not None:
+            r = torch.as_tensor(rotation).detach().float().to(w.device)
+            n = linear.in_features
+            if r.shape != (n, n) or not torch.allclose(r.t() @ r, torch.eye(n, device=r.device), atol=1e-4):
+                raise ValueError(f"rotation must be an orthogonal ({n}, {n}) matrix (R^T R = I), got "
+                                 f"{tuple(r.shape)}: use actquant.random_rotation({n}, seed)")
+            m.rotation = r
+            w = (w.float() @ r).to(w.dtype)  # (out, in) @ (in, in): W R, what meets x R
         if weight_fmt in EIGHT_BIT:
             m.weight, m.weight_scale = quantize_weight(w, weight_fmt, weight_granularity)
         elif weight_fmt in MICROSCALING:
@@ -235,7 +254,7 @@ class ActQuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """model.to(torch.bfloat16) casts every floating buffer, float8 codes and float32 scales included: keep the
         storage format (codes, scales, amax, pre_quant_scale) and let only the device change."""
-        keep = ["weight_scale", "input_amax", "pre_quant_scale"] + (["weight"] if self.weight_scale is not None else [])
+        keep = ["weight_scale", "input_amax", "pre_quant_scale", "rotation"] + (["weight"] if self.weight_scale is not None else [])
         before = {n: self._buffers[n] for n in keep if self._buffers[n] is not None}
         super()._apply(fn, recurse)
         for n, b in before.items():
@@ -252,6 +271,8 @@ class ActQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale.to(x.dtype)  # (..., in) * (in,)
+        if self.rotation is not None:
+            x = x @ self.rotation.to(x.dtype)  # (..., in) @ (in, in)
         if self.act_fmt is not None:
             x = quantize_activation(x, self.act_fmt, self.act_granularity, self.input_amax)
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -262,7 +283,8 @@ class ActQuantLinear(nn.Module):
         if self.input_amax is not None:
             act += f" static amax={self.input_amax.item():.4g}"
         return (f"in={self.in_features}, out={self.out_features}, weight={self.weight_fmt} {self.weight_granularity}, "
-                f"act={act}, bias={self.bias is not None}, pre_quant_scale={self.pre_quant_scale is not None}")
+                f"act={act}, bias={self.bias is not None}, pre_quant_scale={self.pre_quant_scale is not None}, "
+                f"rotation={self.rotation is not None}")
 
 
 # ----------------------------------------------------------------------------- static calibration
@@ -322,10 +344,13 @@ class MXConfig:
 
     fmt: "nvfp4" (W4A4, E4M3 scale per 16 + a per-tensor fp32 scale), "mxfp4" (W4A4, power-of-two scale per 32) or
     "mxfp8" (W8A8, power-of-two scale per 32). activations=False is weight-only (W4A16 / W8A16).
+    rotate=True puts every Linear behind a random orthogonal rotation (module docstring), seeded by seed.
     """
 
     fmt: str = "nvfp4"
     activations: bool = True
+    rotate: bool = False
+    seed: int = 0
     skip: tuple = ("lm_head",)
 
     def __post_init__(self):
@@ -334,7 +359,22 @@ class MXConfig:
             raise ValueError(f"MXConfig.fmt must be one of {list(MICROSCALING)}, got {self.fmt!r}{hint}")
         if not isinstance(self.activations, bool):
             raise ValueError(f"MXConfig.activations must be True or False, got {self.activations!r}")
+        if not isinstance(self.rotate, bool):
+            raise ValueError(f"MXConfig.rotate must be True or False, got {self.rotate!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"MXConfig.seed must be an int (it seeds the rotations), got {self.seed!r}")
         _check_skip(self.skip, "MXConfig")
+
+
+def random_rotation(n: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """(n, n) random orthogonal matrix, Haar-distributed: Q of the QR of a Gaussian matrix with R's diagonal made
+    positive. QuaRot uses a randomised Hadamard matrix instead (the same flattening, applied in O(n log n) by a fast
+    transform; it exists for n = 2^k and a few other sizes, 576 = 9 x 64 needs a 12- or 20-point factor)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (the input width), got {n!r}")
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))[None, :]).float().to(device)  # (n, n), columns orthonormal
 
 
 def _check_skip(skip, who: str) -> None:
@@ -403,12 +443,17 @@ def apply(model: nn.Module, config, calibration: torch.Tensor | None = None, *, 
         if bad:  # before any swap: the model is changed in place
             raise ValueError(f"{config.fmt} needs in_features to be a multiple of {BLOCK[config.fmt]}; {bad[:3]} are "
                              f"not: add their names to MXConfig(skip=...) to keep them in full precision")
+        rotations = {}  # one per input width, as one R serves every Linear reading the same stream in QuaRot
         for parent, attr, _, linear in targets:
+            r = None
+            if config.rotate:
+                n = linear.in_features
+                r = rotations.setdefault(n, random_rotation(n, config.seed, device=linear.weight.device))
             setattr(parent, attr, ActQuantLinear.from_linear(
                 linear, weight_fmt=config.fmt, act_fmt=config.fmt if config.activations else None,
-                act_granularity="block"))
+                act_granularity="block", rotation=r))
         description = {"format": config.fmt, "weights": "block",
-                       "activations": "block" if config.activations else None}
+                       "activations": "block" if config.activations else None, "rotate": config.rotate}
     if getattr(model, "config", None) is not None:
         model.config.quantization_config = {"quant_method": "compresslab", **description, "skip": list(config.skip),
                                             "weight_bits": weight_bits(config),

@@ -125,6 +125,65 @@ def compare(lab: str, model: str, env, rows: list[dict] | None = None):
     return df
 
 
+def modes(lab: str) -> list[str]:
+    """Every mode lab 'NN' has a reference file for, e.g. ['full-cpu', 'quick-cpu']."""
+    if not re.fullmatch(r"\d\d", str(lab)):
+        raise ValueError(f"lab must be a two-digit lab number such as '02', got {lab!r}")
+    return sorted(p.name.split(".")[1] for p in FOLDER.glob(f"{lab}_*.*.json"))
+
+
+def show(lab: str, model: str, env, contains: str | tuple, metric: str | tuple = "ppl", rows: list[dict] | None = None,
+         exclude: tuple = ()):
+    """The reference figures a discussion cell talks about, for the mode this run is in and every other measured mode,
+    beside this run's own: the lab's prose names no figure of one mode, the table shows them all.
+
+        cl.expected.show("03", MODEL, env, "SmoothQuant")   # the rows whose method contains 'SmoothQuant'
+        cl.expected.show("01", MODEL, env, ("fp32", "RTN"), metric=("ppl", "probe_acc"))  # either; both metrics
+
+    exclude: parts of method names to leave out (rows a later section measures). Returns the table (pandas), or None
+    when no reference file of this lab holds such a row."""
+    import pandas as pd
+
+    from . import results
+
+    parts = (contains,) if isinstance(contains, str) else tuple(contains)
+    if not parts or not all(isinstance(p, str) and p for p in parts):
+        raise ValueError(f"contains must be a non-empty part of a method name, e.g. 'SmoothQuant', or a tuple of "
+                         f"them, got {contains!r}")
+    if isinstance(exclude, str) or not all(isinstance(x, str) and x for x in exclude):
+        raise ValueError(f"exclude must be a tuple of parts of method names, e.g. ('tuned',), got {exclude!r}")
+    metrics = (metric,) if isinstance(metric, str) else tuple(metric)
+    if not metrics or any(m not in BANDS for m in metrics):
+        raise ValueError(f"metric must be one of {sorted(BANDS)} or a tuple of them, got {metric!r}")
+    mine_mode = mode_of(env)
+    refs = {m: load(lab, m) for m in modes(lab)}
+    refs = {m: r for m, r in refs.items() if r["model"] == model}
+    if rows is None:
+        rows = results.table(lab=lab, model=model, quick=env.quick).to_dict("records")
+    mine = {_key(r): r for r in rows}
+    keys = []  # in the order the references list them: this mode's file first
+    for m in sorted(refs, key=lambda m: m != mine_mode):
+        keys += [_key(r) for r in refs[m]["rows"] if any(p in str(r["method"]) for p in parts)
+                 and not any(x in str(r["method"]) for x in exclude) and _key(r) not in keys]
+    if not keys:
+        print(f"no reference row of lab {lab} ({model}) has {contains!r} in its method name "
+              f"(measured modes: {', '.join(refs) or 'none'})")
+        return None
+    table = []
+    for k in keys:
+        line = {"method": k[0], "bits": k[1], "group": k[2]}
+        for metric in metrics:
+            name = "" if len(metrics) == 1 else f"{metric} "
+            line[f"{name}yours ({mine_mode})"] = mine.get(k, {}).get(metric)
+            for m, ref in sorted(refs.items(), key=lambda kv: kv[0] != mine_mode):
+                found = next((r for r in ref["rows"] if _key(r) == k), None)
+                line[f"{name}expected {m}"] = None if found is None else found.get(metric)
+        table.append(line)
+    machines = "; ".join(f"{m} on {r['machine']}" for m, r in refs.items())
+    print(f"{', '.join(metrics)}: this run ({mine_mode}) beside the reference of every measured mode ({machines})")
+    return pd.DataFrame(table)
+
+
 def write(stem: str, mode: str, rows: list[dict], *, model: str, machine: str, measured: str, command: str,
           bands: dict | None = None) -> Path:
     """Write the reference file of lab `stem` (e.g. '02_gptq') in `mode` from a run's results rows; bands override
