@@ -483,7 +483,12 @@ ax.legend(fontsize=8)
 plt.show()
 cl.results.table(lab="02", model=MODEL, quick=env.quick)
 
+# %%
+cl.expected.show("02", MODEL, env, ("fp32", "RTN", "GPTQ"), exclude=("GSM8K", "tuned"))  # every measured mode
+
 # %% [markdown]
+# The table holds your run to the reference of your mode. The figures below are full mode's, from other runs.
+#
 # Reference figures (full mode: 16 × 512 windows; 32 calibration windows of 512 tokens; measured independently with a
 # GPTQ that follows the reference repository): FP 36.63; 4-bit RTN 48.81, GPTQ + act-order 45.19 (42.69 with 128
 # calibration windows); 3-bit RTN 116.6, GPTQ + act-order 82.64. On this small, heavily trained, Q4_1-distributed

@@ -48,7 +48,9 @@
 # * Discussion prompts: "static per-tensor INT8 loses badly here and per-token does not: what does a kernel pay for
 #   per-token scales?" (one extra row-wise max and a per-row rescale of the accumulator: cheap, fused in practice);
 #   "why does AWQ not need activation quantization at all?"; "NVFP4 at 4.5 bits against INT4 g64 at 4.25: which
-#   would you deploy on a B200, and on an H100?".
+#   would you deploy on a B200, and on an H100?"; "the paper's α = 0.5 recovers two thirds of static INT8's loss
+#   here, 0.8 nearly all of it: what about this model's activations makes it want more?" (the down_proj inputs'
+#   channel max is ~34× the median, the plot of section 2).
 # * If the room is slow: do exercises 1 and 3, run the rest as a demo; the Model Optimizer section runs on its own.
 
 # %% tags=["parameters"]
@@ -304,7 +306,8 @@ print(f"input range of q_proj: channel max / median {amax.max() / amax.median():
 del layer
 
 # %%
-alphas = [0.5] if env.quick else [0.3, 0.5, 0.65, 0.8]
+# quick mode: the paper's default and the best of full mode's sweep; 1.0 is Model Optimizer's default (section 7)
+alphas = [0.5, 0.8] if env.quick else [0.3, 0.5, 0.65, 0.8, 1.0]
 for a in alphas:
     q = cl.quantize(copy.deepcopy(model), cl.W8A8Config(fmt="int8", activations="tensor", smooth_alpha=a),
                     calibration=calib, progress=False)
@@ -314,6 +317,15 @@ gap = math.log(ROWS["int8 W8A8 per-tensor static"][2]) - math.log(fp_ppl)
 best = min(ROWS[f"int8 W8A8 static + SmoothQuant a={a}"][2] for a in alphas)
 print(f"SmoothQuant recovers {1 - (math.log(best) - math.log(fp_ppl)) / gap:.0%} of static INT8's gap "
       "(in log-perplexity)")
+
+# %%
+cl.expected.show("03", MODEL, env, "SmoothQuant")  # your alphas beside every measured mode's (full: 0.3 to 1.0)
+
+# %% [markdown]
+# **Which α?** The paper's 0.5 leaves this model's loudest channels too loud (the down_proj inputs above): in the
+# table, 0.8 recovers far more of static INT8's gap than 0.5, and full mode's sweep shows the turn — 1.0 flattens
+# the activations completely but starts to hurt the weights, so it lands behind 0.8. Models with large outliers want
+# a larger α (the paper goes up to 0.85). Model Optimizer's SmoothQuant uses α = 1; section 7 compares the two there.
 
 # %% [markdown] tags=["slide"]
 # ## 5 · AWQ: protect the channels that matter, weights only
@@ -495,8 +507,7 @@ print(f"FP4 activations, output error: per-tensor {err(per_tensor(X) @ Wd.t()):.
 # %%
 X = capture_inputs(f"model.layers.{LAYER}.mlp.down_proj", calib[:2])  # (tokens, 1536)
 Wd = model.model.layers[LAYER].mlp.down_proj.weight.detach()  # (576, 1536)
-g = torch.Generator().manual_seed(SEED)
-H, _ = torch.linalg.qr(torch.randn(Wd.shape[1], Wd.shape[1], generator=g))  # (1536, 1536) random orthogonal
+H = actquant.random_rotation(Wd.shape[1], SEED)  # (1536, 1536) random orthogonal (QR of a Gaussian matrix)
 kurt = lambda t: (((t - t.mean()) / t.std()) ** 4).mean().item()  # noqa: E731
 Y = X @ Wd.t()
 int4_token = lambda t: cl.quant.fake_quantize(t, 4, t.shape[-1], sym=True)  # noqa: E731  one scale per row
@@ -511,6 +522,24 @@ for label, Xr, Wr in (("as is", X, Wd), ("rotated", X @ H, Wd @ H)):
 # every token's step. NVFP4 already isolates them in blocks of 16 values with their own scale, and here the rotation
 # does not help it — it spreads each outlier over every block. Rotations and microscaling are two answers to the
 # same problem; which one (or both) pays depends on the format's block size.
+#
+# One layer is not the model. `cl.MXConfig(rotate=True)` puts every Linear behind a random rotation (one per input
+# width, applied online: $x R$ is quantized at run time, $W R$ once), the whole-model version of the cell above:
+
+# %%
+for name, cfg in {"nvfp4 W4A4 + rotation": cl.MXConfig(fmt="nvfp4", rotate=True, seed=SEED),
+                  "mxfp4 W4A4 + rotation": cl.MXConfig(fmt="mxfp4", rotate=True, seed=SEED)}.items():
+    q = cl.quantize(copy.deepcopy(model), cfg)
+    record(name, q, actquant.weight_bits(cfg), actquant.activation_bits(cfg))
+    del q
+cl.expected.show("03", MODEL, env, "W4A4")  # with and without the rotation, every measured mode
+
+# %% [markdown]
+# The whole model says what the one layer said. MXFP4's blocks of 32 share a power-of-two scale, so one loud channel
+# flattens its 31 neighbours: the rotation spreads it out and MXFP4 W4A4 improves a lot (it stays far behind NVFP4).
+# NVFP4's blocks of 16 with a fine E4M3 scale each already hold the outliers in blocks of their own, and the rotation
+# makes it *worse*: every block now carries a share of every outlier. Rotation papers quantize activations with one
+# scale per token (INT4), where it is essential; with microscaling formats, test it before you assume it helps.
 
 # %% [markdown] tags=["slide"]
 # ## 7 · The library counterpart: NVIDIA Model Optimizer
@@ -536,7 +565,7 @@ if ok:
         MO[name] = record(f"modelopt {name}", q, w_bits, a_bits, GROUP_SIZE if "awq" in name else None)
         if name == "int4_awq":
             print(nvmodelopt.summary(q)[:800])
-            path = nvmodelopt.export(q, MODELOPT_DIR)
+            path = nvmodelopt.export(q, MODELOPT_DIR, tokenizer=tok)  # engines need the tokenizer
             back = nvmodelopt.read_export(path)  # safetensors + json only: no Model Optimizer involved
             # the export re-quantizes q/k/v (and gate/up) for one shared pre_quant_scale: compare with the weights
             # as exported (ModelOpt's own pre-export step on a copy)
@@ -556,17 +585,20 @@ else:
     print("skipping the Model Optimizer section (the rest of the lab does not need it)")
 
 # %%
-pairs = [("fp8", "fp8 W8A8 per-tensor static"), ("int8_sq", "int8 W8A8 static + SmoothQuant a=0.5"),
+# Model Optimizer's SmoothQuant uses alpha = 1 (its default): compare it with this lab's alpha = 1 row
+pairs = [("fp8", "fp8 W8A8 per-tensor static"), ("int8_sq", "int8 W8A8 static + SmoothQuant a=1.0"),
          ("int4_awq", "awq w4 g64 sym")]
 for mo, ours in pairs:
-    if mo in MO:
+    if mo in MO and ours in ROWS:
         print(f"{mo:9s} Model Optimizer {MO[mo]:7.2f} | this lab's {ours} {ROWS[ours][2]:7.2f} "
               f"({(ROWS[ours][2] / MO[mo] - 1):+.1%})")
 
 # %% [markdown]
 # Where they differ, the recipes differ: Model Optimizer's FP8 is per-tensor static for both weights and activations
-# (ours above uses per-channel weights); its AWQ ("awq_lite") searches α on whole blocks' outputs with 64-wide blocks
-# symmetric, ours on each Linear group's outputs. Which engine reads which output: the Model Optimizer export above is
+# (ours above uses per-channel weights); its SmoothQuant gives every Linear its own s with α = 1 (o_proj too, as a
+# run-time `pre_quant_scale`), where ours folds one s per norm and leaves o_proj alone — at α = 1, s = max|X_j| does
+# not depend on the weights, so the Linears that share an input get the same s either way; its AWQ ("awq_lite")
+# searches α on whole blocks' outputs with 64-wide blocks symmetric, ours on each Linear group's outputs. Which engine reads which output: the Model Optimizer export above is
 # TensorRT-LLM's input (FP8 needs sm89+, INT4-AWQ sm80+); `transformers` does not load it. Lab 02's compressed-tensors
 # export is what vLLM serves (lab 07).
 
@@ -593,6 +625,20 @@ if not env.quick:  # quick mode's 32 questions cannot rank more formats anyway (
 for name, m in probe.items():
     acc = cl.evaluation.arithmetic_probe(m, tok, n=sz.probe_n, progress=False)
     print(f"{name:22s} arithmetic probe {cl.evaluation.accuracy_with_interval(acc, sz.probe_n)}")
+
+# %% [markdown]
+# The probe is a CPU-sized stress test. On a GPU with a ≥ 0.5B instruct model (`MODEL = "qwen2.5-0.5b"`, full mode),
+# the next cell runs GSM8K (zero-shot, chain of thought, exact match on the final number) for the same formats — the
+# benchmark where the seed report saw 4-bit models fail; a 135M model scores near zero on it before any quantization.
+
+# %%
+if sz.gsm8k_n and MODEL != "smollm2-135m":
+    for name, m in probe.items():
+        acc = cl.evaluation.gsm8k_accuracy(m, tok, n=sz.gsm8k_n, progress=False)
+        print(f"{name:22s} GSM8K {cl.evaluation.accuracy_with_interval(acc, sz.gsm8k_n)}")
+else:
+    print("GSM8K skipped: it needs a >= 0.5B instruct model on a GPU (MODEL = 'qwen2.5-0.5b', full mode); "
+          "the arithmetic probe above is the CPU stand-in.")
 
 # %%
 cl.results.table(lab="03", model=MODEL, quick=env.quick)
@@ -628,7 +674,8 @@ cl.results.table(lab="03", model=MODEL, quick=env.quick)
 # * W8A8 pays off where matmuls are compute-bound (prefill, big batches); W4A16 where they are memory-bound (batch-1
 #   decode). W4A4 (NVFP4 on Blackwell) aims at both.
 # * Activations have outlier channels and massive tokens: per-tensor INT8 suffers, FP8's relative grid and per-token
-#   scales cope; SmoothQuant moves the range into the weights, exactly, through the norm.
+#   scales cope; SmoothQuant moves the range into the weights, exactly, through the norm — with an α chosen per model
+#   (this one's loud down_proj inputs want ~0.8, not the paper's 0.5; Model Optimizer defaults to 1).
 # * AWQ scales salient input channels up before rounding (searched on the output error), weight-only.
 # * NVFP4 = E2M1 + E4M3 per 16 + FP32 per tensor (4.5 bits); MXFP4 = E2M1 + E8M0 per 32 (4.25).
 # * Model Optimizer does the same in NVIDIA's stack and exports what TensorRT-LLM loads.

@@ -430,7 +430,12 @@ ax.legend(fontsize=7, ncol=2)
 plt.show()
 cl.results.table(lab="04", model=MODEL, quick=env.quick)
 
+# %%
+cl.expected.show("04", MODEL, env, ("dense", "magnitude", "wanda", "sparsegpt"))  # yours vs every measured mode
+
 # %% [markdown]
+# The table holds your run to the reference of your mode. The figures below are full mode's, from other runs.
+#
 # Reference figures (full mode: 16 × 512 test windows, 32 calibration windows; measured independently on this setup):
 # dense 36.63; at 50 % magnitude 487.6, Wanda 80.2; at 2:4 magnitude 1828, Wanda 233.8. For LLaMA-2-7B the Wanda
 # paper reports 14.89 (magnitude) and 6.42 (Wanda) at 50 % against 5.12 dense: on a 135M model every weight carries

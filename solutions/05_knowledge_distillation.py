@@ -431,6 +431,9 @@ for name, m in students.items():
 table = cl.results.table(lab="05", model=MODEL, quick=env.quick)
 table[["method", "params_m", "ppl", "probe_acc", "entropy", "gap_recovered"]]
 
+# %%
+cl.expected.show("05", MODEL, env, ("teacher", "pruned", "student"))  # yours beside every measured mode
+
 # %% [markdown]
 # Measured on a 2-core CPU (no GPU). Quick mode (12 steps of 2 × 128 tokens, T = 1): pruned 263.6 → CE 117.3,
 # KD forward 104.1, KD reverse 109.1 (teacher 37.1; 4 × 256 test windows). Full mode (48 steps of 4 × 256 tokens,
@@ -476,7 +479,7 @@ for i in range(0, len(norms), 4):
     print(f"after teacher layer {i:2d}: first token's state {norms[i, :, 0].mean():8.0f}, "
           f"the other tokens' (median) {norms[i, :, 1:].median():5.0f}")
 
-# %% [markdown]
+# %% [markdown] tags=["subslide"]
 # The norm of a token's state grows more than tenfold with depth, and the first token's (an attention sink) reaches
 # ~25,000 in the middle layers, around a hundred times the others'. A plain MSE between hidden states would be mostly
 # about those few large states. The cosine distance 1 − cos(proj(h_student), h_teacher) of each token ignores the

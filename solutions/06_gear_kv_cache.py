@@ -192,7 +192,7 @@ print(f"{'':8s} bits  per-channel  per-token")
 for name, bits, e_ch, e_tok in rows:
     print(f"{name:8s} {bits:4d}  {e_ch:11.3f}  {e_tok:9.3f}")
 
-# %% [markdown]
+# %% [markdown] tags=["subslide"]
 # ‖X̂ − X‖ is not what the model pays. Keys enter only through the scores $S = QK^\top/\sqrt d$, values only through
 # the attention output $\mathrm{softmax}(S)V$, and a token attends only to itself and the tokens before it (the
 # causal mask). So judge each layout where it acts: quantize the keys and measure the error of the scores, quantize
@@ -556,16 +556,19 @@ axes[1].set(ylabel="bytes / fp16 bytes", title="where the bytes go")
 axes[1].legend(fontsize=7)
 plt.show()
 
+# %%
+cl.expected.show("06", MODEL, env, ("cache", "KIVI", "GEAR", "quanto"), metric=("ppl", "probe_acc"))
+
 # %% [markdown]
-# Measured with this notebook on a 2-core CPU, full mode (4 windows, 512 prefilled + 512 scored tokens, chunks of 16):
-# fp16 cache 18.63; KIVI 4-bit 18.72 at 0.281×; KIVI 2-bit 29.07 (+56 %) at 0.156×; GEAR-L 2-bit 25.42 (+36 %) at
-# 0.223×; GEAR 2-bit 23.17 (+24 %) at 0.268×; GEAR with 4-bit keys and 2-bit values 19.31 (+3.7 %) at 0.330×;
-# transformers' quanto 2-bit cache 217 with its default `axis_key=0`, which gives keys a scale per *token* — the layout
-# section 2 showed to be wrong for keys — and quantizes the prompt with no fp16 residual; with `axis_key=-1` (per
-# channel, KIVI's layout: `"builtin-2-channel"`) the same cache gives 28.78 at 0.188×, next to KIVI 2-bit's 29.07.
-# GEAR cuts the 2-bit damage by more than half, but on this 135M model with three 64-wide KV heads 2-bit keys stay
-# costly, and the low-rank and sparse parts cost ~1.5 bits per entry: **the "≤ 5 % at ≤ 0.25×" point of larger
-# models is not reached here.** Compare your own numbers.
+# The table puts your perplexities beside the reference of every measured mode (quick: 2 windows of 192 prefilled +
+# 64 scored tokens; full on a CPU: 4 windows of 512 + 512; chunks of 16); the byte ratios are the ones printed above. What holds in both:
+# KIVI 4-bit is within a percent or so of the fp16 cache at under 0.3× its bytes; KIVI 2-bit costs a third or more;
+# GEAR's low-rank and sparse corrections cut that 2-bit damage by about half, and 4-bit keys with 2-bit values nearly
+# close it; transformers' quanto cache at 2 bits with its default `axis_key=0` gives keys a scale per *token* — the
+# layout section 2 showed to be wrong for keys — and quantizes the prompt with no fp16 residual: the worst row by far;
+# with `axis_key=-1` (per channel, KIVI's layout: `"builtin-2-channel"`) it lands next to KIVI 2-bit. On this 135M
+# model with three 64-wide KV heads 2-bit keys stay costly, and the low-rank and sparse parts cost ~1.5 bits per
+# entry: **the "≤ 5 % at ≤ 0.25×" point of larger models is not reached here.**
 
 # %% [markdown] tags=["slide"]
 # ## 8 · Going further

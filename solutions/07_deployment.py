@@ -28,8 +28,9 @@
 # 4. export, quantize and run the model in ONNX Runtime and compare it with PyTorch at equal prompts;
 # 5. say which formats each GPU generation accelerates, and why batching trades latency for throughput.
 #
-# **Time:** about 60 minutes (20 min of exercises). **Hardware:** CPU for everything but section 7 (quick mode under a
-# minute, full mode ~1 min on a 2-core CPU); TensorRT-LLM needs an sm80+ GPU inside NVIDIA's container.
+# **Time:** about 60 minutes (20 min of exercises). **Hardware:** CPU for everything but section 7 (quick mode ~2 min
+# on a 2-core CPU; full mode over 40 min there, ~20 min per checkpoint of it vLLM's sweep); TensorRT-LLM needs an sm80+
+# GPU inside NVIDIA's container.
 
 # %% [markdown] tags=["instructor"]
 # **Instructor notes — lab 07.** Slot: 60 min, 20 of them exercises (1: 4 min, 2: 3 min, 3: 10 min, 4: 3 min) —
@@ -60,6 +61,7 @@ NEW_TOKENS = None  # tokens generated per timed run; None: 16 quick, 64 full
 PPL_TOKENS = None  # tokens of WikiText-2 scored through each runtime; None: 64 quick, 256 full
 ONNX_DIR = "onnx-export"  # where the ONNX Runtime exports are written (re-used when present)
 GPTQ_DIR = "gptq-export"  # lab 02's checkpoint; on a GPU section 7 runs it through the Triton W4A16 kernel
+MODELOPT_DIR = "modelopt-int4-awq"  # lab 03's Model Optimizer export (INT4-AWQ, g64): section 7 serves it on a GPU
 W4A16_DIR = "w4a16-ct"  # lab 02's compressed-tensors export (full mode); section 8 writes an RTN one if it is absent
 SERVE_GPU_VENV = None  # on a GPU: a venv with vLLM's CUDA build (`pip install vllm`); section 8 then sweeps it too
 SERVE = None  # section 8 (vLLM): None runs it where `make serve-env` installed vLLM's CPU build, True/False forces
@@ -216,7 +218,7 @@ for generation, formats in deploy.FORMATS_BY_GENERATION.items():
 # * **Noise.** Another process, a clock change, the garbage collector: some runs are slow for reasons of their own.
 #   Report the median of several runs — one hiccup moves a mean, not a median.
 
-# %% [markdown]
+# %% [markdown] tags=["subslide"]
 # ### Exercise 3 — time a generation: warm-up, sync, TTFT and ITL, the median (10 min)
 # Complete `time_decode(prefill, step, n_tokens, *, warmup, runs, clock, sync)`. `prefill()` starts a new generation
 # (the prompt in, the first token out) and `step()` makes the next token: a run is `prefill()` then `n_tokens - 1`
@@ -422,7 +424,9 @@ cl.results.table(lab="07", model=MODEL, quick=env.quick)
 # GPU (no T4) and is easiest inside NVIDIA's container `nvcr.io/nvidia/tensorrt-llm/release`. What it does *not*
 # load in 1.x is lab 02's checkpoint: its PyTorch backend reads FP8/NVFP4 (ModelOpt) checkpoints but not
 # `quant_method: gptq`, and act-order (`desc_act`) GPTQ is unsupported in every path. Its 4-bit route is AWQ through
-# NVIDIA ModelOpt — with group size 64 on this model, since 128 does not divide 576. Lab 02's GPTQ checkpoint runs
+# NVIDIA ModelOpt — with group size 64 on this model, since 128 does not divide 576: lab 03 exports exactly that
+# (`MODELOPT_DIR`), and the cell below serves it when it finds it (not run in this project's CI: no GPU there; the
+# export's tensors are checked on a CPU by an independent reader in lab 03's tests). Lab 02's GPTQ checkpoint runs
 # instead on the package's own Triton **W4A16** kernel (`compresslab.kernels`, honouring act-order `g_idx`).
 
 # %%
@@ -437,6 +441,12 @@ if ok:
     for row in deploy.trtllm_benchmark(trt_dir, [PROMPT] * 64, batch_sizes=(1, 8, 64), max_tokens=NEW_TOKENS):
         print(row)
     print(deploy.trtllm_serve_once(trt_dir, PROMPT, max_tokens=NEW_TOKENS))
+    if Path(MODELOPT_DIR, "hf_quant_config.json").exists():  # lab 03's export: what TensorRT-LLM is built to load
+        for row in deploy.trtllm_benchmark(MODELOPT_DIR, [PROMPT] * 64, batch_sizes=(1, 8, 64),
+                                           max_tokens=NEW_TOKENS):
+            print("lab 03's Model Optimizer INT4-AWQ export:", row)
+    else:
+        print(f"no Model Optimizer export in {MODELOPT_DIR}: run lab 03's section 7 to serve it here")
 if env.device == "cuda":
     from compresslab.kernels import w4a16
 

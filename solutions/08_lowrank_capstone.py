@@ -34,7 +34,7 @@
 # 5. pick a recipe for a memory-, latency- or reasoning-bound deployment from measurements, not folklore.
 #
 # **Time:** about 60 minutes (21 min of exercises: 5 + 3 + 3 + 10). **Hardware:** CPU for everything (quick mode
-# ~2 min on a 2-core CPU; full mode runs five GPTQ-sized passes and a short distillation: see the README for its
+# ~3 min on a 2-core CPU; full mode runs five GPTQ-sized passes and a short distillation: see the README for its
 # measured time).
 
 # %% [markdown] tags=["instructor"]
@@ -434,7 +434,7 @@ ax.legend()
 plt.show()
 print("on the front:", ", ".join(front))
 
-# %% [markdown]
+# %% [markdown] tags=["subslide"]
 # ### Exercise 4 — choose a recipe under a byte budget (10 min, the core exercise)
 # A deployment asks a sharper question than the plot: *this* much memory, *this* context, *this* many sequences at
 # once — which of the recipes you measured is best? Write `choose_recipe(rows, budget_bytes, *, context, batch)` for
