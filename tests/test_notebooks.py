@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WALL: dict[tuple[str, str], float] = {}  # (stem, "lab" | "solution") -> seconds of that notebook run
 SOURCES = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.py"))
 # quick-mode minutes per run on a 2-core CPU (measured), to start the longest first; unknown notebooks go first
-MINUTES = {"01": 2.5, "02": 3.5, "03": 3.0, "04": 3.5, "05": 2.3, "06": 1.0, "07": 3.0, "08": 2.0}
+MINUTES = {"01": 2.7, "02": 4.3, "03": 6.0, "04": 2.7, "05": 3.2, "06": 1.0, "07": 2.3, "08": 2.7}
 # Later labs reuse earlier labs' artifacts, as a participant's would (USES: lab 08 loads the checkpoint lab 02's
 # solution run exported instead of re-quantizing); tools/check_full_mode.py runs full mode the same way and is the
 # one place these facts, and how a notebook's printed output is read, live.

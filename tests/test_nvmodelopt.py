@@ -218,3 +218,14 @@ def test_export_copies_so_the_model_stays_usable_and_exports_again(int4_awq, cal
         assert torch.isfinite(model(calib[:1, :16]).logits).all()
     again = nvmodelopt.read_export(nvmodelopt.export(model, tmp_path / "again"))
     assert all(torch.equal(again["weights"][k], v) for k, v in back["weights"].items())
+
+
+def test_export_with_the_tokenizer_is_what_an_engine_loads(int4_awq, smollm, tmp_path):
+    """Lab 03 exports with tokenizer=: TensorRT-LLM's LLM(folder) reads the tokenizer from the checkpoint folder."""
+    from transformers import AutoTokenizer
+
+    model, _, _ = int4_awq
+    path = nvmodelopt.export(model, tmp_path / "with-tokenizer", tokenizer=smollm[1])
+    assert {"tokenizer_config.json", "model.safetensors", "hf_quant_config.json"} <= {p.name for p in path.iterdir()}
+    text = "The quick brown fox"
+    assert AutoTokenizer.from_pretrained(path)(text)["input_ids"] == smollm[1](text)["input_ids"]

@@ -123,3 +123,17 @@ def test_every_fine_tuning_trains_on_unk_free_windows():
             made = re.findall(rf"^\s*{name}\s*=\s*(.+)$", text, flags=re.M)
             assert made and all("training_windows(" in m for m in made), f"{path.name}: {name} = {made}"
     assert found >= 5
+
+
+@pytest.mark.parametrize("source", sorted((ROOT / "solutions").glob("[0-9][0-9]_*.py")), ids=lambda p: p.stem)
+def test_exercise_minutes_add_up_in_the_lab_and_the_agenda(source):
+    """Issue 26: each exercise states its minutes, and they add up to the exercise time the lab's header and the
+    agenda give its slot (lab 01's header once said 45 against 35)."""
+    text = source.read_text()
+    minutes = [int(m) for m in re.findall(r"^# ### Exercise \d+ — .*?\((\d+) min", text, flags=re.M)]
+    assert len(minutes) >= 3, "every lab has at least three exercises with their minutes"
+    header = re.search(r"\*\*Time:\*\* about \d+ minutes \((\d+) min of exercises", text)
+    assert header and int(header[1]) == sum(minutes), (header and header[0], minutes)
+    agenda = (ROOT / "slides" / "agenda.md").read_text()
+    row = next(line for line in agenda.splitlines() if f"Lab {source.stem[:2]} ·" in line)
+    assert f"({sum(minutes)} min of exercises" in row, row
