@@ -158,3 +158,26 @@ def test_show_puts_this_run_beside_every_measured_mode(tmp_path, monkeypatch, ca
     assert both["probe_acc expected quick-cpu"].tolist() == [0.06, 0.0]
     with pytest.raises(ValueError, match="two-digit"):
         expected.modes("2")
+
+
+def test_compare_and_show_read_the_results_table_as_recorded(tmp_path, monkeypatch, capsys):
+    """A lab's last cell reads its rows from the results table. Through a DataFrame a missing group size (fp32, the
+    W8A8 rows, a KV cache) became NaN and matched no reference row: every such row read "not run". Read as recorded."""
+    from compresslab import results
+
+    monkeypatch.setattr(expected, "FOLDER", tmp_path)
+    monkeypatch.setenv("COMPRESSLAB_RESULTS", str(tmp_path / "results.jsonl"))
+    for r in ROWS:
+        results.record(lab="09", model="m", quick=True, **{k: r[k] for k in ("method", "bits", "group_size", "ppl",
+                                                                              "probe_acc", "weight_mb")})
+    expected.write("09_demo", "quick-cpu", [dict(r, model="m") for r in ROWS], model="m", machine="box",
+                   measured="d", command="c")
+    assert results.rows(lab="09")[0]["group_size"] is None
+    df = expected.compare("09", "m", CPU_QUICK)
+    assert list(df["check"]) == ["✓", "✓", "✓"], df
+    assert "every figure within its band" in capsys.readouterr().out
+    shown = expected.show("09", "m", CPU_QUICK, "fp32")
+    assert shown["yours (quick-cpu)"].tolist() == [37.1]
+    # rows handed over from a DataFrame (NaN for None) match too
+    nan_rows = results.table(lab="09").to_dict("records")
+    assert expected.differences(nan_rows, expected.load("09", "quick-cpu")) == []

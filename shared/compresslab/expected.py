@@ -46,11 +46,17 @@ def load(lab: str, mode: str) -> dict | None:
     return json.loads(p.read_text()) if p else None
 
 
+def _none_if_nan(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def _key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in KEY)
+    """(method, bits, group_size); a NaN (what a DataFrame makes of None) counts as None."""
+    return tuple(_none_if_nan(row.get(k)) for k in KEY)
 
 
 def _in_band(metric: str, got, want, bands: dict) -> bool:
+    got, want = _none_if_nan(got), _none_if_nan(want)
     if want is None or got is None:
         return want is None and got is None
     kind, width = bands[metric]
@@ -90,7 +96,7 @@ def compare(lab: str, model: str, env, rows: list[dict] | None = None):
     mode = mode_of(env)
     reference = load(lab, mode)
     if rows is None:
-        rows = results.table(lab=lab, model=model, quick=env.quick).to_dict("records")
+        rows = results.rows(lab=lab, model=model, quick=env.quick)
     if reference is None:
         print(f"No expected figures for lab {lab} in mode {mode} yet (only measured modes have a reference file): "
               "your numbers are the reference. tools/expected_figures.py writes one from a run.")
@@ -107,7 +113,7 @@ def compare(lab: str, model: str, env, rows: list[dict] | None = None):
         line = {"method": ref["method"], "bits": ref["bits"], "group": ref["group_size"]}
         flags = []
         for metric in bands:
-            if ref.get(metric) is None and got.get(metric) is None:
+            if ref.get(metric) is None and _none_if_nan(got.get(metric)) is None:
                 continue
             line[metric] = got.get(metric)
             line[f"expected {metric}"] = ref.get(metric)
@@ -159,7 +165,7 @@ def show(lab: str, model: str, env, contains: str | tuple, metric: str | tuple =
     refs = {m: load(lab, m) for m in modes(lab)}
     refs = {m: r for m, r in refs.items() if r["model"] == model}
     if rows is None:
-        rows = results.table(lab=lab, model=model, quick=env.quick).to_dict("records")
+        rows = results.rows(lab=lab, model=model, quick=env.quick)
     mine = {_key(r): r for r in rows}
     keys = []  # in the order the references list them: this mode's file first
     for m in sorted(refs, key=lambda m: m != mine_mode):

@@ -71,6 +71,12 @@ def describe(model, bits: int | None = None, group_size: int | None = 64, nm: tu
     return {"bits": bits, "group_size": group_size, "weight_mb": round(nbytes / 1e6, 1)}
 
 
+def rows(**filters) -> list[dict]:
+    """All rows (optionally only those matching filters) as the dicts they were recorded as: None stays None (a
+    DataFrame turns a missing group size into NaN, and NaN equals nothing)."""
+    return [dict(r) for r in _rows() if all(r.get(k) == v for k, v in filters.items())]
+
+
 def table(**filters):
     """All rows (optionally only those matching filters, e.g. lab='01') as a pandas DataFrame."""
     import pandas as pd
