@@ -162,13 +162,14 @@ def show(lab: str, model: str, env, contains: str | tuple, metric: str | tuple =
     if not metrics or any(m not in BANDS for m in metrics):
         raise ValueError(f"metric must be one of {sorted(BANDS)} or a tuple of them, got {metric!r}")
     mine_mode = mode_of(env)
-    refs = {m: load(lab, m) for m in modes(lab)}
+    refs = {m: load(lab, m) for m in sorted(modes(lab), key=lambda m: m != mine_mode)}  # this run's mode first
     refs = {m: r for m, r in refs.items() if r["model"] == model}
+    by_key = {m: {_key(r): r for r in ref["rows"]} for m, ref in refs.items()}
     if rows is None:
         rows = results.rows(lab=lab, model=model, quick=env.quick)
     mine = {_key(r): r for r in rows}
-    keys = []  # in the order the references list them: this mode's file first
-    for m in sorted(refs, key=lambda m: m != mine_mode):
+    keys = []  # in the order the references list them, this mode's file first
+    for m in refs:
         keys += [_key(r) for r in refs[m]["rows"] if any(p in str(r["method"]) for p in parts)
                  and not any(x in str(r["method"]) for x in exclude) and _key(r) not in keys]
     if not keys:
@@ -181,9 +182,8 @@ def show(lab: str, model: str, env, contains: str | tuple, metric: str | tuple =
         for metric in metrics:
             name = "" if len(metrics) == 1 else f"{metric} "
             line[f"{name}yours ({mine_mode})"] = mine.get(k, {}).get(metric)
-            for m, ref in sorted(refs.items(), key=lambda kv: kv[0] != mine_mode):
-                found = next((r for r in ref["rows"] if _key(r) == k), None)
-                line[f"{name}expected {m}"] = None if found is None else found.get(metric)
+            for m in refs:
+                line[f"{name}expected {m}"] = by_key[m].get(k, {}).get(metric)
         table.append(line)
     machines = "; ".join(f"{m} on {r['machine']}" for m, r in refs.items())
     print(f"{', '.join(metrics)}: this run ({mine_mode}) beside the reference of every measured mode ({machines})")

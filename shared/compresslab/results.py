@@ -81,8 +81,8 @@ def table(**filters):
     """All rows (optionally only those matching filters, e.g. lab='01') as a pandas DataFrame."""
     import pandas as pd
 
-    rows = [r for r in _rows() if all(r.get(k) == v for k, v in filters.items())]
-    return pd.DataFrame(rows, columns=list(dict.fromkeys(COLUMNS + tuple(k for r in rows for k in r))))
+    found = rows(**filters)
+    return pd.DataFrame(found, columns=list(dict.fromkeys(COLUMNS + tuple(k for r in found for k in r))))
 
 
 def plot(ax=None, **filters):
