@@ -75,9 +75,11 @@ def test_command_and_environment():
     assert "--enable-prefix-caching" in serve.serve_command("/m", 1, prefix_caching=True, python="p")
     with pytest.raises(ValueError, match="loopback"):
         serve.serve_command("/m", 1, host="0.0.0.0", python="p")
-    env = serve.serve_env(2, base={"VIRTUAL_ENV": "/lab/.venv", "PYTHONPATH": "/x", "TRITON_INTERPRET": "1"})
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_TARGET_DEVICE"] == "cpu"
-    assert not {"VIRTUAL_ENV", "PYTHONPATH", "TRITON_INTERPRET"} & set(env)
+    env = serve.serve_env(2, base={"VIRTUAL_ENV": "/lab/.venv", "PYTHONPATH": "/x", "TRITON_INTERPRET": "1",
+                                   "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PATH": "/bin"})
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_TARGET_DEVICE"] == "cpu" and env["PATH"] == "/bin"
+    # the lab kernel's thread count must not reach vLLM, which sizes its OpenMP pool from its own core binding
+    assert not {"VIRTUAL_ENV", "PYTHONPATH", "TRITON_INTERPRET", "OMP_NUM_THREADS", "MKL_NUM_THREADS"} & set(env)
     with pytest.raises(ValueError, match="whole number of GiB"):
         serve.serve_env(0.5)
 
