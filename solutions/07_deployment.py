@@ -29,7 +29,7 @@
 # 5. say which formats each GPU generation accelerates, and why batching trades latency for throughput.
 #
 # **Time:** about 60 minutes (20 min of exercises). **Hardware:** CPU for everything but section 7 (quick mode ~2 min
-# on a 2-core CPU; full mode over 40 min there, ~20 min per checkpoint of it vLLM's sweep); TensorRT-LLM needs an sm80+
+# on a 2-core CPU; full mode 15.5 min there, ~4 min per checkpoint of it vLLM's sweep); TensorRT-LLM needs an sm80+
 # GPU inside NVIDIA's container.
 
 # %% [markdown] tags=["instructor"]
@@ -552,10 +552,13 @@ if SERVE:
               f"ITL p50 {b['itl_ms_p50'] / a['itl_ms_p50']:.2f}x")
 
 # %% [markdown]
-# On this CPU the 4-bit model is **not** faster, and its prefill is slower: a 135M model at these batch sizes is
-# bound by compute and overheads on a CPU, not by reading 270 MB of bf16 weights, and the W4A16 kernel adds the
-# dequantization to every matmul. Weight-only 4-bit pays where decode is memory-bound: a GPU, a bigger model, small
-# batches (Marlin-class kernels there reach ~3-4x over fp16 at batch 1). It still cuts the weights' memory ~2.4x,
+# Read the ratios above. On this project's 2-core CPU they have landed on both sides of 1: one full-mode run had
+# W4A16 at 0.63-0.73x bf16's throughput with a slower prefill, a later one (2026-12-06) at 1.1-1.85x with a faster
+# prefill. A 135M model at these batch sizes is bound by compute and overheads on a CPU, not by reading 270 MB of
+# bf16 weights, and the CPU's W4A16 kernel trades the bytes it saves for dequantization inside every matmul: which
+# side wins turns on the machine and its load, and one run on a shared CPU settles nothing. Weight-only 4-bit pays
+# reliably where decode is memory-bound: a GPU, a bigger model, small batches (Marlin-class kernels there reach
+# ~3-4x over fp16 at batch 1). It still cuts the weights' memory ~2.4x,
 # which on a GPU becomes KV-cache room for more concurrent requests.
 
 # %% [markdown]

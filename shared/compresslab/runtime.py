@@ -76,13 +76,13 @@ LABS = {
                    ("GSM8K for the formats (a >= 0.5B instruct model)", (7, 0)))),
     "04": LabInfo("~2.7 min", "23 pruning passes of 1.5-3 min each and 2 recovery runs of ~9 min (use a GPU)",
                   (("2:4 sparse tensor-core speed", (8, 0)),)),
-    "05": LabInfo("~3.2 min", "4 training runs: CE 4.5 min, KD 6.5-7 min each"),
+    "05": LabInfo("~3.2 min", "48 min (1 thread; five students of 48 steps, 6.5-10.5 min each)"),
     "06": LabInfo("~1 min", "5.6 min (2 threads)", (("GSM8K through the compressed cache (a >= 0.5B instruct model)", (7, 0)),)),
     "07": LabInfo("~2.3 min (~1 min of it the vLLM section)",
-                  "over 40 min: the vLLM sweep (32 requests at concurrency 1-64) took ~20 min per checkpoint",
+                  "15.5 min (2 threads; the vLLM sweep, 32 requests at concurrency 1-64, ~4 min per checkpoint)",
                   (("TensorRT-LLM (NGC container)", (8, 0)),
                                        ("lab 02's checkpoint on the Triton W4A16 kernel", (8, 0)))),
-    "08": LabInfo("~2.7 min", "33 min (8 recipes: 5 GPTQ-sized passes, 48 KD steps)", (("GSM8K for the capstone's variants (a >= 0.5B instruct model)", (7, 0)),)),
+    "08": LabInfo("~2.7 min", "31-33 min (8 recipes: 5 GPTQ-sized passes, 48 KD steps)", (("GSM8K for the capstone's variants (a >= 0.5B instruct model)", (7, 0)),)),
 }
 
 
