@@ -558,8 +558,8 @@ if SERVE:
 # bf16 weights, and the CPU's W4A16 kernel trades the bytes it saves for dequantization inside every matmul: which
 # side wins turns on the machine and its load, and one run on a shared CPU settles nothing. Weight-only 4-bit pays
 # reliably where decode is memory-bound: a GPU, a bigger model, small batches (Marlin-class kernels there reach
-# ~3-4x over fp16 at batch 1). It still cuts the weights' memory ~2.4x,
-# which on a GPU becomes KV-cache room for more concurrent requests.
+# ~3-4x over fp16 at batch 1). It still cuts the weights' memory ~2.4x, which on a GPU becomes KV-cache room for
+# more concurrent requests.
 
 # %% [markdown]
 # How many tokens does that paged cache hold? Each token stores, in every layer, a key and a value vector per KV
