@@ -119,6 +119,9 @@ def test_committed_reference_files_are_well_formed(path):
     keys = [(r["method"], r["bits"], r["group_size"]) for r in doc["rows"]]
     assert len(set(keys)) == len(keys)
     assert expected.differences(doc["rows"], doc) == []
+    also = doc.get("also_measured_on", [])
+    assert all(a["machine"] and a["machine"] != doc["machine"] and a["measured"] for a in also)
+    assert all(len(r.get("also", [])) == len(also) for r in doc["rows"]), "every row holds each machine's figures"
 
 
 def test_show_puts_this_run_beside_every_measured_mode(tmp_path, monkeypatch, capsys):
@@ -181,3 +184,80 @@ def test_compare_and_show_read_the_results_table_as_recorded(tmp_path, monkeypat
     # rows handed over from a DataFrame (NaN for None) match too
     nan_rows = results.table(lab="09").to_dict("records")
     assert expected.differences(nan_rows, expected.load("09", "quick-cpu")) == []
+
+
+def test_a_second_cpu_widens_each_row_to_the_range_both_measured(tmp_path, monkeypatch, capsys):
+    """Two CPUs' float kernels moved GPTQ 3-bit by 12 % in quick mode: a file measured on both holds both figures,
+    and a row's band is their range widened by half its width (or the default band); rows both measured alike stay
+    at the default band."""
+    monkeypatch.setattr(expected, "FOLDER", tmp_path)
+    expected.write("09_demo", "quick-cpu", [dict(r, model="m") for r in ROWS], model="m", machine="box A",
+                   measured="d1", command="c")
+    other = [dict(r, model="m") for r in ROWS]
+    other[2].update(ppl=135.0, probe_acc=0.125)  # RTN 3-bit: 120.5 on box A
+    out = expected.add_machine("09", "quick-cpu", other, model="m", machine="box B", measured="d2")
+    doc = json.loads(out.read_text())
+    assert doc["machine"] == "box A" and doc["also_measured_on"] == [{"machine": "box B", "measured": "d2"}]
+    assert doc["rows"][2]["ppl"] == 120.5 and doc["rows"][2]["also"] == [{"ppl": 135.0, "probe_acc": 0.125,
+                                                                          "weight_mb": 158.2}]
+    ref = expected.load("09", "quick-cpu")
+    for ppl, ok in [(120.5, True), (135.0, True), (113.3, True), (142.2, True), (113.2, False), (142.3, False)]:
+        rows = [dict(r) for r in ROWS]
+        rows[2]["ppl"] = ppl
+        problems = expected.differences(rows, ref)
+        assert (problems == []) == ok, (ppl, problems)
+        if not ok:
+            assert problems[0].startswith("'RTN': ppl") and "120.5–135" in problems[0] and "range" in problems[0]
+    rows = [dict(r) for r in ROWS]
+    rows[1]["ppl"] = 50.9 * 1.011  # RTN 4-bit: both CPUs 50.9, so still the 1 % band
+    assert expected.differences(rows, ref)[0].startswith("'RTN': ppl")
+    rows = [dict(r) for r in ROWS]
+    rows[2]["probe_acc"] = 0.125 + 0.0625 + 0.01  # probe range 0-0.125 widened by max(0.07, 0.0625)
+    assert expected.differences(rows, ref)[0].startswith("'RTN': probe_acc")
+    # again on box B replaces its figures; the file's own machine, other rows, or no file: an error naming the fix
+    other[2]["ppl"] = 130.0
+    expected.add_machine("09", "quick-cpu", other, model="m", machine="box B", measured="d3")
+    doc = expected.load("09", "quick-cpu")
+    assert len(doc["also_measured_on"]) == 1 and doc["rows"][2]["also"][0]["ppl"] == 130.0
+    with pytest.raises(ValueError, match="own machine"):
+        expected.add_machine("09", "quick-cpu", other, model="m", machine="box A", measured="d")
+    with pytest.raises(ValueError, match="different rows"):
+        expected.add_machine("09", "quick-cpu", other[:2], model="m", machine="box C", measured="d")
+    with pytest.raises(ValueError, match="write it first"):
+        expected.add_machine("09", "full-cpu", other, model="m", machine="box C", measured="d")
+    with pytest.raises(ValueError, match="no rows of model"):
+        expected.add_machine("09", "quick-cpu", other, model="n", machine="box C", measured="d")
+    # what a participant sees: the range in the table, both machines and this CPU in the header
+    capsys.readouterr()
+    df = expected.compare("09", "m", CPU_QUICK, rows=[dict(r) for r in ROWS])
+    out = capsys.readouterr().out
+    assert df["expected ppl"].tolist() == [37.1, 50.9, "120.5–130"] and list(df["check"]) == ["✓"] * 3
+    assert "box A (d1); box B (d3)" in out and "this machine:" in out
+    expected.show("09", "m", CPU_QUICK, "RTN", rows=[])
+    assert "other CPUs measured: RTN (3 bits, group 64) ppl 120.5–130 in quick-cpu" in capsys.readouterr().out
+
+
+def test_the_tool_adds_a_second_machine(tmp_path):
+    results = tmp_path / "results.jsonl"
+    out = tmp_path / "expected"
+
+    def tool(rows, *extra):
+        results.write_text("".join(json.dumps(dict(r, lab="01", model="smollm2-135m", quick=True)) + "\n"
+                                   for r in rows))
+        code = ("import sys; sys.path.insert(0, 'tools'); import expected_figures as t; from pathlib import Path; "
+                f"t.expected.FOLDER = Path({str(out)!r}); "
+                f"raise SystemExit(t.main(['quick-cpu', {str(results)!r}, *{list(extra)!r}]))")
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+
+    assert tool(ROWS, "--machine", "box A").returncode == 0
+    proc = tool([dict(r, ppl=r["ppl"] * 1.05) for r in ROWS], "--machine", "box B", "--also")
+    assert proc.returncode == 0 and "box B added" in proc.stdout, proc.stderr
+    doc = json.loads((out / "01_quantization_fundamentals.quick-cpu.json").read_text())
+    assert doc["machine"] == "box A" and [a["machine"] for a in doc["also_measured_on"]] == ["box B"]
+    assert doc["rows"][0]["also"][0]["ppl"] == pytest.approx(37.1 * 1.05)
+
+
+def test_this_cpu_names_the_processor():
+    assert isinstance(expected.this_cpu(), str)
+    if Path("/proc/cpuinfo").exists():
+        assert expected.this_cpu()

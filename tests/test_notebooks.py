@@ -246,6 +246,9 @@ def test_solution_figures_match_the_quick_cpu_reference(source, runs):
                        "tools/expected_figures.py quick-cpu on its solution results (see the tool's docstring)")
     run = runs[(source.stem, "solution")].result()
     rows = [r for r in run["rows"] if r["model"] == reference["model"] and r["quick"]]
-    assert expected.differences(rows, reference) == []
+    problems = expected.differences(rows, reference)
+    assert problems == [], (f"on {expected.this_cpu() or 'an unnamed CPU'} (reference: {expected.machines(reference)})"
+                            f": {problems}; if only calibrated rows moved and this is a CPU the file lacks, add this "
+                            "run with tools/expected_figures.py --also")
     # and the lab's own last cell, which reads the results table, says so to the participant
     assert "every figure within its band" in run["text"], run["text"][-3000:]

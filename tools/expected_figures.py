@@ -7,6 +7,12 @@ are written, one file per lab. The quick-CPU files come from the test suite's ow
     python tools/expected_figures.py quick-cpu /tmp/pytest-of-$USER/pytest-current/*-solution0/results.jsonl \\
         --machine "2-core x86-64 CPU sandbox, torch 2.13.0+cpu"
 
+Another CPU's float kernels move the calibrated methods (GPTQ, SparseGPT, static activation scales) by several %:
+run the same tests on a second CPU and add its run to the files, each row then holding both CPUs' figures:
+
+    python tools/expected_figures.py quick-cpu <that machine's results.jsonl files> --also \\
+        --machine "2-core x86-64 CPU sandbox (Intel Xeon, AVX-512), torch 2.13.0+cpu"
+
 A GPU file needs a run on that GPU (`QUICK = False` on the device, mode e.g. full-nvidia-h100-80gb-hbm3, the name
 compresslab.expected.mode_of gives). Never edit the files by hand: rerun the runs and this tool.
 """
@@ -33,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", type=Path, help="results.jsonl files of solution runs in that mode")
     parser.add_argument("--machine", required=True, help="the machine the runs were measured on, in words")
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--also", action="store_true",
+                        help="add the run to the existing files as another machine's (a row's band becomes the range)")
     args = parser.parse_args(argv)
     quick = args.mode.startswith("quick-")
     if not (quick or args.mode.startswith("full-")):
@@ -52,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     probe_n = (runtime.QUICK_SIZES if quick else runtime.FULL_SIZES[tier]).probe_n
     bands = {"probe_acc": ("abs", round(2 / probe_n + 1e-3, 4))}  # two answers of the probe
     for lab, rows in sorted(by_lab.items()):
+        if args.also:
+            out = expected.add_machine(lab, args.mode, rows, model=args.model, machine=args.machine, measured=today)
+            print(f"{out}: {len(rows)} rows of {args.machine} added")
+            continue
         out = expected.write(stems[lab], args.mode, rows, model=args.model, machine=args.machine, measured=today,
                              command=command, bands=bands)
         print(f"{out}: {len(rows)} rows")
