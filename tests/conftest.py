@@ -29,16 +29,28 @@ def pytest_configure(config):
     os.environ["COMPRESSLAB_RESULTS"] = str(Path(tempfile.mkdtemp(prefix="compresslab-test-")) / "results.jsonl")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The notebook runs (tests/test_notebooks.py) are most of the session: its starter test goes first, so the pool
+    starts at once and every other test runs beside it; the tests that wait for the runs go last."""
+    starter = [i for i in items if i.name == "test_notebook_runs_start_before_the_other_tests"]
+    if not starter:
+        return
+    waiting = [i for i in items if i.path == starter[0].path and i not in starter]
+    rest = [i for i in items if i.path != starter[0].path]
+    items[:] = starter + rest + waiting
+
+
 def pytest_terminal_summary(terminalreporter):
-    """Each notebook run's wall time (tests/test_notebooks.py; two at a time, one torch thread each): the quick-mode
-    runtimes the README and the closing notes quote come from here."""
+    """Each notebook run's wall time (tests/test_notebooks.py; two at a time, one torch thread each, the session's other
+    tests beside the first ones): the quick-mode runtimes the README and the closing notes quote come from here."""
     import sys
 
     wall = next((m.WALL for name, m in list(sys.modules.items())
                  if name.rsplit(".", 1)[-1] == "test_notebooks" and getattr(m, "WALL", None)), None)
     if not wall:
         return
-    terminalreporter.section("notebook wall times (quick mode; two runs at a time, one torch thread each)")
+    terminalreporter.section("notebook wall times (quick mode; two runs at a time, one torch thread each, the other "
+                             "tests beside the first ones)")
     for (stem, kind), seconds in sorted(wall.items()):
         terminalreporter.write_line(f"{stem:32s} {kind:9s} {seconds / 60:5.1f} min")
 
