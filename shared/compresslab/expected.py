@@ -10,8 +10,8 @@ by hand) and read by the tests, which hold each quick-mode solution run to its q
 A figure is in band when it is within the file's noise band of the reference: perplexity within a relative 1 %,
 probe accuracy within two answers of the probe's n, weight MB within rounding. Runs on one machine reproduce to the
 last digit, but another CPU's float kernels (AVX2 vs AVX-512, AMD vs Intel, MKL's code paths) move the calibrated
-methods far more than 1 %: GPTQ at 3 bits, static activation scales, SparseGPT and the probe answers they flip moved
-by up to 13 % (probe: 6 of 32 answers) between two 2-core sandboxes in quick mode. So a file may hold one run per
+methods far more than 1 %: GPTQ, static activation scales and SparseGPT moved by up to 13 % between two 2-core
+sandboxes in quick mode, and the probe answers with them (3 of the capstone's 16 questions, 4 of the GPTQ lab's 32). So a file may hold one run per
 CPU it was measured on (`also_measured_on`, added with `tools/expected_figures.py --also`): a row's band is then the
 range those CPUs measured, widened on each side by half its width or the default band, whichever is larger.
 """
