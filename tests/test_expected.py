@@ -195,6 +195,7 @@ def test_a_second_cpu_widens_each_row_to_the_range_both_measured(tmp_path, monke
                    measured="d1", command="c")
     other = [dict(r, model="m") for r in ROWS]
     other[2].update(ppl=135.0, probe_acc=0.125)  # RTN 3-bit: 120.5 on box A
+    other[0].update(ppl=37.101)  # fp32: a last-digit difference, inside the default band: shown as box A's figure
     out = expected.add_machine("09", "quick-cpu", other, model="m", machine="box B", measured="d2")
     doc = json.loads(out.read_text())
     assert doc["machine"] == "box A" and doc["also_measured_on"] == [{"machine": "box B", "measured": "d2"}]
@@ -235,6 +236,8 @@ def test_a_second_cpu_widens_each_row_to_the_range_both_measured(tmp_path, monke
     assert "box A (d1); box B (d3)" in out and "this machine:" in out
     expected.show("09", "m", CPU_QUICK, "RTN", rows=[])
     assert "other CPUs measured: RTN (3 bits, group 64) ppl 120.5–130 in quick-cpu" in capsys.readouterr().out
+    expected.show("09", "m", CPU_QUICK, "fp32", rows=[])
+    assert "other CPUs measured" not in capsys.readouterr().out
 
 
 def test_the_tool_adds_a_second_machine(tmp_path):

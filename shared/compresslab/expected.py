@@ -11,9 +11,10 @@ A figure is in band when it is within the file's noise band of the reference: pe
 probe accuracy within two answers of the probe's n, weight MB within rounding. Runs on one machine reproduce to the
 last digit, but another CPU's float kernels (AVX2 vs AVX-512, AMD vs Intel, MKL's code paths) move the calibrated
 methods far more than 1 %: GPTQ, static activation scales and SparseGPT moved by up to 13 % between two 2-core
-sandboxes in quick mode, and the probe answers with them (3 of the capstone's 16 questions, 4 of the GPTQ lab's 32). So a file may hold one run per
-CPU it was measured on (`also_measured_on`, added with `tools/expected_figures.py --also`): a row's band is then the
-range those CPUs measured, widened on each side by half its width or the default band, whichever is larger.
+sandboxes in quick mode, and the probe answers with them (3 of the capstone's 16 questions, 4 of the GPTQ lab's
+32). So a file may hold one run per CPU it was measured on (`also_measured_on`, added with
+`tools/expected_figures.py --also`): a row's band is then the range those CPUs measured, widened on each side by half
+its width or the default band, whichever is larger.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def _values(ref: dict, metric: str) -> list:
     return [_none_if_nan(v) for v in [ref.get(metric), *(a.get(metric) for a in ref.get("also", []))]]
 
 
-def _tolerance(metric: str, ref: dict, bands: dict) -> tuple[float, float, float] | None:
-    """(lo, hi, tol): a figure is in band when lo - tol <= figure <= hi + tol; None when the row has no such figure."""
+def _tolerance(metric: str, ref: dict, bands: dict) -> tuple[float, float, float, bool] | None:
+    """(lo, hi, tol, spread): a figure is in band when lo - tol <= figure <= hi + tol; spread: the CPUs differ by more
+    than the default band (then tol is half their range). None when the row has no such figure."""
     values = _values(ref, metric)
     if values[0] is None:
         return None
@@ -73,23 +75,23 @@ def _tolerance(metric: str, ref: dict, bands: dict) -> tuple[float, float, float
     lo, hi = min(values), max(values)
     kind, width = bands[metric]
     tol = width * abs(values[0]) if kind == "rel" else width
-    return lo, hi, max(tol, (hi - lo) / 2)
+    return lo, hi, max(tol, (hi - lo) / 2), (hi - lo) / 2 > tol
 
 
 def _in_band(metric: str, got, ref: dict, bands: dict) -> bool:
     got, band = _none_if_nan(got), _tolerance(metric, ref, bands)
     if band is None or got is None:
         return band is None and got is None
-    lo, hi, tol = band
+    lo, hi, tol, _ = band
     return math.isfinite(got) and lo - tol - 1e-12 <= got <= hi + tol + 1e-12
 
 
-def _expected_text(metric: str, ref: dict):
-    """The reference figure, or 'lo–hi' when the CPUs the file was measured on disagree."""
-    values = [v for v in _values(ref, metric) if v is not None]
-    if not values or min(values) == max(values):
-        return values[0] if values else None
-    return f"{min(values):g}–{max(values):g}"
+def _expected_text(metric: str, ref: dict, bands: dict):
+    """The reference figure, or 'lo–hi' where the file's CPUs differ by more than the default band."""
+    band = _tolerance(metric, ref, bands)
+    if band is None or not band[3]:
+        return _values(ref, metric)[0]
+    return f"{band[0]:g}–{band[1]:g}"
 
 
 def differences(rows: list[dict], reference: dict) -> list[str]:
@@ -104,14 +106,14 @@ def differences(rows: list[dict], reference: dict) -> list[str]:
     for k in want.keys() & got.keys():
         for metric in bands:
             if not _in_band(metric, got[k].get(metric), want[k], bands):
-                problems.append(f"{k[0]!r}: {metric} {got[k].get(metric)} vs expected {_expected_text(metric, want[k])} "
-                                f"(band {_band_text(metric, bands, want[k])})")
+                problems.append(f"{k[0]!r}: {metric} {got[k].get(metric)} vs expected "
+                                f"{_expected_text(metric, want[k], bands)} (band {_band_text(metric, bands, want[k])})")
     return problems
 
 
 def _band_text(metric: str, bands: dict, ref: dict | None = None) -> str:
     kind, width = bands[metric]
-    if ref is not None and (band := _tolerance(metric, ref, bands)) and band[0] != band[1]:
+    if ref is not None and (band := _tolerance(metric, ref, bands)) and band[3]:
         return f"the {len(_values(ref, metric))} CPUs' range ±{band[2]:.3g}"
     return f"±{width:.0%}" if kind == "rel" else f"±{width:g}"
 
@@ -165,7 +167,7 @@ def compare(lab: str, model: str, env, rows: list[dict] | None = None):
             if ref.get(metric) is None and _none_if_nan(got.get(metric)) is None:
                 continue
             line[metric] = got.get(metric)
-            line[f"expected {metric}"] = _expected_text(metric, ref)
+            line[f"expected {metric}"] = _expected_text(metric, ref, bands)
             if not _in_band(metric, got.get(metric), ref, bands):
                 flags.append(metric)
         line["check"] = "not run" if not got else ("⚠ " + ", ".join(flags) if flags else "✓")
@@ -239,9 +241,10 @@ def show(lab: str, model: str, env, contains: str | tuple, metric: str | tuple =
         table.append(line)
     where = "; ".join(f"{m} on {machines(r)}" for m, r in refs.items())
     print(f"{', '.join(metrics)}: this run ({mine_mode}) beside the reference of every measured mode ({where})")
-    moved = [f"{k[0]} ({k[1]} bits, group {k[2]}) {metric} {_expected_text(metric, by_key[m][k])} in {m}"
+    bands = {m: {**BANDS, **{k: tuple(v) for k, v in r.get("bands", {}).items()}} for m, r in refs.items()}
+    moved = [f"{k[0]} ({k[1]} bits, group {k[2]}) {metric} {_expected_text(metric, by_key[m][k], bands[m])} in {m}"
              for k in keys for m in refs for metric in metrics
-             if k in by_key[m] and isinstance(_expected_text(metric, by_key[m][k]), str)]
+             if k in by_key[m] and isinstance(_expected_text(metric, by_key[m][k], bands[m]), str)]
     if moved:
         print("the reference's value is its first CPU's; the other CPUs measured: " + "; ".join(moved))
     return pd.DataFrame(table)

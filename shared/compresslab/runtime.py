@@ -61,28 +61,28 @@ class LabInfo:
     """What a lab costs and which of its parts need a GPU (printed by setup(lab=...) before the heavy cells)."""
 
     quick: str  # quick mode end to end on a 2-core CPU without a GPU, as make test runs it (one torch thread, two
-    # notebooks at a time; tests/test_notebooks.py prints the wall times): measured
+    # notebooks at a time; tests/test_notebooks.py prints the wall times): measured; a range where two CPUs differed
     full_cpu: str | None  # full mode on the same CPU (measured), None if not measured
     gpu_parts: tuple[tuple[str, tuple[int, int]], ...] = ()  # (what, minimum compute capability)
 
 
 LABS = {
-    "01": LabInfo("~2.7 min", "7 min (2 threads)"),
-    "02": LabInfo("~4.3 min", "19 GPTQ passes of ~2.5 min each, 2 scale-tuning runs of ~9.5 min (use a GPU)",
+    "01": LabInfo("~2.7-3.2 min", "7 min (2 threads)"),
+    "02": LabInfo("~4.3-5.3 min", "19 GPTQ passes of ~2.5 min each, 2 scale-tuning runs of ~9.5 min (use a GPU)",
                   (("timing the Triton W4A16 GEMV against cuBLAS (section 10)", (7, 0)),)),
     "03": LabInfo("~6 min (3.0 min alone with 2 threads)",
                   "29 min (2 threads; Model Optimizer's two AWQ calibrations ~4.5 min each)",
                   (("FP8 / INT4-AWQ checkpoints on TensorRT-LLM, NVFP4 through Model Optimizer", (8, 9)),
                    ("GSM8K for the formats (a >= 0.5B instruct model)", (7, 0)))),
-    "04": LabInfo("~2.7 min", "23 pruning passes of 1.5-3 min each and 2 recovery runs of ~9 min (use a GPU)",
+    "04": LabInfo("~2.7 min", "40 min (2 threads; 23 pruning passes and 2 recovery runs of ~8 min)",
                   (("2:4 sparse tensor-core speed", (8, 0)),)),
-    "05": LabInfo("~3.2 min", "48 min (1 thread; five students of 48 steps, 6.5-10.5 min each)"),
-    "06": LabInfo("~1 min", "5.6 min (2 threads)", (("GSM8K through the compressed cache (a >= 0.5B instruct model)", (7, 0)),)),
-    "07": LabInfo("~2.3 min (~1 min of it the vLLM section)",
+    "05": LabInfo("~3.0-3.2 min", "48 min (1 thread; five students of 48 steps, 6.5-10.5 min each)"),
+    "06": LabInfo("~1-2 min", "5.6 min (2 threads)", (("GSM8K through the compressed cache (a >= 0.5B instruct model)", (7, 0)),)),
+    "07": LabInfo("~2.3-3.8 min (~1-3 min of it the vLLM section)",
                   "15.5 min (2 threads; the vLLM sweep, 32 requests at concurrency 1-64, ~4 min per checkpoint)",
                   (("TensorRT-LLM (NGC container)", (8, 0)),
                                        ("lab 02's checkpoint on the Triton W4A16 kernel", (8, 0)))),
-    "08": LabInfo("~2.7 min", "31-33 min (8 recipes: 5 GPTQ-sized passes, 48 KD steps)", (("GSM8K for the capstone's variants (a >= 0.5B instruct model)", (7, 0)),)),
+    "08": LabInfo("~2.7-2.9 min", "31-33 min (8 recipes: 5 GPTQ-sized passes, 48 KD steps)", (("GSM8K for the capstone's variants (a >= 0.5B instruct model)", (7, 0)),)),
 }
 
 
