@@ -60,6 +60,11 @@ def _key(row: dict) -> tuple:
     return tuple(_none_if_nan(row.get(k)) for k in KEY)
 
 
+def _bands(reference: dict) -> dict:
+    """BANDS, with the reference file's own bands where it states them."""
+    return {**BANDS, **{k: tuple(v) for k, v in reference.get("bands", {}).items()}}
+
+
 def _values(ref: dict, metric: str) -> list:
     """A reference row's figure of `metric` on every CPU the file was measured on (the file's machine first)."""
     return [_none_if_nan(v) for v in [ref.get(metric), *(a.get(metric) for a in ref.get("also", []))]]
@@ -96,7 +101,7 @@ def _expected_text(metric: str, ref: dict, bands: dict):
 
 def differences(rows: list[dict], reference: dict) -> list[str]:
     """Every way rows differ from the reference beyond its bands: a missing or extra row, a figure out of band."""
-    bands = {**BANDS, **{k: tuple(v) for k, v in reference.get("bands", {}).items()}}
+    bands = _bands(reference)
     want = {_key(r): r for r in reference["rows"]}
     got = {_key(r): r for r in rows}
     problems = [f"missing: {k[0]!r} (bits {k[1]}, group {k[2]}) is in the reference but was not measured"
@@ -156,7 +161,7 @@ def compare(lab: str, model: str, env, rows: list[dict] | None = None):
         print(f"The reference for lab {lab} ({mode}) was measured on {reference['model']}, not {model}: "
               "nothing to compare.")
         return None
-    bands = {**BANDS, **{k: tuple(v) for k, v in reference.get("bands", {}).items()}}
+    bands = _bands(reference)
     mine = {_key(r): r for r in rows}
     table = []
     for ref in reference["rows"]:
@@ -241,7 +246,7 @@ def show(lab: str, model: str, env, contains: str | tuple, metric: str | tuple =
         table.append(line)
     where = "; ".join(f"{m} on {machines(r)}" for m, r in refs.items())
     print(f"{', '.join(metrics)}: this run ({mine_mode}) beside the reference of every measured mode ({where})")
-    bands = {m: {**BANDS, **{k: tuple(v) for k, v in r.get("bands", {}).items()}} for m, r in refs.items()}
+    bands = {m: _bands(r) for m, r in refs.items()}
     moved = [f"{k[0]} ({k[1]} bits, group {k[2]}) {metric} {_expected_text(metric, by_key[m][k], bands[m])} in {m}"
              for k in keys for m in refs for metric in metrics
              if k in by_key[m] and isinstance(_expected_text(metric, by_key[m][k], bands[m]), str)]
