@@ -68,7 +68,8 @@ class LabInfo:
 
 LABS = {
     "01": LabInfo("~2.7-3.2 min", "7 min (2 threads)"),
-    "02": LabInfo("~4.3-5.3 min", "19 GPTQ passes of ~2.5 min each, 2 scale-tuning runs of ~9.5 min (use a GPU)",
+    "02": LabInfo("~4.3-5.3 min",
+                  "75 min (2 threads; 19 GPTQ passes of ~1.5-5 min, each evaluated in ~2 min, 2 scale-tuning runs of ~8.5 min)",
                   (("timing the Triton W4A16 GEMV against cuBLAS (section 10)", (7, 0)),)),
     "03": LabInfo("~6 min (3.0 min alone with 2 threads)",
                   "29 min (2 threads; Model Optimizer's two AWQ calibrations ~4.5 min each)",
