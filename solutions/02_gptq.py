@@ -84,9 +84,9 @@ env = cl.setup(quick=QUICK, seed=SEED, lab="02")  # prints the device, mode and 
 print(env)
 sz = env.sizes
 n_calib = CALIB_SAMPLES or sz.calib_samples
-print("expected runtime: " + ("~3.5 min" if env.quick else "full mode runs 19 whole-model GPTQ passes (two followed by ~9.5 min "
-      "of scale tuning); one pass with 32 calibration windows took ~2.5 min on a 2-core CPU (128 windows: several times "
-      "longer), far less on a GPU"))
+print("expected runtime: " + ("~4-5 min" if env.quick else "full mode runs 19 whole-model GPTQ passes (two followed by ~9 min "
+      "of scale tuning); on a 2-core CPU one pass with 32 calibration windows takes ~1.5 min of GPTQ and ~2 min of "
+      "evaluation (128 windows: ~4.5 min of GPTQ), far less on a GPU"))
 
 model, tok = cl.load_model(MODEL, dtype=DTYPE, device=env.device)
 calib = cl.data.calibration_batches(tok, n_samples=n_calib, seq_len=sz.calib_len, seed=SEED)  # (n, len) token ids
@@ -484,33 +484,38 @@ plt.show()
 cl.results.table(lab="02", model=MODEL, quick=env.quick)
 
 # %%
-cl.expected.show("02", MODEL, env, ("fp32", "RTN", "GPTQ"), exclude=("GSM8K", "tuned"))  # every measured mode
+cl.expected.show("02", MODEL, env, ("fp32", "RTN", "GPTQ"),
+                 exclude=("GSM8K", "tuned", "clip", "windows", "symmetric", "group 32"))  # every measured mode
 
 # %% [markdown]
-# The table holds your run to the reference of your mode. In quick mode (8 calibration windows of 256 tokens) GPTQ's
-# 3-bit figure is not stable: two CPUs running this same code measured it on both sides of RTN's (the quick-cpu
-# column shows their range). A rounding difference early in the column loop sends the error feedback elsewhere, and
-# so little calibration data does not pull it back. GPTQ beats RTN at 4 bits on both, and at 3 bits in full mode.
-# The figures below are full mode's, from other runs.
+# The table puts your run beside the reference of every measured mode (quick: 4 × 256 test windows and 8
+# calibration windows of 256 tokens, only the variant section 8 exports; full on the CPU: 16 × 512 test windows and
+# 32 calibration windows of 512 tokens, every variant). What holds in both: at 4 bits GPTQ + act-order closes 40 to
+# 60 % of RTN's perplexity gap to fp32, with the same bits and the same checkpoint size. At 3 bits quick mode is not
+# stable: two CPUs running this same code measured GPTQ on both sides of RTN (the quick-cpu column shows their
+# range). A rounding difference early in the column loop sends the error feedback elsewhere, and 8 short
+# calibration windows do not pull it back; with full mode's 32 windows of 512 tokens every GPTQ variant beats RTN at
+# 3 bits, act-order by a quarter or more.
 #
-# Reference figures (full mode: 16 × 512 windows; 32 calibration windows of 512 tokens; measured independently with a
-# GPTQ that follows the reference repository): FP 36.63; 4-bit RTN 48.81, GPTQ + act-order 45.19 (42.69 with 128
-# calibration windows); 3-bit RTN 116.6, GPTQ + act-order 82.64. On this small, heavily trained, Q4_1-distributed
-# model GPTQ closes a third to a half of RTN's 4-bit gap. Whether more calibration is what closes more, 45.19 vs
-# 42.69 does not settle: this package reaches 42.95 with 32 windows, and with section 6's clip search 128 windows
-# instead of 32 give 42.12 vs 42.13 at 4 bits and 61.61 vs 62.89 at 3 bits, within the spread of one calibration draw
-# (below). The LLaMA figures people quote for GPTQ come from the reference repository's README (IST-DASLab/gptq),
-# not from the paper's tables (OPT and BLOOM), and so does act-order: LLaMA-7B WikiText-2 FP16 5.68, 4-bit RTN
-# 6.29, 4-bit GPTQ 6.09 with act-order and true-sequential (7.15 without them). Those are **per-channel** results
-# (one scale per row, no groups) on a 7B model stored in fp16: compare the fraction of RTN's gap closed (a third
-# there), never the perplexities, and not as if they were g64 results like ours.
+# Only full mode runs the variants. Act-order improves plain GPTQ at both widths, most at 3 bits; at 4 bits its gain
+# is about the size of a calibration draw's spread (below), so one run of it is weak evidence. Static groups measured
+# no worse than dynamic ones: within 1 % at 4 bits, and better at 3 bits in the full-cpu reference (one draw of
+# each; the difference there is larger than a draw's spread, so do not take "dynamic is best" on trust either).
+# Section 8 exports them for vLLM, and Reflection question 1 asks why that matters.
 #
-# This package, full mode on a 2-core CPU (`python tools/lab02_figures.py`): GPTQ 4-bit 45.69; GPTQ + act-order 4-bit
-# 42.95 and 3-bit 89.03; with static groups 4-bit 43.26. Calibration windows are drawn at random, so a few percent
-# either way between implementations (and seeds) is expected, more at 3 bits: with calibration seeds 1 and 2 the
-# 3-bit act-order model measures 85.34 and 88.22 (a 4 % spread). So act-order's gain over plain GPTQ at 4 bits (45.69
-# → 42.95, 6 %) is larger than that spread, though not by much, and static vs dynamic groups (43.26 vs 42.95, under
-# 1 %) cannot be told apart here. Section 6 measures what helps more.
+# How large is a calibration draw's spread? In an earlier full-mode run of this package on a 2-core CPU (`python
+# tools/lab02_figures.py --seed N`), the 3-bit act-order model measured 89.03, 85.34 and 88.22 with calibration seeds
+# 0, 1 and 2: about 4 %. A CPU of another kind moves a calibrated figure about as much (the reference's seed 0, on
+# the Intel sandbox, is in the table): differences of a few percent between GPTQ variants are not evidence.
+#
+# For comparison, an independent implementation that follows the reference repository (full mode's windows,
+# 32 calibration windows of 512 tokens): FP 36.63; 4-bit RTN 48.81, GPTQ + act-order 45.19 (42.69 with 128
+# calibration windows); 3-bit RTN 116.6, GPTQ + act-order 82.64. The LLaMA figures people quote for GPTQ come from the
+# reference repository's README (IST-DASLab/gptq), not from the paper's tables (OPT and BLOOM), and so does
+# act-order: LLaMA-7B WikiText-2 FP16 5.68, 4-bit RTN 6.29, 4-bit GPTQ 6.09 with act-order and true-sequential (7.15
+# without them). Those are **per-channel** results (one scale per row, no groups) on a 7B model stored in fp16:
+# compare the fraction of RTN's gap closed (a third there, about half here), never the perplexities, and not as if
+# they were g64 results like ours.
 
 # %% [markdown] tags=["slide"]
 # ## 6 · Beyond plain GPTQ: what closes more of the gap?
@@ -531,17 +536,10 @@ cl.expected.show("02", MODEL, env, ("fp32", "RTN", "GPTQ"), exclude=("GSM8K", "t
 #   `kd_loss` with alpha = 0, on WikiText-2 *valid* windows (`compresslab.scale_tuning`). Same bits, same format:
 #   section 8's exporter writes the tuned scales like any others.
 #
-# Full mode (each variant is a whole-model GPTQ run: ~3 min on a 2-core CPU with 32 windows, several times that
-# with 128); quick mode only tunes a copy of section 5's 4-bit model for 8 short steps. Measured on that CPU: the
-# clip search takes GPTQ + act-order from 42.95 to 42.13 at 4 bits (2 %, within the spread of a calibration draw) and
-# from 89.03 to 62.89 at 3 bits (far outside it), while it makes RTN *worse* (48.82 -> 51.14, 116.6 -> 137.5; RTN
-# draws no calibration, so these gaps are not noise): clipping only pays when something (GPTQ's error feedback)
-# absorbs the clipped values. Tuning the clipped model's scales and norms for 60 steps (~9 min on that CPU) then
-# takes it from 42.13 to **39.23** at 4 bits and from 62.89 to **48.78** at 3 bits, with the same integer codes and
-# the same checkpoint size: 79 % and 85 % of RTN's gap to FP (36.63) closed. It is the only variant here that looks
-# at the model's *output*. Two cautions: the tuning text is WikiText (the valid split), like the evaluation, so some
-# of the gain may be domain; and the loss only asks the quantized model to match the FP one, so FP perplexity is
-# what it can approach, not beat.
+# Full mode runs the whole table, at 4 and 3 bits: each variant is a whole-model GPTQ run (about 3.5 min on a 2-core
+# CPU with 32 calibration windows, about twice that with 128) and each tuning run adds 60 steps (~10 min). Quick mode
+# only tunes a copy of section 5's 4-bit model for 8 short steps. The table after the plot puts your run beside every
+# measured mode.
 
 # %%
 BEYOND = {
@@ -591,6 +589,28 @@ ax.invert_yaxis()
 ax.legend(fontsize=8)
 plt.show()
 cl.results.table(lab="02", model=MODEL, quick=env.quick)
+
+# %%
+cl.expected.show("02", MODEL, env, ("RTN", "act-order"), exclude=("GSM8K", "static"))  # every measured mode
+
+# %% [markdown]
+# What the full-mode column says (quick mode measures only the short tuning run, which already gains a few percent
+# over section 5's model in both CPUs' runs):
+# * **The clip search** helps GPTQ a few percent at 4 bits (about a calibration draw's spread) and by about a quarter
+#   at 3 bits (far outside it), while it makes RTN *worse*: 48.82 → 51.14 at 4 bits, 116.6 → 137.5 at 3 (`python
+#   tools/lab02_figures.py`; RTN draws no calibration, so these do not move between runs). Clipping only pays when
+#   something (GPTQ's error feedback) absorbs the clipped values.
+# * **More calibration** (128 windows instead of 32) moves the 4-bit models by about a draw's spread; at 3 bits it
+#   helps plain act-order GPTQ clearly and the clipped model much less. The independent implementation's
+#   45.19 → 42.69 (section 5) is about as large as one draw's spread at 4 bits: it does not show that more data is
+#   what closes the gap.
+# * **Symmetric** grids cost a few percent at 4 bits and more at 3: the zero point earns its bits on this model.
+# * **Group 32** helps about as much as the clip search, and costs about 4 % more bytes; the clip search is free.
+# * **Tuned scales and norms** give the lowest perplexity at both widths with the same integer codes and the same
+#   checkpoint size: about four fifths of RTN's 4-bit gap to fp32 closed. It is the only variant here that looks at
+#   the model's *output*. Two cautions: the tuning text is WikiText (the valid split), like the evaluation, so some of
+#   the gain may be domain; and the loss only asks the quantized model to match the fp32 one, so fp32 perplexity is
+#   what it can approach, not beat.
 
 # %% [markdown] tags=["slide"]
 # ## 7 · Does calibration data matter for arithmetic?
@@ -783,8 +803,8 @@ else:
 # Static groups (or no act-order). With dynamic groups `g_idx` is a scattered permutation: a kernel that assumes
 # contiguous groups would apply the wrong scale to most columns (garbage). Static groups keep act-order's column
 # *order* for error compensation, but their groups are the contiguous original ones, so `g_idx = j // group_size` and
-# that kernel applies unchanged; the accuracy cost is small (on this model too small to measure: 43.26 vs 42.95 at
-# 4 bits, less than another calibration draw moves either). Dynamic groups are an option only if the engine handles
+# that kernel applies unchanged; on this model they cost nothing measurable (section 5's table: within 1 % of dynamic
+# groups at 4 bits, less than another calibration draw moves either, and better at 3 bits in the full-cpu run). Dynamic groups are an option only if the engine handles
 # `g_idx`. Current ones do, at little cost: ExLlamaV2 and Marlin (vLLM) sort the weight's input rows by `g_idx` once
 # at load, so groups are contiguous again, and gather the activation's columns into that order on every call. The
 # 5.5 vs 28.6 tokens/s often quoted against act-order (AutoGPTQ#77, OPT-30B) measured AutoGPTQ's CUDA kernel of May
