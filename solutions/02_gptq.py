@@ -497,10 +497,11 @@ cl.expected.show("02", MODEL, env, ("fp32", "RTN", "GPTQ"),
 # calibration windows do not pull it back; with full mode's 32 windows of 512 tokens every GPTQ variant beats RTN at
 # 3 bits, act-order by a quarter or more.
 #
-# Only full mode runs the variants. Act-order improves plain GPTQ at both widths, most at 3 bits; at 4 bits its gain
-# is about the size of a calibration draw's spread (below), so one run of it is weak evidence. Static groups measured
-# no worse than dynamic ones: within 1 % at 4 bits, and better at 3 bits in the full-cpu reference (one draw of
-# each; the difference there is larger than a draw's spread, so do not take "dynamic is best" on trust either).
+# Only full mode runs plain GPTQ and static groups. Act-order improves plain GPTQ at both widths, most at 3 bits; at
+# 4 bits its gain is about the size of a calibration draw's spread (below), so one run of it is weak evidence. Static
+# groups measured no worse than dynamic ones: within 1 % at 4 bits, and better at 3 bits in the full-cpu reference
+# (one draw of each; the difference there is larger than a draw's spread, so do not take "dynamic is best" on trust
+# either).
 # Section 8 exports them for vLLM, and Reflection question 1 asks why that matters.
 #
 # How large is a calibration draw's spread? In an earlier full-mode run of this package on a 2-core CPU (`python
@@ -796,8 +797,9 @@ else:
 
 # %% [markdown]
 # ## Reflection
-# **Question 1.** Act-order with dynamic groups usually gives the best perplexity, static groups a little less. You are
-# shipping to an engine whose int4 kernel reads one scale per 64 contiguous input columns. Which do you choose, and why?
+# **Question 1.** Act-order with dynamic groups is often said to give the best perplexity, static groups a little less
+# (section 5's table lets you check that on this model). You are shipping to an engine whose int4 kernel reads one
+# scale per 64 contiguous input columns. Which do you choose, and why?
 
 # %% [markdown] tags=["solution"]
 # Static groups (or no act-order). With dynamic groups `g_idx` is a scattered permutation: a kernel that assumes
