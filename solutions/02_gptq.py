@@ -538,7 +538,7 @@ cl.expected.show("02", MODEL, env, ("fp32", "RTN", "GPTQ"),
 #   section 8's exporter writes the tuned scales like any others.
 #
 # Full mode runs the whole table, at 4 and 3 bits: each variant is a whole-model GPTQ run (about 3.5 min on a 2-core
-# CPU with 32 calibration windows, about twice that with 128) and each tuning run adds 60 steps (~10 min). Quick mode
+# CPU with 32 calibration windows, about twice that with 128) and each tuning run adds 60 steps (~8.5 min). Quick mode
 # only tunes a copy of section 5's 4-bit model for 8 short steps. The table after the plot puts your run beside every
 # measured mode.
 
