@@ -50,10 +50,12 @@
 #   the permutation with `perm` instead of `argsort(perm)`. Fast groups: ask why the package's default 128-column
 #   blocks give other weights than blocks of 64 with groups of 64 (the text explains; on layer 0's `q_proj` most
 #   weights change, the layer's error by about 0.1 %).
-# * Discussion prompts: "why does act-order help most where there are outlier input channels?"; "static groups lose
-#   a little accuracy but make g_idx trivial: when is that worth it?"; "GPTQ closed only part of RTN's gap here —
-#   what is special about this model?" (it was distributed as Q4_1: see section 1).
-# * If time is short, run the whole-model section in QUICK mode and show the full-mode table in the README instead.
+# * Discussion prompts: "why does act-order help most where there are outlier input channels?"; "static groups lost
+#   nothing measurable on this model (section 5's table) and make g_idx trivial: when would you still pick dynamic
+#   groups?"; "GPTQ closed only part of RTN's gap here — what is special about this model?" (it was distributed as
+#   Q4_1: see section 1).
+# * If time is short, run the whole-model section in QUICK mode: the tables after sections 5 and 6 (`cl.expected.show`)
+#   carry full mode's figures beside the room's.
 
 # %% tags=["parameters"]
 MODEL = "smollm2-135m"  # offline default; on a GPU with hub access try "qwen2.5-0.5b" (GSM8K runs for it)
