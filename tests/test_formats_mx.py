@@ -40,6 +40,29 @@ def test_round_to_e2m1_nearest_ties_to_even_and_saturates():
     assert torch.equal(formats.round_to_e2m1(x), want)
 
 
+def _nearest_e2m1_ties_to_even(x):
+    """The definition, as a search: the nearest of E2M1's 8 magnitudes, a tie to the even code, NaN/inf to 6."""
+    mags = torch.tensor(formats.E2M1_MAGNITUDES)
+    mids = (mags[1:] + mags[:-1]) / 2
+    a = x.abs().clamp(max=6.0)
+    code = torch.bucketize(a, mids)  # NaN lands past the last boundary: code 7
+    tie = (code < len(mids)) & (a == mids[code.clamp(max=len(mids) - 1)])
+    return torch.copysign(mags[code + (tie & (code % 2 == 1)).long()], x)
+
+
+def test_round_to_e2m1_equals_the_search_bit_for_bit():
+    """Every float32 within 2^16 ulps of each decision boundary (the midpoints, the step changes at 2 and 4, the
+    saturation at 6, zero), both signs, plus random values, inf, NaN and subnormals: the same bits as the search."""
+    points = [0.0, 0.25, 0.75, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0]
+    bits = torch.cat([torch.tensor(p).view(torch.int32) + torch.arange(-(2**16), 2**16 + 1, dtype=torch.int32)
+                      for p in points])
+    x = bits[bits >= 0].view(torch.float32)  # (nonnegative bit patterns: the floats around each point)
+    x = torch.cat([x, -x, randn(100_000, seed=4, scale=4.0),
+                   torch.tensor([float("inf"), -float("inf"), float("nan"), 1e-45, -1e-45, 0.0, -0.0])])
+    got, want = formats.round_to_e2m1(x), _nearest_e2m1_ties_to_even(x)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_round_to_e2m1_is_the_nearest_grid_value():
     x = randn(4096, seed=1, scale=3.0)
     out = formats.round_to_e2m1(x)
