@@ -1,7 +1,9 @@
 """Test environment: offline, quick mode, the provided data, a throw-away results table."""
 
 import os
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,15 +31,39 @@ def pytest_configure(config):
     os.environ["COMPRESSLAB_RESULTS"] = str(Path(tempfile.mkdtemp(prefix="compresslab-test-")) / "results.jsonl")
 
 
+# modules whose subprocesses run against a clock (vLLM's start timeout, the browser's page loads, the bundle's and
+# the import checks' subprocess timeouts): they run beside the notebooks at normal priority, before the rest
+CLOCKED = ("test_serve.py", "test_slides.py", "test_offline_bundle.py", "test_nvmodelopt.py", "test_kernels_w4a16.py")
+_YIELD_FROM: list[str] = []  # nodeid of the first test that runs at a lower priority than the notebooks
+
+
 def pytest_collection_modifyitems(session, config, items):
     """The notebook runs (tests/test_notebooks.py) are most of the session: its starter test goes first, so the pool
-    starts at once and every other test runs beside it; the tests that wait for the runs go last."""
+    starts at once and every other test runs beside it; the tests that wait for the runs go last. Of the others, the
+    CLOCKED modules go first; from the next test on, the main thread yields the cores to the notebooks
+    (pytest_runtest_setup)."""
     starter = [i for i in items if i.name == "test_notebook_runs_start_before_the_other_tests"]
     if not starter:
         return
     waiting = [i for i in items if i.path == starter[0].path and i not in starter]
     rest = [i for i in items if i.path != starter[0].path]
-    items[:] = starter + rest + waiting
+    clocked = [i for i in rest if i.path.name in CLOCKED]
+    others = [i for i in rest if i.path.name not in CLOCKED]
+    items[:] = starter + clocked + others + waiting
+    _YIELD_FROM[:] = [others[0].nodeid] if others and waiting else []
+
+
+def pytest_runtest_setup(item):
+    """With the notebook pool running, the session's main thread (the other tests, one torch thread) drops to nice 10
+    for the rest of the session: with three runnable threads on two cores, equal shares slowed the two longest labs
+    by half (lab 03: 9.2-10.1 min a run beside the tests, 6.0 alone), and the pool is the session's critical path.
+    The tests then run mostly in the notebooks' idle moments and after the pool. Linux only (per-thread nice); the
+    pool's threads, created earlier, and the notebook kernels they start keep the normal priority."""
+    if _YIELD_FROM and item.nodeid == _YIELD_FROM[0] and sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except OSError:
+            pass
 
 
 def pytest_terminal_summary(terminalreporter):

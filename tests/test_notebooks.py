@@ -14,7 +14,9 @@ thread each (COMPRESSLAB_NOTEBOOK_WORKERS overrides): a notebook spends much of 
 small matmuls, so two one-thread kernels use a 2-core machine better than one two-thread kernel. The slowest notebooks
 start first, and they start before every other test of the session (conftest moves this module's first test to the
 front and the rest to the end): the other tests, mostly single-threaded, run beside the notebooks with one torch
-thread instead of after them, which saves about 2.5 min of the 36 a serial session took on 2 cores. Each run gets
+thread instead of after them, which saves about 2.5 min of the 36 a serial session took on 2 cores. After the few
+modules whose subprocesses run against a clock, the main thread drops to nice 10 (conftest): the notebooks, the
+critical path, keep the cores, and the tests fill their idle moments. Each run gets
 the environment of the session's start, not whatever a test has monkeypatched since.
 """
 
