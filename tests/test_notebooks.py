@@ -15,8 +15,8 @@ small matmuls, so two one-thread kernels use a 2-core machine better than one tw
 start first, and they start before every other test of the session (conftest moves this module's first test to the
 front and the rest to the end): the other tests, mostly single-threaded, run beside the notebooks with one torch
 thread instead of after them, which saves about 2.5 min of the 36 a serial session took on 2 cores. After the few
-modules whose subprocesses run against a clock, the main thread drops to nice 10 (conftest): the notebooks, the
-critical path, keep the cores, and the tests fill their idle moments. Each run gets
+modules whose subprocesses run against a clock, the main thread drops to nice 10 (conftest), so that the notebooks,
+the critical path, win the cores when the two compete (a small effect as measured: see conftest). Each run gets
 the environment of the session's start, not whatever a test has monkeypatched since.
 """
 
