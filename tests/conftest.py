@@ -1,9 +1,7 @@
 """Test environment: offline, quick mode, the provided data, a throw-away results table."""
 
 import os
-import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -31,55 +29,36 @@ def pytest_configure(config):
     os.environ["COMPRESSLAB_RESULTS"] = str(Path(tempfile.mkdtemp(prefix="compresslab-test-")) / "results.jsonl")
 
 
-# modules whose subprocesses run against a clock (vLLM's start timeout, the browser's page loads, the bundle's and
-# the import checks' subprocess timeouts): they run beside the notebooks at normal priority, before the rest
-CLOCKED = ("test_serve.py", "test_slides.py", "test_offline_bundle.py", "test_nvmodelopt.py", "test_kernels_w4a16.py")
-_YIELD_FROM: list[str] = []  # nodeid of the first test that runs at a lower priority than the notebooks
-
-
 def pytest_collection_modifyitems(session, config, items):
     """The notebook runs (tests/test_notebooks.py) are most of the session: its starter test goes first, so the pool
-    starts at once and every other test runs beside it; the tests that wait for the runs go last. Of the others, the
-    CLOCKED modules go first; from the next test on, the main thread yields the cores to the notebooks
-    (pytest_runtest_setup)."""
+    starts at once and every other test runs beside it; the tests that wait for the runs go last."""
     starter = [i for i in items if i.name == "test_notebook_runs_start_before_the_other_tests"]
     if not starter:
         return
     waiting = [i for i in items if i.path == starter[0].path and i not in starter]
     rest = [i for i in items if i.path != starter[0].path]
-    clocked = [i for i in rest if i.path.name in CLOCKED]
-    others = [i for i in rest if i.path.name not in CLOCKED]
-    items[:] = starter + clocked + others + waiting
-    _YIELD_FROM[:] = [others[0].nodeid] if others and waiting else []
-
-
-def pytest_runtest_setup(item):
-    """With the notebook pool running, the session's main thread (the other tests, one torch thread) drops to nice 10
-    for the rest of the session: with three runnable threads on two cores, equal shares slowed the two longest labs
-    by half (lab 03: 9.2-10.1 min a run beside the tests, 6.0 alone), and the pool is the session's critical path.
-    Measured effect, small: the tests still finish ~14 min in, lab 03 still took 9.1 min a run, and the session 33 min
-    19 s against 33 min 35 s without it, inside the machine's run-to-run spread (~1.5 min). Linux only (per-thread
-    nice); the pool's threads, created earlier, and the notebook kernels they start keep the normal priority."""
-    if _YIELD_FROM and item.nodeid == _YIELD_FROM[0] and sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except OSError:
-            pass
+    items[:] = starter + rest + waiting
 
 
 def pytest_terminal_summary(terminalreporter):
     """Each notebook run's wall time (tests/test_notebooks.py; two at a time, one torch thread each, the session's other
-    tests beside the first ones): the quick-mode runtimes the README and the closing notes quote come from here."""
+    tests beside the first ones): the quick-mode runtimes the README and the closing notes quote come from here. And
+    every run that hung, was stopped and ran again, with where it hung (kernel stacks in its log)."""
     import sys
 
-    wall = next((m.WALL for name, m in list(sys.modules.items())
-                 if name.rsplit(".", 1)[-1] == "test_notebooks" and getattr(m, "WALL", None)), None)
-    if not wall:
+    module = next((m for name, m in list(sys.modules.items())
+                   if name.rsplit(".", 1)[-1] == "test_notebooks" and getattr(m, "WALL", None) is not None), None)
+    if module is None:
         return
-    terminalreporter.section("notebook wall times (quick mode; two runs at a time, one torch thread each, the other "
-                             "tests beside the first ones)")
-    for (stem, kind), seconds in sorted(wall.items()):
-        terminalreporter.write_line(f"{stem:32s} {kind:9s} {seconds / 60:5.1f} min")
+    if module.WALL:
+        terminalreporter.section("notebook wall times (quick mode; two runs at a time, one torch thread each, the "
+                                 "other tests beside the first ones)")
+        for (stem, kind), seconds in sorted(module.WALL.items()):
+            terminalreporter.write_line(f"{stem:32s} {kind:9s} {seconds / 60:5.1f} min")
+    if module.HUNG:
+        terminalreporter.section("notebook runs that hung and were run again", yellow=True)
+        for (stem, kind), where in sorted(module.HUNG.items()):
+            terminalreporter.write_line(f"{stem} {kind}: {where}")
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,14 @@ thread each (COMPRESSLAB_NOTEBOOK_WORKERS overrides): a notebook spends much of 
 small matmuls, so two one-thread kernels use a 2-core machine better than one two-thread kernel. The slowest notebooks
 start first, and they start before every other test of the session (conftest moves this module's first test to the
 front and the rest to the end): the other tests, mostly single-threaded, run beside the notebooks with one torch
-thread instead of after them, which saves about 2.5 min of the 36 a serial session took on 2 cores. After the few
-modules whose subprocesses run against a clock, the main thread drops to nice 10 (conftest), so that the notebooks,
-the critical path, win the cores when the two compete (a small effect as measured: see conftest). Each run gets
+thread instead of after them, which saves about 2.5 min of the 36 a serial session took on 2 cores. Each run gets
 the environment of the session's start, not whatever a test has monkeypatched since.
+
+A run that passes RUN_LIMIT_S has hung (quick-mode runs take 1-10 min): its processes' Python stacks are read
+(py-spy), every process of the run is stopped, and it runs once more in a clean folder; a second hang fails its tests
+with the stacks. The session's summary lists every such run and where it hung. (One CI run's papermill copy of lab 01
+stayed in its widget cell from minute 24 of the session until CI's 90 minutes ran out, and said nothing.) A run's
+output goes to a file, not a pipe, so no process a kernel leaves behind can keep the run from ending.
 """
 
 import ast
@@ -26,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +43,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 WALL: dict[tuple[str, str], float] = {}  # (stem, "lab" | "solution") -> seconds of that notebook run
+HUNG: dict[tuple[str, str], str] = {}  # (stem, kind) -> where its first try hung (it ran again); conftest prints these
+# a run this long has hung: quick-mode runs take 1-10 min on 2 cores with the other tests beside them (seconds)
+RUN_LIMIT_S = float(os.environ.get("COMPRESSLAB_NOTEBOOK_RUN_LIMIT", 20 * 60))
 BASE_ENV: dict[str, str] = {}  # os.environ when the runs started: tests running beside them monkeypatch the live one
 SOURCES = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.py"))
 # quick-mode minutes per run on a 2-core CPU (measured), to start the longest first; unknown notebooks go first
@@ -60,13 +68,25 @@ def _param_dir(out_dir: Path, name: str) -> Path:
     return out_dir / name.lower()
 
 
+class RunHung(RuntimeError):
+    """A notebook run passed RUN_LIMIT_S; its processes were stopped after their stacks were read."""
+
+
 def _execute(source: Path, kind: str, out_dir: Path, threads: int, reuse: dict | None = None,
              after: Future | None = None) -> dict:
     if after is not None:
         after.result()  # the run whose artifacts this one reuses (raises if it failed)
     run = _nbval if kind == "lab" else _papermill
     start = time.perf_counter()
-    result = run(source, out_dir, threads, reuse)
+    try:
+        result = run(source, out_dir, threads, reuse)
+    except RunHung as hung:  # once: a second hang raises, and the tests that read this run fail with the stacks
+        HUNG[(source.stem, kind)] = str(hung)
+        for path in out_dir.iterdir():  # a clean folder (the results table appends), the first try's log kept
+            if path.name != "hung-run.log":
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        start = time.perf_counter()
+        result = run(source, out_dir, threads, reuse)
     WALL[(source.stem, kind)] = time.perf_counter() - start  # conftest prints these after the session
     return result
 
@@ -81,18 +101,81 @@ def _rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
 
 
+def _run(cmd: list[str], cwd: Path, env: dict, log: Path, where) -> int:
+    """cmd's exit status, its output in log. Past RUN_LIMIT_S: the Python stacks of every process of the run, then
+    SIGKILL to all of them (a kernel is its own session: it is found as a descendant), and RunHung with where()."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=RUN_LIMIT_S)
+        except subprocess.TimeoutExpired:
+            stacks = _stop(proc.pid)
+            proc.wait()
+    shutil.copy(log, log.with_name("hung-run.log"))
+    raise RunHung(f"no end after {RUN_LIMIT_S:.0f} s, {where()}; log: {log}; stacks:\n{stacks}")
+
+
+def _stop(pid: int) -> str:
+    """Stop a process and its descendants; first, the Python stacks of each (py-spy, if it may attach)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return "(the run had ended)"
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    stacks = []
+    for p in tree:
+        try:
+            head = f"--- pid {p.pid}: {' '.join(p.cmdline())[:160]}".replace("\n", " ")
+        except psutil.Error:
+            continue
+        if spy:
+            try:
+                dump = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=60)
+                stacks.append(f"{head}\n{(dump.stdout or dump.stderr).strip()[-6000:]}")
+            except subprocess.TimeoutExpired:
+                stacks.append(f"{head}\n(py-spy did not answer in 60 s)")
+        else:
+            stacks.append(f"{head}\n(no py-spy here: pip install py-spy to see the stacks)")
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+    return "\n".join(stacks)
+
+
 def _papermill(source: Path, out_dir: Path, threads: int, reuse: dict | None) -> dict:
     path = ROOT / "solutions" / f"{source.stem}.ipynb"
     # every *_DIR parameter (where a lab writes artifacts) points into the temporary folder, not the repo
     params = {"QUICK": True} | {p: str(_param_dir(out_dir, p)) for p in pm.inspect_notebook(str(path))
                                  if p.endswith("_DIR")} | (reuse or {})
     out = out_dir / "executed.ipynb"
-    proc = subprocess.run([sys.executable, "-m", "papermill", str(path), str(out), "-y", json.dumps(params),
-                           "--cwd", str(ROOT / "solutions"), "--no-progress-bar", "-k", "python3"],
-                          cwd=ROOT, env=_env(out_dir, threads), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"solutions/{path.name} failed (executed copy: {out}):\n{proc.stderr[-4000:]}")
+    log = out_dir / "papermill.log"
+    code = _run([sys.executable, "-m", "papermill", str(path), str(out), "-y", json.dumps(params),
+                 "--cwd", str(ROOT / "solutions"), "--no-progress-bar", "-k", "python3"],
+                ROOT, _env(out_dir, threads), log, lambda: _running_cell(out))
+    if code != 0:
+        tail = log.read_text(errors="replace")[-4000:]
+        raise RuntimeError(f"solutions/{path.name} failed (executed copy: {out}):\n{tail}")
     return {"text": _outputs_text(nbformat.read(out, as_version=4)), "rows": _rows(out_dir)}
+
+
+def _running_cell(executed: Path) -> str:
+    """Which cell papermill's executed copy (saved as each cell starts) says is running."""
+    try:
+        cells = nbformat.read(executed, as_version=4).cells
+    except Exception:  # noqa: BLE001 - not written yet, or mid-write
+        return "before its first cell"
+    for i, cell in enumerate(cells):
+        meta = cell.metadata.get("papermill", {})
+        if meta.get("status") == "running":
+            return f"in cell {i} (started {meta.get('start_time')}): {cell.source.strip().splitlines()[0][:100]!r}"
+    return "with no cell running (starting or stopping its kernel)"
 
 
 def _nbval(source: Path, out_dir: Path, threads: int, reuse: dict | None) -> dict:
@@ -108,13 +191,21 @@ def _nbval(source: Path, out_dir: Path, threads: int, reuse: dict | None) -> dic
     env = _env(out_dir, threads)
     if _cpu_only():  # the automatic mode is what this run proves; a GPU box would pick full mode, so force quick
         env.pop("COMPRESSLAB_QUICK", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-cell-timeout=1800", "-q",
-                           "-p", "no:cacheprovider", "--rootdir", str(folder), str(notebook)],
-                          cwd=folder, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"labs/{source.stem}.ipynb failed under nbval (folder {folder}):\n{proc.stdout[-5000:]}")
-    log = [json.loads(line) for line in (out_dir / "exercises.jsonl").read_text().splitlines()]
-    return {"exercises": log, "rows": _rows(out_dir), "pytest": proc.stdout}
+    log = out_dir / "nbval.log"
+    code = _run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-cell-timeout=1800", "-v",
+                 "-p", "no:cacheprovider", "--rootdir", str(folder), str(notebook)], folder, env, log,
+                lambda: _last_cell_line(log))
+    output = log.read_text(errors="replace")
+    if code != 0:
+        raise RuntimeError(f"labs/{source.stem}.ipynb failed under nbval (folder {folder}):\n{output[-5000:]}")
+    exercises = [json.loads(line) for line in (out_dir / "exercises.jsonl").read_text().splitlines()]
+    return {"exercises": exercises, "rows": _rows(out_dir)}
+
+
+def _last_cell_line(log: Path) -> str:
+    """nbval -v reports each cell as it ends: the run hung in the cell after the last one reported."""
+    lines = re.findall(r"::Cell \d+ \w+", log.read_text(errors="replace"))
+    return f"after {lines[-1].lstrip(':')}" if lines else "before its first cell ended"
 
 
 def _defaults(source: Path) -> dict[str, str]:
@@ -271,3 +362,57 @@ def test_solution_figures_match_the_quick_cpu_reference(source, runs):
                             "run with tools/expected_figures.py --also")
     # and the lab's own last cell, which reads the results table, says so to the participant
     assert "every figure within its band" in run["text"], run["text"][-3000:]
+
+
+def test_a_hung_run_is_stopped_with_its_stacks(tmp_path, monkeypatch):
+    """A run past RUN_LIMIT_S: RunHung names where it was and carries each process's Python stack (py-spy), and every
+    process of the run is gone, a grandchild in a session of its own (as a kernel is) included."""
+    import psutil
+
+    monkeypatch.setattr(sys.modules[__name__], "RUN_LIMIT_S", 3.0)
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time\n"
+              "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+              f"open({str(pid_file)!r}, 'w').write(str(g.pid))\n"
+              "def wait_forever():\n    time.sleep(600)\n"
+              "wait_forever()\n")
+    with pytest.raises(RunHung) as hung:
+        _run([sys.executable, "-c", script], tmp_path, dict(os.environ), tmp_path / "run.log", lambda: "in the test")
+    message = str(hung.value)
+    assert "no end after 3 s, in the test" in message and (tmp_path / "hung-run.log").exists()
+    if shutil.which("py-spy", path=str(Path(sys.executable).parent)):
+        assert "wait_forever" in message, message  # the hung process's own frame
+    grandchild = int(pid_file.read_text())
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_run_that_hangs_once_runs_again_in_a_clean_folder(tmp_path, monkeypatch):
+    """The first try hangs (after writing a results row); the second runs in a folder with only the first try's log,
+    its result is the run's, and HUNG says where the first one hung. A second hang propagates."""
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "HUNG", {})
+    monkeypatch.setattr(module, "WALL", {})
+    tries = []
+
+    def flaky(source, out_dir, threads, reuse):
+        tries.append(sorted(p.name for p in out_dir.iterdir()))
+        if len(tries) == 1:
+            (out_dir / "results.jsonl").write_text('{"method": "half"}\n')
+            (out_dir / "hung-run.log").write_text("first try")
+            (out_dir / "export").mkdir()
+            raise RunHung("no end after 1500 s, in cell 59")
+        return {"rows": "second try"}
+
+    monkeypatch.setattr(module, "_papermill", flaky)
+    source = SOURCES[0]
+    assert _execute(source, "solution", tmp_path, 1) == {"rows": "second try"}
+    assert tries == [[], ["hung-run.log"]]
+    assert module.HUNG == {(source.stem, "solution"): "no end after 1500 s, in cell 59"}
+    assert (source.stem, "solution") in module.WALL
+
+    def always(source, out_dir, threads, reuse):
+        raise RunHung("again")
+
+    monkeypatch.setattr(module, "_papermill", always)
+    with pytest.raises(RunHung, match="again"):
+        _execute(source, "solution", tmp_path, 1)
