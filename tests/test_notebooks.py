@@ -20,8 +20,9 @@ the environment of the session's start, not whatever a test has monkeypatched si
 A run that passes RUN_LIMIT_S has hung (quick-mode runs take 1-10 min): its processes' Python stacks are read
 (py-spy), every process of the run is stopped, and it runs once more in a clean folder; a second hang fails its tests
 with the stacks. The session's summary lists every such run and where it hung. (One CI run's papermill copy of lab 01
-stayed in its widget cell from minute 24 of the session until CI's 90 minutes ran out, and said nothing.) A run's
-output goes to a file, not a pipe, so no process a kernel leaves behind can keep the run from ending.
+stayed in its widget cell from minute 24 of the session until CI's 90 minutes ran out, and said nothing: nbclient's
+Output-widget stand-in, which tools/papermill_run.py now leaves out.) A run's output goes to a file, not a pipe, so no
+process a kernel leaves behind can keep the run from ending.
 """
 
 import ast
@@ -156,8 +157,9 @@ def _papermill(source: Path, out_dir: Path, threads: int, reuse: dict | None) ->
                                  if p.endswith("_DIR")} | (reuse or {})
     out = out_dir / "executed.ipynb"
     log = out_dir / "papermill.log"
-    code = _run([sys.executable, "-m", "papermill", str(path), str(out), "-y", json.dumps(params),
-                 "--cwd", str(ROOT / "solutions"), "--no-progress-bar", "-k", "python3"],
+    # papermill without nbclient's Output-widget stand-in, which now and then waits for ever (tools/papermill_run.py)
+    code = _run([sys.executable, str(ROOT / "tools" / "papermill_run.py"), str(path), str(out), "-y",
+                 json.dumps(params), "--cwd", str(ROOT / "solutions"), "--no-progress-bar", "-k", "python3"],
                 ROOT, _env(out_dir, threads), log, lambda: _running_cell(out))
     if code != 0:
         tail = log.read_text(errors="replace")[-4000:]

@@ -71,7 +71,9 @@ def run(lab: str, work: Path, dirs: dict[str, dict[str, str]], threads: int,
         del env["COMPRESSLAB_SIZES"]
     executed = out_dir / "executed.ipynb"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "papermill", str(path), str(executed), "-y", json.dumps(params),
+    # papermill without nbclient's Output-widget stand-in, which now and then waits for ever (tools/papermill_run.py)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "papermill_run.py"), str(path), str(executed), "-y",
+                           json.dumps(params),
                            "--cwd", str(ROOT / "solutions"), "--no-progress-bar", "-k", "python3"],
                           env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
