@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -143,7 +142,7 @@ def _stop(pid: int) -> str:
             stacks.append(f"{head}\n(no py-spy here: pip install py-spy to see the stacks)")
     for p in tree:
         try:
-            p.send_signal(signal.SIGKILL)
+            p.kill()  # SIGKILL
         except psutil.Error:
             pass
     psutil.wait_procs(tree, timeout=30)
