@@ -260,6 +260,61 @@ def test_the_tool_adds_a_second_machine(tmp_path):
     assert doc["rows"][0]["also"][0]["ppl"] == pytest.approx(37.1 * 1.05)
 
 
+def test_retiring_rows_keeps_every_machines_figures_of_the_rest(tmp_path, monkeypatch):
+    """A variant moved to full mode leaves the quick file; the other CPUs' figures of the rows that stay survive, and
+    only a run that reproduces its machine's figures of those rows may remove anything."""
+    monkeypatch.setattr(expected, "FOLDER", tmp_path)
+    run = [dict(r, model="m", lab="01") for r in ROWS]
+    expected.write("01_quantization_fundamentals", "quick-cpu", run, model="m", machine="box A", measured="d",
+                   command="c")
+    on_b = [dict(r, ppl=r["ppl"] * 1.05) for r in run]
+    expected.add_machine("01", "quick-cpu", on_b, model="m", machine="box B", measured="d")
+
+    for bad, why in [
+        (on_b[:2] + [dict(on_b[2], method="RTN clipped")], "lacks"),  # a row the file does not have
+        (on_b, "nothing to retire"),  # every row still measured
+        ([dict(on_b[0], ppl=on_b[0]["ppl"] * 1.03), on_b[1]], "moved figures"),  # the code changed a kept figure
+        ([on_b[0], dict(on_b[1], weight_mb=on_b[1]["weight_mb"] + 1)], "moved figures"),
+        ([dict(r, model="other") for r in on_b[:2]], "no rows of model"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            expected.retire_rows("01", "quick-cpu", bad, model="m", machine="box B")
+    with pytest.raises(ValueError, match="did not measure"):
+        expected.retire_rows("01", "quick-cpu", on_b[:2], model="m", machine="box C")
+    with pytest.raises(ValueError, match="moved figures"):  # box A's run holds box A's figures, not B's
+        expected.retire_rows("01", "quick-cpu", on_b[:2], model="m", machine="box A")
+    before = expected.load("01", "quick-cpu")
+
+    out, gone = expected.retire_rows("01", "quick-cpu", on_b[:2], model="m", machine="box B")
+    after = json.loads(out.read_text())
+    assert gone == [("RTN", 3, 64)]
+    assert after["rows"] == before["rows"][:2]  # both machines' figures of the rows that stay, untouched
+    assert {k: v for k, v in after.items() if k != "rows"} == {k: v for k, v in before.items() if k != "rows"}
+    assert expected.retire_rows("01", "quick-cpu", run[:1], model="m", machine="box A")[1] == [("RTN", 4, 64)]
+
+
+def test_the_tool_retires_rows_and_refuses_it_with_also(tmp_path):
+    results = tmp_path / "results.jsonl"
+    out = tmp_path / "expected"
+    out.mkdir()
+    code = ("import sys; sys.path.insert(0, 'tools'); import expected_figures as t; from pathlib import Path; "
+            f"t.expected.FOLDER = Path({str(out)!r}); raise SystemExit(t.main(sys.argv[1:]))")
+
+    def tool(rows, *args):
+        results.write_text("".join(json.dumps(dict(r, lab="01", model="smollm2-135m", quick=True)) + "\n"
+                                   for r in rows))
+        return subprocess.run([sys.executable, "-c", code, "quick-cpu", str(results), *args], cwd=ROOT,
+                              capture_output=True, text=True)
+
+    assert tool(ROWS, "--machine", "box A").returncode == 0
+    proc = tool(ROWS[:2], "--machine", "box A", "--retire", "--also")
+    assert proc.returncode != 0 and "do not go together" in proc.stderr
+    proc = tool(ROWS[:2], "--machine", "box A", "--retire")
+    assert proc.returncode == 0 and "removed 'RTN' (3-bit)" in proc.stdout, proc.stderr
+    doc = json.loads((out / "01_quantization_fundamentals.quick-cpu.json").read_text())
+    assert [r["bits"] for r in doc["rows"]] == [32, 4]
+
+
 def test_this_cpu_names_the_processor():
     assert isinstance(expected.this_cpu(), str)
     if Path("/proc/cpuinfo").exists():

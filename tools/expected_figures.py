@@ -13,6 +13,13 @@ run the same tests on a second CPU and add its run to the files, each row then h
     python tools/expected_figures.py quick-cpu <that machine's results.jsonl files> --also \\
         --machine "2-core x86-64 CPU sandbox (Intel Xeon, AVX-512), torch 2.13.0+cpu"
 
+When the code stops measuring a row in a mode (a variant moved to full mode), remove it without losing the other
+CPUs' figures of the rows that stay: run the new code on one of the file's machines and pass --retire; the run must
+reproduce that machine's figures of every row it still measures (otherwise the code changed them: write a fresh file):
+
+    python tools/expected_figures.py quick-cpu <results.jsonl of the new runs> --retire \\
+        --machine "<the machine's name exactly as the file has it>"
+
 A GPU file needs a run on that GPU (`QUICK = False` on the device, mode e.g. full-nvidia-h100-80gb-hbm3, the name
 compresslab.expected.mode_of gives). Never edit the files by hand: rerun the runs and this tool.
 """
@@ -41,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--also", action="store_true",
                         help="add the run to the existing files as another machine's (a row's band becomes the range)")
+    parser.add_argument("--retire", action="store_true",
+                        help="the code no longer measures some rows in this mode: remove them from the files, keeping "
+                             "every machine's figures of the rest (the run, on one of the files' machines, must "
+                             "reproduce that machine's figures of every row it measures)")
     args = parser.parse_args(argv)
+    if args.also and args.retire:
+        parser.error("--also and --retire do not go together: retire the rows first, then add another machine's run")
     quick = args.mode.startswith("quick-")
     if not (quick or args.mode.startswith("full-")):
         parser.error(f"mode must start with quick- or full-, got {args.mode!r}")
@@ -60,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     probe_n = (runtime.QUICK_SIZES if quick else runtime.FULL_SIZES[tier]).probe_n
     bands = {"probe_acc": ("abs", round(2 / probe_n + 1e-3, 4))}  # two answers of the probe
     for lab, rows in sorted(by_lab.items()):
+        if args.retire:
+            out, gone = expected.retire_rows(lab, args.mode, rows, model=args.model, machine=args.machine)
+            print(f"{out}: removed {', '.join(f'{k[0]!r} ({k[1]}-bit)' for k in gone)}; "
+                  f"{len(rows)} rows reproduced on {args.machine}")
+            continue
         if args.also:
             out = expected.add_machine(lab, args.mode, rows, model=args.model, machine=args.machine, measured=today)
             print(f"{out}: {len(rows)} rows of {args.machine} added")

@@ -303,6 +303,46 @@ def add_machine(lab: str, mode: str, rows: list[dict], *, model: str, machine: s
     return out
 
 
+def retire_rows(lab: str, mode: str, rows: list[dict], *, model: str, machine: str) -> tuple[Path, list[tuple]]:
+    """The code stopped measuring some of lab 'NN''s rows in `mode` (e.g. a variant moved to full mode): remove them
+    from the reference file and keep every machine's figures of the rest. `rows` is a run of the new code on one of
+    the file's machines; it must measure a subset of the file's rows and reproduce that machine's figures of each
+    (within the file's band): then the other machines' figures still hold. A row added or changed needs a fresh file.
+    Returns (the file, the keys removed)."""
+    doc = load(lab, mode)
+    if doc is None:
+        raise ValueError(f"lab {lab} has no {mode} reference to retire rows from")
+    got = {_key(r): r for r in rows if r.get("model") == model}
+    if doc["model"] != model or not got:
+        raise ValueError(f"no rows of model {doc['model']!r} in the run to check lab {lab}'s {mode} reference with")
+    want = {_key(r): r for r in doc["rows"]}
+    if extra := sorted(map(str, got.keys() - want.keys())):
+        raise ValueError(f"lab {lab}: the run measures rows the {mode} reference lacks ({', '.join(extra)}): "
+                         "write a fresh file from one run, then add the other CPUs' runs of the same code")
+    gone = [k for k in want if k not in got]
+    if not gone:
+        raise ValueError(f"lab {lab}: the run measures every row of the {mode} reference: nothing to retire")
+    names = [doc["machine"], *(a["machine"] for a in doc.get("also_measured_on", []))]
+    if machine not in names:
+        raise ValueError(f"{machine!r} did not measure lab {lab}'s {mode} reference ({'; '.join(names)}): run the "
+                         "new code on one of those machines, or write a fresh file")
+    slot = names.index(machine)
+    bands = _bands(doc)
+    off = []
+    for k, r in got.items():
+        mine = want[k] if slot == 0 else want[k]["also"][slot - 1]
+        for metric in bands:  # this machine's own figure, its plain band (not the CPUs' range)
+            if not _in_band(metric, r.get(metric), {metric: mine.get(metric)}, bands):
+                off.append(f"{k[0]!r} (bits {k[1]}): {metric} {r.get(metric)} vs {mine.get(metric)}")
+    if off:
+        raise ValueError(f"lab {lab}: the new code moved figures on {machine!r} ({'; '.join(off)}): the other "
+                         "machines' figures no longer hold; write a fresh file and measure it on each CPU again")
+    doc["rows"] = [r for r in doc["rows"] if _key(r) in got]
+    out = path(lab, mode)
+    _dump(doc, out)
+    return out, gone
+
+
 def _dump(doc: dict, out: Path) -> None:
     """One field, and one row, per line: a reference file diffs by row."""
     head = {k: v for k, v in doc.items() if k != "rows"}
