@@ -68,10 +68,10 @@ class LabInfo:
 
 LABS = {
     "01": LabInfo("~2.7-3.2 min", "7 min (2 threads)"),
-    "02": LabInfo("~4.3-5.3 min",
+    "02": LabInfo("~5.4 min (2.7 min alone with 2 threads)",
                   "75 min (2 threads; 19 GPTQ passes of ~1.5-5 min, each evaluated in ~2 min, 2 scale-tuning runs of ~8.5 min)",
                   (("timing the Triton W4A16 GEMV against cuBLAS (section 10)", (7, 0)),)),
-    "03": LabInfo("~6 min (3.0 min alone with 2 threads)",
+    "03": LabInfo("~7 min (2.9 min alone with 2 threads)",
                   "29 min (2 threads; Model Optimizer's two AWQ calibrations ~4.5 min each)",
                   (("FP8 / INT4-AWQ checkpoints on TensorRT-LLM, NVFP4 through Model Optimizer", (8, 9)),
                    ("GSM8K for the formats (a >= 0.5B instruct model)", (7, 0)))),

@@ -327,7 +327,9 @@ class Server:
             time.sleep(0.2)
         if _group_alive(pgid):
             _signal_group(pgid, signal.SIGKILL)
-            time.sleep(0.5)
+            deadline = time.monotonic() + 5  # a killed process with gigabytes mapped takes a moment to go
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                time.sleep(0.2)
         if _group_alive(pgid):
             raise ServeError(f"could not stop vLLM's process group {pgid}: `kill -9 -- -{pgid}`")
         return proc.returncode
@@ -389,14 +391,32 @@ def _signal_group(pgid: int, sig) -> None:
         pass
 
 
+def _stat(pid: str) -> tuple[str, int] | None:
+    """(state, process group) of a process from /proc/<pid>/stat, None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp ...
+    return fields[0], int(fields[2])
+
+
 def _group_alive(pgid: int) -> bool:
+    """Does any process of the group still run? A zombie does not count: it has exited and freed its memory and
+    ports, and only waits for its parent to read its exit code; an orphan's parent is PID 1, which in a container may
+    take its time (killpg(pgid, 0) still finds the group then, and a stop waited on it and failed)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    if not Path("/proc/self/stat").exists():  # not Linux: no cheaper way to tell a zombie
+        return True
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(entry.name)) and st[1] == pgid and st[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def server(model_dir, **kw) -> Server:
