@@ -322,14 +322,9 @@ class Server:
         except subprocess.TimeoutExpired:
             _signal_group(pgid, signal.SIGKILL)
             proc.wait(timeout=10)
-        deadline = time.monotonic() + grace_s  # the engine core may outlive the API server by a moment
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _group_alive(pgid):
+        if not _group_gone(pgid, grace_s):  # the engine core may outlive the API server by a moment
             _signal_group(pgid, signal.SIGKILL)
-            deadline = time.monotonic() + 5  # a killed process with gigabytes mapped takes a moment to go
-            while _group_alive(pgid) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            _group_gone(pgid, 5)  # a killed process with gigabytes mapped takes a moment to go
         if _group_alive(pgid):
             raise ServeError(f"could not stop vLLM's process group {pgid}: `kill -9 -- -{pgid}`")
         return proc.returncode
@@ -417,6 +412,16 @@ def _group_alive(pgid: int) -> bool:
         if entry.name.isdigit() and (st := _stat(entry.name)) and st[1] == pgid and st[0] not in ("Z", "X"):
             return True
     return False
+
+
+def _group_gone(pgid: int, seconds: float) -> bool:
+    """Wait up to `seconds` for the group to have no running process; True if it has none."""
+    deadline = time.monotonic() + seconds
+    while _group_alive(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def server(model_dir, **kw) -> Server:
